@@ -1,0 +1,61 @@
+# One entry point for set-up, services, Airflow, tests and benchmarks. Every target does its own
+# set-up, so each works on a fresh clone: `make run` and `make test` are the two to know.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_SYS ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PYTHONPATH := $(CURDIR)/plugins
+export WILDFIRE_TEST_DATABASE_URL ?= postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire
+
+.PHONY: help venv services services-down services-status topics run stop test test-unit lint \
+        constraints clean bench
+
+help:  ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+	@command -v $(PYTHON_SYS) >/dev/null || { echo "need $(PYTHON_SYS) (Python 3.11)"; exit 1; }
+	@[ -x $(PY) ] || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -r requirements.txt -r requirements-dev.txt
+	@touch $@
+
+venv: $(STAMP)  ## create .venv and install pinned dependencies
+
+services: $(STAMP)  ## start Kafka (KRaft), PostgreSQL and Mosquitto on loopback; create topics
+	bash scripts/services.sh up
+	$(PY) -m wildfire.topics
+
+services-down:  ## stop the local services
+	bash scripts/services.sh down
+
+services-status:  ## show which local services answer
+	bash scripts/services.sh status
+
+topics: $(STAMP)  ## create the Kafka topics declared in config/stream_config.yaml
+	$(PY) -m wildfire.topics
+
+run: services  ## start Airflow (standalone) with the project's DAGs on http://localhost:8080
+	bash scripts/airflow.sh start
+
+stop:  ## stop Airflow and every process it started
+	bash scripts/airflow.sh stop
+
+test: services  ## set up everything and run the whole test suite against the real services
+	$(PY) -m pytest
+
+test-unit: $(STAMP)  ## only the tests that need no service
+	$(PY) -m pytest tests/unit
+
+lint: $(STAMP)  ## ruff
+	$(VENV)/bin/ruff check plugins dags tests
+
+constraints: $(STAMP)  ## regenerate constraints.txt from the installed venv
+	{ echo "# Resolved constraints for Python 3.11 (pip freeze of a clean install of requirements*.txt)."; \
+	  echo "# Regenerate with: make constraints"; $(PY) -m pip freeze; } > constraints.txt
+
+clean: stop services-down  ## stop everything and remove .local (all local data)
+	rm -rf .local

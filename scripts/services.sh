@@ -1,0 +1,288 @@
+#!/usr/bin/env bash
+# Starts, stops and checks the local stack the tests and `make run` use:
+#   Apache Kafka 4.x (KRaft, single node) on 127.0.0.1:9092, controller on 127.0.0.1:9093
+#   PostgreSQL (Debian package) on 127.0.0.1:5432, database and role `wildfire`
+#   Mosquitto (Debian package) on 127.0.0.1:1883
+# Every action is idempotent. All data lives under .local/ (git-ignored).
+#
+#   scripts/services.sh up|down|status
+#   scripts/services.sh kafka-start|kafka-stop|pg-start|pg-stop|mqtt-start|mqtt-stop
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LOCAL="$ROOT/.local"
+KAFKA_DIR="$LOCAL/kafka"
+PG_DIR="$LOCAL/postgres"
+MQTT_DIR="$LOCAL/mosquitto"
+PG_BIN="${PG_BIN:-}"
+KAFKA_PORT=9092
+PG_PORT=5432
+MQTT_PORT=1883
+
+log() { printf '[services] %s\n' "$*" >&2; }
+die() { printf '[services] ERROR: %s\n' "$*" >&2; exit 1; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {  # port, seconds, name
+  local i
+  for ((i = 0; i < $2 * 5; i++)); do
+    port_open "$1" && return 0
+    sleep 0.2
+  done
+  return 1
+}
+
+apt_updated=""
+ensure_pkg() {  # command-to-check, debian-package
+  command -v "$1" >/dev/null 2>&1 && return 0
+  [ -x "$1" ] && return 0
+  if [ "$(id -u)" != 0 ]; then
+    die "'$1' is missing. Install the Debian package as root: apt-get update && apt-get install -y $2"
+  fi
+  if [ -z "$apt_updated" ]; then
+    log "apt-get update"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    apt_updated=1
+  fi
+  log "installing $2"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >/dev/null
+}
+
+# ---------------------------------------------------------------- Kafka
+kafka_libs() {
+  if [ ! -f "$KAFKA_DIR/libs/.complete" ]; then
+    command -v java >/dev/null || die "java is missing: apt-get install -y openjdk-17-jre-headless"
+    command -v mvn >/dev/null || die "mvn is missing: apt-get install -y maven"
+    log "fetching Apache Kafka jars from Maven Central (scripts/kafka/pom.xml)"
+    rm -rf "$KAFKA_DIR/libs"
+    mvn -q -B -f "$ROOT/scripts/kafka/pom.xml" dependency:copy-dependencies \
+      -DoutputDirectory="$KAFKA_DIR/libs" -DincludeScope=runtime >&2
+    touch "$KAFKA_DIR/libs/.complete"
+  fi
+}
+
+kafka_config() {
+  mkdir -p "$KAFKA_DIR/data"
+  cat >"$KAFKA_DIR/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:9093
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:9093
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$KAFKA_DIR/data
+num.partitions=1
+# Topics come from config/stream_config.yaml; a typo'd topic must fail, not appear.
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+message.max.bytes=2097152
+PROPS
+  cat >"$KAFKA_DIR/log4j2.properties" <<PROPS
+rootLogger.level=WARN
+rootLogger.appenderRef.f.ref=F
+appender.f.type=File
+appender.f.name=F
+appender.f.fileName=$KAFKA_DIR/kafka.log
+appender.f.layout.type=PatternLayout
+appender.f.layout.pattern=[%d] %p %m (%c)%n
+logger.kafka.name=kafka
+logger.kafka.level=INFO
+PROPS
+}
+
+kafka_java() {
+  java -Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" \
+    -cp "$KAFKA_DIR/libs/*" "$@"
+}
+
+kafka_start() {
+  if port_open "$KAFKA_PORT"; then log "kafka already up on 127.0.0.1:$KAFKA_PORT"; return 0; fi
+  kafka_libs
+  kafka_config
+  if [ ! -f "$KAFKA_DIR/data/meta.properties" ]; then
+    local cid
+    cid="$(kafka_java kafka.tools.StorageTool random-uuid | tail -n1)"
+    log "formatting KRaft storage (cluster $cid)"
+    kafka_java kafka.tools.StorageTool format --standalone -t "$cid" \
+      -c "$KAFKA_DIR/server.properties" >/dev/null
+  fi
+  log "starting kafka on 127.0.0.1:$KAFKA_PORT"
+  # setsid: own process group, so stopping it never touches the caller.
+  setsid nohup java -Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" \
+    -cp "$KAFKA_DIR/libs/*" kafka.Kafka "$KAFKA_DIR/server.properties" \
+    >"$KAFKA_DIR/stdout.log" 2>&1 </dev/null &
+  echo $! >"$KAFKA_DIR/kafka.pid"
+  wait_port "$KAFKA_PORT" 90 || { tail -30 "$KAFKA_DIR/stdout.log" "$KAFKA_DIR/kafka.log" >&2 || true; die "kafka did not open 127.0.0.1:$KAFKA_PORT within 90 s (see $KAFKA_DIR/kafka.log)"; }
+  kafka_ready 90 || die "kafka opened its port but did not answer metadata requests within 90 s"
+  log "kafka up"
+}
+
+kafka_ready() {  # a metadata round trip, not just an open port
+  local py="$ROOT/.venv/bin/python" i
+  [ -x "$py" ] || return 0
+  for ((i = 0; i < $1; i++)); do
+    "$py" - <<'PY' 2>/dev/null && return 0
+from confluent_kafka.admin import AdminClient
+md = AdminClient({"bootstrap.servers": "127.0.0.1:9092"}).list_topics(timeout=2)
+raise SystemExit(0 if md.brokers else 1)
+PY
+    sleep 1
+  done
+  return 1
+}
+
+kafka_stop() {
+  local pid
+  if [ -f "$KAFKA_DIR/kafka.pid" ]; then
+    pid="$(cat "$KAFKA_DIR/kafka.pid")"
+    if kill -0 "$pid" 2>/dev/null; then
+      log "stopping kafka (pid $pid)"
+      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+      kill -KILL -- "-$pid" 2>/dev/null || true
+    fi
+    rm -f "$KAFKA_DIR/kafka.pid"
+  fi
+  pkill -f "kafka.Kafka $KAFKA_DIR/server.properties" 2>/dev/null || true
+  for _ in $(seq 1 50); do port_open "$KAFKA_PORT" || break; sleep 0.2; done
+}
+
+# ---------------------------------------------------------------- PostgreSQL
+find_pg_bin() {
+  if [ -n "$PG_BIN" ]; then return 0; fi
+  local d
+  for d in /usr/lib/postgresql/*/bin; do
+    [ -x "$d/pg_ctl" ] && PG_BIN="$d"
+  done
+  if [ -z "$PG_BIN" ]; then
+    ensure_pkg /usr/lib/postgresql/15/bin/pg_ctl postgresql
+    for d in /usr/lib/postgresql/*/bin; do [ -x "$d/pg_ctl" ] && PG_BIN="$d"; done
+  fi
+  [ -n "$PG_BIN" ] || die "PostgreSQL server binaries not found: apt-get install -y postgresql"
+}
+
+as_pg() {  # postgres refuses to run as root: use the postgres account then
+  if [ "$(id -u)" = 0 ]; then
+    su postgres -s /bin/bash -c "$*"
+  else
+    bash -c "$*"
+  fi
+}
+
+pg_start() {
+  find_pg_bin
+  if ! [ -f "$PG_DIR/data/PG_VERSION" ]; then
+    log "initialising PostgreSQL in $PG_DIR/data"
+    mkdir -p "$PG_DIR"
+    [ "$(id -u)" = 0 ] && chown postgres: "$PG_DIR"
+    as_pg "'$PG_BIN/initdb' -D '$PG_DIR/data' -U postgres --auth=trust -E UTF8 --locale=C.UTF-8" >/dev/null
+    cat >>"$PG_DIR/data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$PG_DIR'
+max_connections = 100
+shared_buffers = 256MB
+fsync = on
+synchronous_commit = on
+CONF
+  fi
+  if port_open "$PG_PORT"; then
+    log "postgres already up on 127.0.0.1:$PG_PORT"
+  else
+    log "starting postgres on 127.0.0.1:$PG_PORT"
+    as_pg "'$PG_BIN/pg_ctl' -D '$PG_DIR/data' -l '$PG_DIR/postgres.log' -w -t 60 start" >/dev/null
+  fi
+  wait_port "$PG_PORT" 30 || die "postgres did not open 127.0.0.1:$PG_PORT (see $PG_DIR/postgres.log)"
+  local psql="$PG_BIN/psql -h 127.0.0.1 -p $PG_PORT -U postgres -v ON_ERROR_STOP=1 -qtA"
+  if [ "$($psql -c "select 1 from pg_roles where rolname='wildfire'")" != 1 ]; then
+    $psql -c "create role wildfire login password 'wildfire' createdb"
+  fi
+  if [ "$($psql -c "select 1 from pg_database where datname='wildfire'")" != 1 ]; then
+    $psql -c "create database wildfire owner wildfire"
+  fi
+  # PostGIS is optional: the schema falls back to plain lat/lon without it.
+  $psql -d wildfire -c "create extension if not exists postgis" >/dev/null 2>&1 || true
+  log "postgres up (database wildfire, role wildfire)"
+}
+
+pg_stop() {
+  find_pg_bin
+  if [ -f "$PG_DIR/data/postmaster.pid" ]; then
+    log "stopping postgres"
+    as_pg "'$PG_BIN/pg_ctl' -D '$PG_DIR/data' -m fast -w stop" >/dev/null || true
+  fi
+}
+
+# ---------------------------------------------------------------- Mosquitto
+mqtt_bin() {
+  if command -v mosquitto >/dev/null 2>&1; then command -v mosquitto; return; fi
+  [ -x /usr/sbin/mosquitto ] && { echo /usr/sbin/mosquitto; return; }
+  ensure_pkg /usr/sbin/mosquitto mosquitto
+  echo /usr/sbin/mosquitto
+}
+
+mqtt_start() {
+  if port_open "$MQTT_PORT"; then log "mosquitto already up on 127.0.0.1:$MQTT_PORT"; return 0; fi
+  local bin
+  bin="$(mqtt_bin)"
+  mkdir -p "$MQTT_DIR/data"
+  cat >"$MQTT_DIR/mosquitto.conf" <<CONF
+listener $MQTT_PORT 127.0.0.1
+allow_anonymous true
+persistence true
+persistence_location $MQTT_DIR/data/
+autosave_interval 1
+log_dest file $MQTT_DIR/mosquitto.log
+pid_file $MQTT_DIR/mosquitto.pid
+max_queued_messages 100000
+CONF
+  [ "$(id -u)" = 0 ] && echo "user root" >>"$MQTT_DIR/mosquitto.conf"
+  log "starting mosquitto on 127.0.0.1:$MQTT_PORT"
+  setsid nohup "$bin" -c "$MQTT_DIR/mosquitto.conf" >"$MQTT_DIR/stdout.log" 2>&1 </dev/null &
+  wait_port "$MQTT_PORT" 20 || die "mosquitto did not open 127.0.0.1:$MQTT_PORT (see $MQTT_DIR/stdout.log)"
+  log "mosquitto up"
+}
+
+mqtt_stop() {
+  if [ -f "$MQTT_DIR/mosquitto.pid" ]; then
+    local pid
+    pid="$(cat "$MQTT_DIR/mosquitto.pid")"
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    rm -f "$MQTT_DIR/mosquitto.pid"
+  fi
+  pkill -f "mosquitto -c $MQTT_DIR/mosquitto.conf" 2>/dev/null || true
+}
+
+status() {
+  local rc=0
+  for s in "kafka:$KAFKA_PORT" "postgres:$PG_PORT" "mosquitto:$MQTT_PORT"; do
+    if port_open "${s#*:}"; then echo "${s%%:*}: up (127.0.0.1:${s#*:})"; else echo "${s%%:*}: down"; rc=1; fi
+  done
+  return $rc
+}
+
+case "${1:-up}" in
+  up) pg_start; mqtt_start; kafka_start ;;
+  down) kafka_stop; mqtt_stop; pg_stop ;;
+  status) status ;;
+  kafka-start) kafka_start ;;
+  kafka-stop) kafka_stop ;;
+  kafka-libs) kafka_libs ;;
+  pg-start) pg_start ;;
+  pg-stop) pg_stop ;;
+  mqtt-start) mqtt_start ;;
+  mqtt-stop) mqtt_stop ;;
+  *) die "unknown action '$1' (up|down|status|kafka-start|kafka-stop|pg-start|pg-stop|mqtt-start|mqtt-stop)" ;;
+esac

@@ -1,0 +1,72 @@
+"""Shared fixtures. Services are real: `make test` starts them; a missing one fails, never skips."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "include" / "samples"
+KAFKA_BOOTSTRAP = os.environ.get("WILDFIRE_TEST_KAFKA", "127.0.0.1:9092")
+PG_URL = os.environ.get("WILDFIRE_TEST_DATABASE_URL", "postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire")
+MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
+
+
+def _require_port(host: str, port: int, what: str) -> None:
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        pytest.fail(f"{what} is not reachable on {host}:{port} ({exc}); start it with `make services`")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    host, port = KAFKA_BOOTSTRAP.rsplit(":", 1)
+    _require_port(host, int(port), "Apache Kafka")
+    return KAFKA_BOOTSTRAP
+
+
+@pytest.fixture
+def kafka_topic(kafka_bootstrap: str) -> Iterator[str]:
+    """A fresh topic for one test (auto-creation is off on the local broker), deleted afterwards."""
+    name = create_topic(kafka_bootstrap, partitions=3)
+    yield name
+    delete_topic(kafka_bootstrap, name)
+
+
+def create_topic(bootstrap: str, partitions: int = 1, prefix: str = "test") -> str:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for fut in admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)]).values():
+        fut.result(timeout=30)
+    return name
+
+
+def delete_topic(bootstrap: str, name: str) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for fut in admin.delete_topics([name], operation_timeout=30).values():
+        try:
+            fut.result(timeout=30)
+        except Exception:  # noqa: BLE001 - cleanup only; the test's own assertions already ran
+            pass
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    _require_port("127.0.0.1", 5432, "PostgreSQL")
+    return PG_URL
+
+
+@pytest.fixture(scope="session")
+def mqtt_broker() -> tuple[str, int]:
+    _require_port(MQTT_HOST, MQTT_PORT, "Mosquitto")
+    return MQTT_HOST, MQTT_PORT

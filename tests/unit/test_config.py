@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wildfire.config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    StreamConfig,
+    build_config,
+    env_overrides,
+    load_config,
+)
+from wildfire.priority import Priority
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_config_is_valid_and_equals_code_defaults():
+    cfg = load_config(DEFAULT_CONFIG_PATH, environ={})
+    assert cfg == StreamConfig()
+    assert cfg.throttling.target_consumer_lag == 1000
+    assert cfg.throttling.critical_consumer_lag == 5000
+    assert cfg.backpressure.warning_threshold == 0.7
+    assert cfg.circuit_breaker.failure_threshold == 10
+    assert cfg.queue.max_size == 10_000
+    assert cfg.spool.sync_priorities == [Priority.CRITICAL, Priority.HIGH]
+    assert cfg.topics["wildfire-satellite"].partitions == 4
+    assert cfg.topics["wildfire-weather"].partitions == 8
+    assert cfg.topics["wildfire-iot"].partitions == 12
+
+
+@pytest.mark.parametrize(
+    "yaml_text, field, fragment",
+    [
+        ("throttling:\n  target_consumer_lag: -5\n", "throttling.target_consumer_lag", "greater than or equal to 0"),
+        ("queue:\n  max_size: -1\n", "queue.max_size", "got -1"),
+        ("queue:\n  overflow_strategy: random\n", "queue.overflow_strategy", "'drop_oldest', 'drop_lowest' or 'block'"),
+        ("backpressure:\n  warning_threshold: 0.95\n", "backpressure", "thresholds out of order"),
+        ("throttling:\n  target_consumer_lag: 9000\n", "throttling", "target_consumer_lag < critical_consumer_lag"),
+        ("kafka:\n  linger_ms: fast\n", "kafka.linger_ms", "valid integer"),
+        ("kafka:\n  bootstrap_server: x\n", "kafka.bootstrap_server", "Extra inputs are not permitted"),
+        ("sources:\n  nasa_firms:\n    record_priority: URGENT\n", "sources.nasa_firms.record_priority", "unknown priority 'URGENT'"),
+        ("sources:\n  nasa_firms:\n    priority: 11\n", "sources.nasa_firms.priority", "less than or equal to 10"),
+        ("sources:\n  nasa_firms:\n    topic: nowhere\n", "sources.nasa_firms.topic", "not declared under topics"),
+        ("sources:\n  nasa_firms:\n    ingestion: {mode: sometimes}\n", "sources.nasa_firms.ingestion.mode", "'batch', 'real_time' or 'continuous_streaming'"),
+    ],
+)
+def test_invalid_values_name_the_field_and_the_problem(tmp_path, yaml_text, field, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, yaml_text), environ={})
+    message = str(info.value)
+    assert field in message, message
+    assert fragment in message, message
+
+
+def test_unparsable_yaml_and_wrong_top_level(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "kafka: [unclosed\n"), environ={})
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"), environ={})
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "missing.yaml", environ={})
+
+
+def test_precedence_defaults_yaml_env_runtime(tmp_path):
+    path = write(tmp_path, "throttling:\n  target_consumer_lag: 2000\n  critical_consumer_lag: 8000\nqueue:\n  max_size: 500\n")
+    # YAML over defaults
+    cfg = load_config(path, environ={})
+    assert cfg.throttling.target_consumer_lag == 2000
+    assert cfg.queue.batch_size == 500  # untouched default
+    # environment over YAML
+    env = {"WILDFIRE__THROTTLING__TARGET_CONSUMER_LAG": "3000", "WILDFIRE__SOURCES__NASA_FIRMS__ENABLED": "false"}
+    cfg = load_config(path, environ=env)
+    assert cfg.throttling.target_consumer_lag == 3000
+    assert cfg.sources["nasa_firms"].enabled is False
+    assert cfg.sources["nasa_firms"].topic == "wildfire-satellite"  # partial source keeps its defaults
+    # runtime overrides over environment
+    cfg = load_config(path, environ=env, overrides={"throttling": {"target_consumer_lag": 4000}})
+    assert cfg.throttling.target_consumer_lag == 4000
+    assert cfg.queue.max_size == 500
+
+
+def test_env_values_are_validated_and_named():
+    with pytest.raises(ConfigError) as info:
+        load_config(DEFAULT_CONFIG_PATH, environ={"WILDFIRE__QUEUE__MAX_SIZE": "-3"})
+    assert "queue.max_size" in str(info.value)
+    assert env_overrides({"WILDFIRE__A__B": "1.5", "OTHER": "x"}) == {"a": {"b": 1.5}}
+
+
+def test_runtime_override_rejected_keeps_message():
+    with pytest.raises(ConfigError, match="circuit_breaker.failure_threshold"):
+        build_config(StreamConfig().model_dump(mode="json"), {"circuit_breaker": {"failure_threshold": 0}})
+
+
+def test_cli_validate_rejects_negative_lag_and_accepts_shipped(tmp_path):
+    bad = write(tmp_path, "throttling:\n  target_consumer_lag: -5\n")
+    env = {"PYTHONPATH": str(ROOT / "plugins"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "wildfire.config", "validate", str(bad)], capture_output=True, text=True, env=env)
+    assert out.returncode == 1
+    assert "throttling.target_consumer_lag" in out.stderr and "-5" in out.stderr
+    ok = subprocess.run([sys.executable, "-m", "wildfire.config", "validate", str(DEFAULT_CONFIG_PATH)], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("ok:")
