@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Starts, stops and checks the local stack the tests and `make run` use:
 #   Apache Kafka 4.x (KRaft, single node) on 127.0.0.1:9092, controller on 127.0.0.1:9093
+#     (KAFKA_PORT, KAFKA_CONTROLLER_PORT and KAFKA_DIR override these, so fault tests can run a
+#      private broker they may stop without disturbing the shared one)
 #   PostgreSQL (Debian package) on 127.0.0.1:5432, database and role `wildfire`
 #   Mosquitto (Debian package) on 127.0.0.1:1883
 # Every action is idempotent. All data lives under .local/ (git-ignored).
@@ -11,11 +13,13 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LOCAL="$ROOT/.local"
-KAFKA_DIR="$LOCAL/kafka"
+KAFKA_DIR="${KAFKA_DIR:-$LOCAL/kafka}"
+KAFKA_LIBS="$LOCAL/kafka/libs"   # shared by every broker instance
 PG_DIR="$LOCAL/postgres"
 MQTT_DIR="$LOCAL/mosquitto"
 PG_BIN="${PG_BIN:-}"
-KAFKA_PORT=9092
+KAFKA_PORT="${KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
 PG_PORT=5432
 MQTT_PORT=1883
 
@@ -51,14 +55,14 @@ ensure_pkg() {  # command-to-check, debian-package
 
 # ---------------------------------------------------------------- Kafka
 kafka_libs() {
-  if [ ! -f "$KAFKA_DIR/libs/.complete" ]; then
+  if [ ! -f "$KAFKA_LIBS/.complete" ]; then
     command -v java >/dev/null || die "java is missing: apt-get install -y openjdk-17-jre-headless"
     command -v mvn >/dev/null || die "mvn is missing: apt-get install -y maven"
     log "fetching Apache Kafka jars from Maven Central (scripts/kafka/pom.xml)"
-    rm -rf "$KAFKA_DIR/libs"
+    rm -rf "$KAFKA_LIBS"
     mvn -q -B -f "$ROOT/scripts/kafka/pom.xml" dependency:copy-dependencies \
-      -DoutputDirectory="$KAFKA_DIR/libs" -DincludeScope=runtime >&2
-    touch "$KAFKA_DIR/libs/.complete"
+      -DoutputDirectory="$KAFKA_LIBS" -DincludeScope=runtime >&2
+    touch "$KAFKA_LIBS/.complete"
   fi
 }
 
@@ -67,8 +71,8 @@ kafka_config() {
   cat >"$KAFKA_DIR/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
-controller.quorum.bootstrap.servers=127.0.0.1:9093
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:9093
+controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
 advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
@@ -102,7 +106,7 @@ PROPS
 kafka_java() {
   java -Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" \
-    -cp "$KAFKA_DIR/libs/*" "$@"
+    -cp "$KAFKA_LIBS/*" "$@"
 }
 
 kafka_start() {
@@ -120,7 +124,7 @@ kafka_start() {
   # setsid: own process group, so stopping it never touches the caller.
   setsid nohup java -Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" \
-    -cp "$KAFKA_DIR/libs/*" kafka.Kafka "$KAFKA_DIR/server.properties" \
+    -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_DIR/server.properties" \
     >"$KAFKA_DIR/stdout.log" 2>&1 </dev/null &
   echo $! >"$KAFKA_DIR/kafka.pid"
   wait_port "$KAFKA_PORT" 90 || { tail -30 "$KAFKA_DIR/stdout.log" "$KAFKA_DIR/kafka.log" >&2 || true; die "kafka did not open 127.0.0.1:$KAFKA_PORT within 90 s (see $KAFKA_DIR/kafka.log)"; }
@@ -132,9 +136,10 @@ kafka_ready() {  # a metadata round trip, not just an open port
   local py="$ROOT/.venv/bin/python" i
   [ -x "$py" ] || return 0
   for ((i = 0; i < $1; i++)); do
-    "$py" - <<'PY' 2>/dev/null && return 0
+    KAFKA_PORT="$KAFKA_PORT" "$py" - <<'PY' 2>/dev/null && return 0
 from confluent_kafka.admin import AdminClient
-md = AdminClient({"bootstrap.servers": "127.0.0.1:9092"}).list_topics(timeout=2)
+import os
+md = AdminClient({"bootstrap.servers": "127.0.0.1:" + os.environ["KAFKA_PORT"]}).list_topics(timeout=2)
 raise SystemExit(0 if md.brokers else 1)
 PY
     sleep 1

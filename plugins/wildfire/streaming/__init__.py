@@ -1,0 +1,1 @@
+"""The streaming layers: admission (backpressure), priority queue, throttling, circuit breaker."""
