@@ -1,0 +1,328 @@
+"""Bulk upserts of decoded rows into PostgreSQL (COPY + ON CONFLICT) or embedded SQLite.
+
+Guarantees of :meth:`StorageWriter.write`:
+
+- One batch is one database transaction: its rows and dead letters are all committed or none are.
+- Idempotent: rows are upserted on the natural key; storing the same batch again changes nothing
+  (a row is only replaced by one with a strictly newer ``ingest_time``, so a replay of old messages
+  never overwrites a re-issued record). Within one batch the last occurrence of a key wins.
+- A row the database rejects (a value the decoder let through but the column cannot hold) does not
+  fail the batch: the batch is retried row by row and that row becomes a ``rejected_by_database``
+  dead letter. Connection loss raises :class:`StorageUnavailable` (retriable) and commits nothing.
+
+PostgreSQL path: ``COPY`` into a per-connection temp staging table, then one
+``INSERT ... SELECT ... ON CONFLICT (key) DO UPDATE`` per record kind. SQLite path: ``executemany``
+of ``INSERT ... ON CONFLICT(key) DO UPDATE`` in WAL mode with ``synchronous=FULL`` (a commit that
+returned survives power loss, which the offset-after-commit rule relies on).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import orjson
+
+from wildfire.records import RecordError, parse_time
+from wildfire.storage.rows import KEY_INDEX, ROW_COLUMNS, DeadLetter, StorageBatch
+from wildfire.storage.schema import KIND_TABLES, TYPED_COLUMNS
+
+# "offset" is reserved in both PostgreSQL and SQLite, hence quoted.
+_DL_COLUMNS_SQL = 'source, topic, partition, "offset", key, reason, error, attempts, payload'
+_DL_CONFLICT = 'ON CONFLICT (topic, partition, "offset") DO NOTHING'
+
+
+class StorageError(Exception):
+    """Base of storage failures; ``retriable`` tells the consumer whether to try the batch again."""
+
+    retriable: ClassVar[bool] = False
+
+
+class StorageUnavailable(StorageError):
+    """The database cannot be reached or the connection broke; nothing of the batch was committed."""
+
+    retriable: ClassVar[bool] = True
+
+
+class SchemaMissing(StorageError):
+    """The tables do not exist: run ``python -m wildfire.storage.migrate upgrade``."""
+
+    retriable: ClassVar[bool] = False
+
+
+@dataclass(slots=True, frozen=True)
+class WriteResult:
+    """What one committed batch did."""
+
+    records: int
+    """Rows offered (after de-duplicating keys within the batch)."""
+    changed: int
+    """Rows inserted or replaced; a replay of stored records changes 0."""
+    dead_letters: int
+    """Dead letters stored, including rows the database rejected."""
+
+
+class StorageWriter(Protocol):
+    dialect: str
+
+    def write(self, batch: StorageBatch) -> WriteResult: ...
+
+    def write_status(self, worker_id: str, component: str, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _columns(kind: str) -> tuple[str, ...]:
+    return ROW_COLUMNS + tuple(c.name for c in TYPED_COLUMNS[kind])
+
+
+def _dedupe(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    # ON CONFLICT DO UPDATE refuses to touch one row twice in a statement, so keys must be unique.
+    by_key = {row[KEY_INDEX]: row for row in rows}
+    return rows if len(by_key) == len(rows) else list(by_key.values())
+
+
+def _dl_row(d: DeadLetter) -> tuple[Any, ...]:
+    return (d.source, d.topic, d.partition, d.offset, d.key, d.reason, d.error[:4000], d.attempts, d.payload)
+
+
+def _rejected(kind: str, pos: tuple[str, int, int, bytes], row: tuple[Any, ...], exc: Exception) -> DeadLetter:
+    topic, partition, offset, value = pos
+    return DeadLetter(topic=topic, partition=partition, offset=offset, reason="rejected_by_database",
+                      error=f"{kind} {row[KEY_INDEX]}: {type(exc).__name__}: {exc}".strip(),
+                      payload=value, key=row[KEY_INDEX], source=row[1])
+
+
+def _upsert_assignments(cols: tuple[str, ...]) -> str:
+    return ", ".join(f"{c} = EXCLUDED.{c}" for c in cols if c != "key") + ", stored_at = EXCLUDED.stored_at"
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+class PostgresWriter:
+    """psycopg 3 connection; COPY into ``pg_temp`` staging tables, then upsert."""
+
+    dialect = "postgresql"
+
+    def __init__(self, url: str, *, application_name: str = "wildfire-storage") -> None:
+        import psycopg
+
+        self._psycopg = psycopg
+        try:
+            self._conn = psycopg.connect(url, autocommit=False, application_name=application_name)
+        except psycopg.OperationalError as exc:
+            raise StorageUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
+        self._prepare()
+
+    def _prepare(self) -> None:
+        conn = self._conn
+        with conn.cursor() as cur:
+            missing = [t for t in (*KIND_TABLES.values(), "dead_letters")
+                       if cur.execute("SELECT to_regclass(%s)", (t,)).fetchone()[0] is None]
+            if missing:
+                conn.rollback()
+                raise SchemaMissing(f"tables missing: {', '.join(missing)}; run `python -m wildfire.storage.migrate upgrade`")
+            # Staging tables live for the connection; ON COMMIT DELETE ROWS empties them each batch.
+            for kind, table in KIND_TABLES.items():
+                cols = ", ".join(_columns(kind))
+                cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS _stage_{table} ON COMMIT DELETE ROWS "
+                            f"AS SELECT {cols} FROM {table} WITH NO DATA")
+        conn.commit()
+        self._copy_sql = {k: f"COPY _stage_{t} ({', '.join(_columns(k))}) FROM STDIN" for k, t in KIND_TABLES.items()}
+        self._upsert_sql = {
+            k: (f"INSERT INTO {t} AS t ({', '.join(_columns(k))}, stored_at) "
+                f"SELECT {', '.join(_columns(k))}, now() FROM _stage_{t} "
+                f"ON CONFLICT (key) DO UPDATE SET {_upsert_assignments(_columns(k))} "
+                "WHERE t.ingest_time < EXCLUDED.ingest_time")
+            for k, t in KIND_TABLES.items()
+        }
+        self._single_sql = {
+            k: (f"INSERT INTO {t} AS t ({', '.join(_columns(k))}, stored_at) "
+                f"VALUES ({', '.join(['%s'] * len(_columns(k)))}, now()) "
+                f"ON CONFLICT (key) DO UPDATE SET {_upsert_assignments(_columns(k))} "
+                "WHERE t.ingest_time < EXCLUDED.ingest_time")
+            for k, t in KIND_TABLES.items()
+        }
+        self._dl_sql = f"INSERT INTO dead_letters ({_DL_COLUMNS_SQL}) VALUES ({', '.join(['%s'] * 9)}) {_DL_CONFLICT}"
+
+    def write(self, batch: StorageBatch) -> WriteResult:
+        pg = self._psycopg
+        try:
+            try:
+                return self._write_bulk(batch)
+            except (pg.errors.DataError, pg.errors.IntegrityError, pg.errors.InternalError_) as exc:
+                self._conn.rollback()
+                return self._write_row_by_row(batch, exc)
+        except pg.OperationalError as exc:
+            self._reset()
+            raise StorageUnavailable(f"PostgreSQL write failed: {exc}") from None
+        except BaseException:
+            self._reset()
+            raise
+
+    def _reset(self) -> None:
+        try:
+            self._conn.rollback()
+        except Exception:  # noqa: BLE001 - a broken connection cannot roll back; it is discarded anyway
+            pass
+
+    def _write_bulk(self, batch: StorageBatch) -> WriteResult:
+        records = changed = 0
+        with self._conn.cursor() as cur:
+            for kind, rows in batch.rows.items():
+                rows = _dedupe(rows)
+                records += len(rows)
+                with cur.copy(self._copy_sql[kind]) as copy:
+                    write_row = copy.write_row
+                    for row in rows:
+                        write_row(row)
+                cur.execute(self._upsert_sql[kind])
+                changed += max(cur.rowcount, 0)
+            dead = self._write_dead_letters(cur, batch.dead_letters)
+        self._conn.commit()
+        return WriteResult(records, changed, dead)
+
+    def _write_dead_letters(self, cur: Any, dead_letters: list[DeadLetter]) -> int:
+        if dead_letters:
+            cur.executemany(self._dl_sql, [_dl_row(d) for d in dead_letters])
+        return len(dead_letters)
+
+    def _write_row_by_row(self, batch: StorageBatch, cause: Exception) -> WriteResult:
+        pg = self._psycopg
+        records = changed = 0
+        dead = list(batch.dead_letters)
+        with self._conn.cursor() as cur:
+            for kind, rows in batch.rows.items():
+                for row, pos in zip(rows, batch.positions[kind], strict=True):
+                    records += 1
+                    try:
+                        with self._conn.transaction():  # a savepoint: one bad row rolls back alone
+                            cur.execute(self._single_sql[kind], row)
+                            changed += max(cur.rowcount, 0)
+                    except (pg.errors.DataError, pg.errors.IntegrityError, pg.errors.InternalError_) as exc:
+                        dead.append(_rejected(kind, pos, row, exc))
+            n_dead = self._write_dead_letters(cur, dead)
+        self._conn.commit()
+        return WriteResult(records, changed, n_dead)
+
+    def write_status(self, worker_id: str, component: str, state: dict[str, Any]) -> None:
+        with self._conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO worker_status (worker_id, component, heartbeat, state) VALUES (%s, %s, now(), %s) "
+                "ON CONFLICT (worker_id) DO UPDATE SET component = EXCLUDED.component, "
+                "heartbeat = EXCLUDED.heartbeat, state = EXCLUDED.state",
+                (worker_id, component, orjson.dumps(state).decode()),
+            )
+        self._conn.commit()
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+# ---------------------------------------------------------------- SQLite
+
+
+def _iso(value: str | None) -> str | None:
+    # One fixed format (always microseconds, 'Z') so text comparison in SQLite orders by time.
+    if value is None:
+        return None
+    return parse_time(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class SqliteWriter:
+    """Embedded default: one SQLite file in WAL mode, same tables and upsert semantics."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a batch is one write transaction.
+        self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        have = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        missing = [t for t in (*KIND_TABLES.values(), "dead_letters") if t not in have]
+        if missing:
+            self._conn.close()
+            raise SchemaMissing(f"tables missing in {self.path}: {', '.join(missing)}; "
+                                "run `python -m wildfire.storage.migrate upgrade`")
+        self._time_cols = {k: [i for i, c in enumerate(_columns(k))
+                               if c in ("event_time", "ingest_time")
+                               or any(t.name == c and t.type == "time" for t in TYPED_COLUMNS[k])]
+                           for k in KIND_TABLES}
+        self._sql = {
+            k: (f"INSERT INTO {t} AS t ({', '.join(_columns(k))}, stored_at) "
+                f"VALUES ({', '.join(['?'] * len(_columns(k)))}, ?) "
+                f"ON CONFLICT (key) DO UPDATE SET {_upsert_assignments(_columns(k))} "
+                "WHERE t.ingest_time < EXCLUDED.ingest_time")
+            for k, t in KIND_TABLES.items()
+        }
+        self._dl_sql = f"INSERT INTO dead_letters ({_DL_COLUMNS_SQL}) VALUES ({', '.join(['?'] * 9)}) {_DL_CONFLICT}"
+
+    def _normalize(self, kind: str, row: tuple[Any, ...], stored_at: str) -> tuple[Any, ...]:
+        values = list(row)
+        for i in self._time_cols[kind]:
+            values[i] = _iso(values[i])
+        values.append(stored_at)
+        return tuple(values)
+
+    def write(self, batch: StorageBatch) -> WriteResult:
+        conn = self._conn
+        stored_at = _now_iso()
+        records = changed = 0
+        dead = list(batch.dead_letters)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for kind, rows in batch.rows.items():
+                    for row, pos in zip(rows, batch.positions[kind], strict=True):
+                        records += 1
+                        try:
+                            values = self._normalize(kind, row, stored_at)
+                            conn.execute("SAVEPOINT one_row")
+                            changed += conn.execute(self._sql[kind], values).rowcount
+                            conn.execute("RELEASE one_row")
+                        except RecordError as exc:
+                            dead.append(_rejected(kind, pos, row, exc))
+                        except (sqlite3.IntegrityError, sqlite3.DataError) as exc:
+                            conn.execute("ROLLBACK TO one_row")
+                            conn.execute("RELEASE one_row")
+                            dead.append(_rejected(kind, pos, row, exc))
+                if dead:
+                    conn.executemany(self._dl_sql, [_dl_row(d) for d in dead])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            raise StorageUnavailable(f"SQLite write to {self.path} failed: {exc}") from None
+        return WriteResult(records, changed, len(dead))
+
+    def write_status(self, worker_id: str, component: str, state: dict[str, Any]) -> None:
+        self._conn.execute(
+            "INSERT INTO worker_status (worker_id, component, heartbeat, state) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (worker_id) DO UPDATE SET component = excluded.component, "
+            "heartbeat = excluded.heartbeat, state = excluded.state",
+            (worker_id, component, _now_iso(), orjson.dumps(state).decode()),
+        )
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def open_writer(url: str) -> StorageWriter:
+    """A writer for ``postgresql://...`` or ``sqlite:///path`` (see ``migrate.database_url``)."""
+    if url.startswith("sqlite:///"):
+        return SqliteWriter(url[len("sqlite:///"):])
+    if url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        return PostgresWriter(url.replace("postgresql+psycopg://", "postgresql://"))
+    raise ValueError(f"unsupported database URL {url.split('://')[0]!r}://...: expected postgresql:// or sqlite:///")
