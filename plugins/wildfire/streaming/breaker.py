@@ -10,6 +10,7 @@ precedence over backpressure: while it is not CLOSED the worker does not send.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from enum import IntEnum
 
 from wildfire.clock import SYSTEM_CLOCK, Clock
@@ -24,8 +25,10 @@ class CircuitState(IntEnum):
 
 class CircuitBreaker:
     def __init__(self, config: CircuitBreakerConfig | None = None, *, clock: Clock = SYSTEM_CLOCK,
-                 name: str = "kafka") -> None:
+                 name: str = "kafka", listener: Callable[[CircuitState], None] | None = None) -> None:
         self.config = config or CircuitBreakerConfig()
+        # Called with the new state on every transition (StreamMetrics.circuit_listener sets a gauge).
+        self.listener = listener
         self.clock = clock
         self.name = name
         self._lock = threading.Lock()
@@ -101,3 +104,5 @@ class CircuitBreaker:
         if old is not new:
             self._state = new
             self.transitions.append((self.clock.monotonic(), old, new))
+            if self.listener is not None:
+                self.listener(new)
