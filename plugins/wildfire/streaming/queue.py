@@ -306,8 +306,8 @@ class QueueManager:
         self._max_size = max_size
         evicted = 0
         if self._total > max_size and self.config.overflow_strategy != "block":
-            # Nothing is incoming: evict as if a LOW record wanted in, so CRITICAL goes last.
-            evicted = self._evict(self._total - max_size, Priority.LOW, REASON_RESIZE, resize=True)
+            # Nothing is incoming: evict lowest priority first (under both drop strategies), CRITICAL last.
+            evicted = self._evict(self._total - max_size, Priority.CRITICAL, REASON_RESIZE, resize=True)
         self._wake_space()
         self._export()
         return evicted
