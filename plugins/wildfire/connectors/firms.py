@@ -1,0 +1,474 @@
+"""NASA FIRMS active-fire detections: area CSV API -> standardized ``fire_detection`` records.
+
+Guarantees:
+
+- Parsing is vectorized (polars): CSV bytes become an :class:`EncodedBatch` of wire JSON without a
+  Python object per row. Both column sets (VIIRS ``bright_ti4/bright_ti5``, MODIS
+  ``brightness/bright_t31``), any column order, with or without ``instrument``/``country_id``,
+  CRLF line ends and a UTF-8 BOM are accepted.
+- The natural key is ``family|satellite|instrument|acq_date|HHMM|lat|lon`` (lat/lon rounded to 4
+  decimals, HHMM zero-padded, family = the source without its processing suffix, so an NRT row
+  and its standard-processing re-issue share a key). ``version`` is never part of the key.
+- Duplicates within one response and keys already published by an earlier poll (the cursor) are
+  dropped and counted as deduplicated.
+- A row that fails validation (latitude/longitude out of range, unparsable date/time/confidence/
+  number, missing value, ragged line) is rejected with its reason and its raw CSV line; a response
+  missing a required column is rejected as a whole (one dead letter, every row counted).
+- The FIRMS limit of 5,000 transactions per 10 minutes per MAP_KEY is enforced by a shared
+  :class:`RateLimiter`; backfills larger than ``backfill_check_threshold`` requests first read the
+  MAP_KEY status endpoint and refuse to start if the remaining quota cannot cover them.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import httpx
+import orjson
+
+from wildfire.clock import SYSTEM_CLOCK, Clock
+from wildfire.config import SourceConfig
+from wildfire.connectors.base import (
+    ConnectorError,
+    ConnectorResult,
+    DeadLetter,
+    PayloadError,
+    RateLimiter,
+    RunSummary,
+    UpstreamRejected,
+    http_get,
+)
+from wildfire.priority import Priority
+from wildfire.records import SCHEMA_VERSION, EncodedBatch, format_time
+
+KIND = "fire_detection"
+CALIFORNIA_BBOX = (-124.48, 32.53, -114.13, 42.01)
+NRT_SOURCES = ("VIIRS_SNPP_NRT", "VIIRS_NOAA20_NRT", "VIIRS_NOAA21_NRT", "MODIS_NRT")
+BACKFILL_SOURCES = ("VIIRS_SNPP_SP", "VIIRS_NOAA20_SP", "MODIS_SP", "LANDSAT_NRT")
+FIRMS_TRANSACTIONS = 5000  # per MAP_KEY ...
+FIRMS_WINDOW_S = 600.0  # ... per 10 minutes (FIRMS API documentation)
+
+REQUIRED = ("latitude", "longitude", "acq_date", "acq_time", "satellite", "confidence")
+# Optional numeric columns -> payload field and scale to SI (scan/track are km in FIRMS, metres here).
+NUMERIC = {
+    "bright_ti4": ("brightness_k", 1.0),
+    "brightness": ("brightness_k", 1.0),
+    "bright_ti5": ("brightness_2_k", 1.0),
+    "bright_t31": ("brightness_2_k", 1.0),
+    "scan": ("scan_m", 1000.0),
+    "track": ("track_m", 1000.0),
+    "frp": ("frp_mw", 1.0),
+}
+SATELLITES = {
+    "N": "SNPP", "NPP": "SNPP", "SNPP": "SNPP", "SUOMI NPP": "SNPP",
+    "1": "N20", "N20": "N20", "J1": "N20", "NOAA-20": "N20", "NOAA20": "N20",
+    "2": "N21", "N21": "N21", "J2": "N21", "NOAA-21": "N21", "NOAA21": "N21",
+    "A": "Aqua", "AQUA": "Aqua", "T": "Terra", "TERRA": "Terra",
+    "L8": "Landsat-8", "L9": "Landsat-9",
+}
+CONFIDENCE_CLASS = {"l": "low", "low": "low", "n": "nominal", "nominal": "nominal", "h": "high", "high": "high"}
+# Quality from confidence: a class maps to a score, a 0-100 value scales linearly.
+CLASS_SCORE = {"low": 0.4, "nominal": 0.8, "high": 1.0}
+# Nominal pixel footprint at nadir (km^2): larger pixels are off-nadir, with coarser location.
+NADIR_FOOTPRINT_KM2 = {"VIIRS": 0.375 * 0.375, "MODIS": 1.0}
+
+
+@dataclass(slots=True, frozen=True)
+class ParsedFirms:
+    """Result of :func:`parse_firms_csv`."""
+
+    batch: EncodedBatch
+    """Accepted, deduplicated records as wire JSON."""
+    dead_letters: list[DeadLetter]
+    """Rejected rows with their raw CSV line."""
+    summary: RunSummary
+    """Counts for this response."""
+
+
+def family_of(satellite_source: str) -> str:
+    """``VIIRS_NOAA21_NRT`` -> ``VIIRS_NOAA21``: the processing level is not part of identity."""
+    for suffix in ("_NRT", "_URT", "_RT", "_SP"):
+        if satellite_source.upper().endswith(suffix):
+            return satellite_source[: -len(suffix)].upper()
+    return satellite_source.upper()
+
+
+def _raw_lines(data: bytes) -> list[bytes]:
+    # Only built when rows are rejected: row i of the frame is line i+1 (header is line 0).
+    return [ln.rstrip(b"\r") for ln in data.split(b"\n") if ln.strip()]
+
+
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 ._-")
+
+
+def _token(value: str | None) -> str | None:
+    # Values that end up inside the natural key and the JSON must be plain tokens; anything else
+    # (quotes, separators, control characters) is rejected rather than escaped row by row.
+    if value is None:
+        return None
+    value = value.strip()
+    return value if value and set(value) <= _SAFE and "|" not in value else None
+
+
+def _map_unique(series: Any, normalize: Any) -> dict[str, str | None]:
+    """Map each distinct raw value once in Python; the column is then mapped in one vector op."""
+    return {raw: normalize(raw) for raw in series.unique().drop_nulls().to_list()}
+
+
+def _norm_satellite(raw: str) -> str | None:
+    return SATELLITES.get(raw.strip().upper()) or _token(raw)
+
+
+def _norm_confidence(raw: str) -> str | None:
+    return CONFIDENCE_CLASS.get(raw.strip().lower())
+
+
+def _json_str(value: str | None) -> str:
+    return "null" if value is None else orjson.dumps(value).decode()
+
+
+def parse_firms_csv(
+    data: bytes,
+    source_name: str,
+    satellite_source: str,
+    *,
+    priority: Priority = Priority.HIGH,
+    ingest_time: datetime | None = None,
+    seen_keys: Collection[str] | None = None,
+) -> ParsedFirms:
+    """FIRMS area-API CSV bytes -> deduplicated wire-JSON batch, dead letters and counts. Pure.
+
+    The wire JSON is assembled column-wise with ``concat_str``: every string that enters it is
+    either validated as a plain token/date/number or escaped once per distinct value, so no
+    per-row escaping is needed and ``Record.from_json`` decodes every value.
+    """
+    import polars as pl
+
+    summary = RunSummary(source_name)
+    dead: list[DeadLetter] = []
+    empty = EncodedBatch(source_name, [], [], [])
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if not data.strip():
+        return ParsedFirms(empty, dead, summary)
+    ingest = format_time(ingest_time or datetime.now(UTC))
+
+    try:
+        df = pl.read_csv(io.BytesIO(data), infer_schema=False, truncate_ragged_lines=True)
+    except (pl.exceptions.PolarsError, ValueError) as exc:
+        summary.reject("unparsable_csv")
+        dead.append(DeadLetter(source_name, "unparsable_csv", data[:4096], f"CSV does not parse: {exc}"))
+        return ParsedFirms(empty, dead, summary)
+    df = df.rename({c: c.strip().lower() for c in df.columns})
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing or not ({"bright_ti4", "brightness"} & set(df.columns)):
+        need = missing or ["bright_ti4 or brightness"]
+        summary.reject("missing_columns", max(df.height, 1))
+        dead.append(
+            DeadLetter(
+                source_name, "missing_columns", data.split(b"\n", 1)[0].rstrip(b"\r"),
+                f"{satellite_source}: CSV lacks required column(s) {', '.join(need)}; has {', '.join(df.columns)}",
+            )
+        )
+        return ParsedFirms(empty, dead, summary)
+    if df.height == 0:
+        return ParsedFirms(empty, dead, summary)
+
+    instrument_default = "VIIRS" if "bright_ti4" in df.columns else "MODIS"
+    if satellite_source.upper().startswith("LANDSAT"):
+        instrument_default = "OLI"
+    s = pl.col
+    sat_map = _map_unique(df.get_column("satellite"), _norm_satellite)
+    conf_map = _map_unique(df.get_column("confidence"), _norm_confidence)
+    conf_num = s("confidence").cast(pl.Float64, strict=False)
+    conf_class = s("confidence").replace_strict(conf_map, default=None, return_dtype=pl.String)
+    if "instrument" in df.columns:
+        inst_map = _map_unique(df.get_column("instrument"), lambda v: (_token(v) or "").upper() or None)
+        instrument = s("instrument").replace_strict(inst_map, default=None, return_dtype=pl.String)
+    else:
+        instrument = pl.lit(instrument_default)
+    # daynight/version never enter the key: escape each distinct value once into a JSON literal.
+    optional_json = {}
+    for col in ("daynight", "version"):
+        if col in df.columns:
+            m = {raw: _json_str(raw.strip()) for raw in df.get_column(col).unique().drop_nulls().to_list()}
+            optional_json[col] = s(col).replace_strict(m, default="null", return_dtype=pl.String)
+        else:
+            optional_json[col] = pl.lit("null")
+    hhmm_int = s("acq_time").cast(pl.Int32, strict=False)
+    exprs: list[pl.Expr] = [
+        s("latitude").cast(pl.Float64, strict=False).alias("lat"),
+        s("longitude").cast(pl.Float64, strict=False).alias("lon"),
+        s("acq_date").alias("_date_s"),
+        s("acq_date").str.to_date("%Y-%m-%d", strict=False).alias("_date"),
+        s("acq_time").str.zfill(4).alias("_hhmm"),
+        hhmm_int.alias("_hhmm_i"),
+        s("acq_time").str.len_bytes().alias("_hhmm_len"),
+        s("satellite").replace_strict(sat_map, default=None, return_dtype=pl.String).alias("satellite_n"),
+        (
+            pl.when(conf_class.is_not_null()).then(conf_class)
+            .when(conf_num < 30).then(pl.lit("low"))
+            .when(conf_num < 80).then(pl.lit("nominal"))
+            .when(conf_num <= 100).then(pl.lit("high"))
+        ).alias("confidence_class"),
+        pl.when(conf_class.is_null()).then(conf_num).alias("confidence_pct"),
+        instrument.alias("instrument_n"),
+        optional_json["daynight"].alias("_daynight_json"),
+        optional_json["version"].alias("_version_json"),
+    ]
+    bad_number = pl.lit(False)
+    for col, (name, scale) in NUMERIC.items():
+        if col in df.columns:
+            num = s(col).cast(pl.Float64, strict=False)
+            exprs.append((num * scale if scale != 1.0 else num).alias(name))
+            bad_number = bad_number | (s(col).is_not_null() & (num.is_null() | ~num.is_finite()))
+    exprs.append(bad_number.alias("_bad_number"))
+    # Empty fields read as null; ragged (truncated) lines leave their trailing columns null too.
+    exprs.append(pl.all_horizontal([s(c).is_not_null() for c in REQUIRED]).alias("_present"))
+    out = df.select(exprs)
+    for name in ("brightness_k", "brightness_2_k", "scan_m", "track_m", "frp_mw"):
+        if name not in out.columns:
+            out = out.with_columns(pl.lit(None, pl.Float64).alias(name))
+
+    hh, mm = s("_hhmm_i") // 100, s("_hhmm_i") % 100
+    reason = (
+        pl.when(~s("_present")).then(pl.lit("missing_value"))
+        .when(s("lat").is_null() | ~(s("lat").abs() <= 90)).then(pl.lit("bad_latitude"))
+        .when(s("lon").is_null() | ~(s("lon").abs() <= 180)).then(pl.lit("bad_longitude"))
+        .when(s("_date").is_null() | (s("_date_s").str.len_bytes() != 10)).then(pl.lit("bad_acq_date"))
+        .when(s("_hhmm_i").is_null() | (s("_hhmm_i") < 0) | (hh > 23) | (mm > 59) | (s("_hhmm_len") > 4))
+        .then(pl.lit("bad_acq_time"))
+        .when(s("confidence_class").is_null()).then(pl.lit("bad_confidence"))
+        .when(s("satellite_n").is_null()).then(pl.lit("bad_satellite"))
+        .when(s("instrument_n").is_null()).then(pl.lit("bad_instrument"))
+        .when(s("_bad_number")).then(pl.lit("bad_number"))
+    )
+    out = out.with_columns(reason.alias("_reason"))
+    bad = out.get_column("_reason").is_not_null()
+    if bad.any():
+        lines = _raw_lines(data)
+        for row, why in out.with_row_index("_row").filter(bad).select("_row", "_reason").iter_rows():
+            raw = lines[row + 1] if row + 1 < len(lines) else b""
+            summary.reject(why)
+            dead.append(DeadLetter(source_name, why, raw, f"{satellite_source} row {row + 1}: {why.replace('_', ' ')}"))
+        out = out.filter(~bad)
+
+    family = family_of(satellite_source)
+    if _token(family) != family:
+        raise ValueError(f"satellite source {satellite_source!r} is not a plain FIRMS source name")
+    key = pl.concat_str(
+        [
+            pl.lit(family), s("satellite_n"), s("instrument_n"), s("_date_s"), s("_hhmm"),
+            s("lat").round(4).cast(pl.String), s("lon").round(4).cast(pl.String),
+        ],
+        separator="|",
+    )
+    keep = s("key").is_first_distinct()
+    if seen_keys:
+        keep = keep & ~s("key").is_in(pl.Series(list(seen_keys), dtype=pl.String))
+    # One lazy query from here on: polars computes only the columns the wire JSON needs.
+    lf = out.lazy().with_columns(key.alias("key")).filter(keep)
+    footprint = s("scan_m") * s("track_m") / 1e6
+    nadir = pl.when(s("instrument_n") == "MODIS").then(NADIR_FOOTPRINT_KM2["MODIS"]).otherwise(
+        NADIR_FOOTPRINT_KM2["VIIRS"]
+    )
+    # Off-nadir pixels (up to ~4x nadir footprint at VIIRS swath edges) lose up to 30 % of the score.
+    penalty = ((footprint / nadir - 1.0) / 10.0).clip(0.0, 0.3).fill_null(0.0)
+    conf_score = (
+        pl.when(s("confidence_pct").is_not_null()).then((s("confidence_pct") / 100.0).clip(0.05, 1.0))
+        .otherwise(s("confidence_class").replace_strict(CLASS_SCORE, default=0.5, return_dtype=pl.Float64))
+    )
+    quality = (conf_score * (1.0 - penalty)).round(3)
+
+    def num(col: str) -> pl.Expr:
+        return s(col).cast(pl.String).fill_null("null")
+
+    head = (
+        f'{{"source":{_json_str(source_name)},"kind":"{KIND}","key":"{_json_str(family)[1:-1]}|'
+    )
+    wire = pl.concat_str(
+        [
+            pl.lit(head), s("key").str.slice(len(family) + 1),
+            pl.lit('","event_time":"'), s("_date_s"), pl.lit("T"), s("_hhmm").str.slice(0, 2), pl.lit(":"),
+            s("_hhmm").str.slice(2, 2),
+            pl.lit(f':00Z","ingest_time":"{ingest}","priority":"{priority.name}","lat":'), s("lat").cast(pl.String),
+            pl.lit(',"lon":'), s("lon").cast(pl.String),
+            pl.lit(',"quality":'), quality.cast(pl.String),
+            pl.lit(f',"payload":{{"satellite_source":{_json_str(satellite_source)},"satellite":"'), s("satellite_n"),
+            pl.lit('","instrument":"'), s("instrument_n"),
+            pl.lit('","acq_date":"'), s("_date_s"),
+            pl.lit('","acq_time":"'), s("_hhmm"),
+            pl.lit('","confidence_class":"'), s("confidence_class"),
+            pl.lit('","confidence_pct":'), num("confidence_pct"),
+            pl.lit(',"brightness_k":'), num("brightness_k"),
+            pl.lit(',"brightness_2_k":'), num("brightness_2_k"),
+            pl.lit(',"frp_mw":'), num("frp_mw"),
+            pl.lit(',"scan_m":'), num("scan_m"),
+            pl.lit(',"track_m":'), num("track_m"),
+            pl.lit(',"daynight":'), s("_daynight_json"),
+            pl.lit(',"version":'), s("_version_json"),
+            pl.lit(f'}},"schema_version":{SCHEMA_VERSION}}}'),
+        ]
+    )
+    wired = lf.select(s("key"), wire.cast(pl.Binary).alias("json")).collect()
+    summary.deduplicated += out.height - wired.height
+    if wired.height == 0:
+        return ParsedFirms(empty, dead, summary)
+    keys = wired.get_column("key").to_list()
+    values = wired.get_column("json").to_list()
+    summary.accepted = len(keys)
+    return ParsedFirms(EncodedBatch(source_name, keys, [priority] * len(keys), values), dead, summary)
+
+
+def prune_seen(seen: dict[str, str], today: date, keep_days: int) -> dict[str, str]:
+    """Drop cursor keys whose acq_date is older than ``keep_days`` before ``today``."""
+    cutoff = (today - timedelta(days=keep_days)).isoformat()
+    return {k: d for k, d in seen.items() if d >= cutoff}
+
+
+@dataclass(slots=True, frozen=True)
+class MapKeyStatus:
+    """FIRMS ``/mapserver/mapkey_status/`` answer."""
+
+    transaction_limit: int
+    """Transactions allowed per interval."""
+    current_transactions: int
+    """Transactions used in the current interval."""
+    interval: str
+    """The interval, as FIRMS words it (``10 minutes``)."""
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.transaction_limit - self.current_transactions)
+
+
+class MapKeyExhausted(ConnectorError):
+    """A backfill would exceed the MAP_KEY's remaining transactions; wait for the window to pass."""
+
+    retriable = True
+
+
+class FirmsConnector:
+    """Polls the FIRMS area CSV API for each configured satellite source.
+
+    ``FirmsConnector("https://firms.modaps.eosdis.nasa.gov", map_key, cfg, user_agent=ua, client=c)``
+    then ``await conn.fetch(cursor)``; options read from ``cfg.options``: ``sources``, ``bbox``
+    ``[west, south, east, north]``, ``day_range`` (1-5), ``backfill_check_threshold``.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        map_key: str,
+        config: SourceConfig,
+        *,
+        user_agent: str,
+        client: httpx.AsyncClient,
+        clock: Clock = SYSTEM_CLOCK,
+        source_name: str = "nasa_firms",
+        rate_limiter: RateLimiter | None = None,
+    ) -> None:
+        if not map_key:
+            raise UpstreamRejected(source_name, "no FIRMS MAP_KEY configured (set it in the Airflow Connection)")
+        self.base_url = base_url.rstrip("/")
+        self.map_key = map_key
+        self.config = config
+        self.user_agent = user_agent
+        self.client = client
+        self.clock = clock
+        self.source_name = source_name
+        opts = config.options
+        self.sources: list[str] = list(opts.get("sources") or NRT_SOURCES)
+        self.bbox = tuple(float(v) for v in (opts.get("bbox") or CALIFORNIA_BBOX))
+        if len(self.bbox) != 4:
+            raise ValueError(f"{source_name}: options.bbox must be [west, south, east, north], got {self.bbox}")
+        self.day_range = int(opts.get("day_range", 1))
+        if not 1 <= self.day_range <= 5:
+            raise ValueError(f"{source_name}: options.day_range must be 1-5 (FIRMS limit), got {self.day_range}")
+        self.backfill_check_threshold = int(opts.get("backfill_check_threshold", 10))
+        # One limiter per MAP_KEY: pass the same instance to every connector sharing the key.
+        self.rate_limiter = rate_limiter or RateLimiter(FIRMS_TRANSACTIONS, FIRMS_WINDOW_S, clock=clock)
+
+    def area_url(self, satellite_source: str, day_range: int | None = None, day: date | None = None) -> str:
+        bbox = ",".join(f"{v:g}" for v in self.bbox)
+        url = f"{self.base_url}/api/area/csv/{self.map_key}/{satellite_source}/{bbox}/{day_range or self.day_range}"
+        return f"{url}/{day.isoformat()}" if day else url
+
+    async def map_key_status(self) -> MapKeyStatus:
+        resp = await http_get(
+            self.client, f"{self.base_url}/mapserver/mapkey_status/", source=self.source_name, clock=self.clock,
+            params={"MAP_KEY": self.map_key}, headers={"User-Agent": self.user_agent}, secret=self.map_key,
+        )
+        try:
+            body = resp.json()
+            return MapKeyStatus(
+                int(body["transaction_limit"]), int(body.get("current_transactions") or 0),
+                str(body.get("transaction_interval", "10 minutes")),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PayloadError(self.source_name, f"MAP_KEY status answer unusable: {exc!r}") from None
+
+    async def _get_csv(self, url: str, summary: RunSummary) -> bytes:
+        await self.rate_limiter.acquire()
+        resp = await http_get(
+            self.client, url, source=self.source_name, clock=self.clock, headers={"User-Agent": self.user_agent},
+            summary=summary, secret=self.map_key,
+        )
+        body = resp.content
+        # FIRMS answers some errors with 200 and a one-line text ("Invalid MAP_KEY.").
+        head = body.lstrip(b"\xef\xbb\xbf")[:200].lower()
+        if head.startswith(b"invalid") or head.startswith(b"error"):
+            raise UpstreamRejected(self.source_name, f"FIRMS refused the request: {body[:200].decode(errors='replace')}")
+        return body
+
+    async def fetch(self, cursor: dict[str, Any] | None = None) -> ConnectorResult:
+        """One poll of every configured source; the cursor carries keys already published."""
+        return await self._run([(src, self.day_range, None) for src in self.sources], cursor)
+
+    async def backfill(self, start: date, end: date, cursor: dict[str, Any] | None = None) -> ConnectorResult:
+        """Archive days ``start..end`` for every source, 5 days per request; checks the MAP_KEY first."""
+        plan: list[tuple[str, int, date | None]] = []
+        for src in self.sources:
+            day = start
+            while day <= end:
+                span = min(5, (end - day).days + 1)
+                plan.append((src, span, day))
+                day += timedelta(days=span)
+        if len(plan) >= self.backfill_check_threshold:
+            status = await self.map_key_status()
+            if status.remaining < len(plan):
+                raise MapKeyExhausted(
+                    self.source_name,
+                    f"backfill needs {len(plan)} requests but the MAP_KEY has {status.remaining} of "
+                    f"{status.transaction_limit} left this {status.interval}",
+                )
+        return await self._run(plan, cursor)
+
+    async def _run(self, plan: list[tuple[str, int, date | None]], cursor: dict[str, Any] | None) -> ConnectorResult:
+        seen: dict[str, str] = dict((cursor or {}).get("seen", {}))
+        summary = RunSummary(self.source_name)
+        dead: list[DeadLetter] = []
+        keys: list[str] = []
+        prios: list[Priority] = []
+        values: list[bytes] = []
+        ingest = datetime.fromtimestamp(self.clock.time(), UTC)
+        for src, span, day in plan:
+            body = await self._get_csv(self.area_url(src, span, day), summary)
+            parsed = parse_firms_csv(
+                body, self.source_name, src, priority=self.config.record_priority, ingest_time=ingest,
+                seen_keys=seen.keys(),
+            )
+            summary.merge(parsed.summary)
+            dead.extend(parsed.dead_letters)
+            keys.extend(parsed.batch.keys)
+            prios.extend(parsed.batch.priorities)
+            values.extend(parsed.batch.values)
+            for k in parsed.batch.keys:
+                seen[k] = k.split("|", 4)[3]
+        keep_days = max(self.day_range, max((s for _, s, _ in plan), default=1)) + 1
+        seen = prune_seen(seen, ingest.date(), keep_days) if plan and plan[0][2] is None else seen
+        return ConnectorResult(EncodedBatch(self.source_name, keys, prios, values), dead, summary, {"seen": seen})
