@@ -11,6 +11,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Airflow reads its configuration when first imported: point it at a test home before any test does.
+os.environ.setdefault("AIRFLOW_HOME", str(ROOT / ".local" / "airflow-test"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
+os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(ROOT / "plugins"))
 SAMPLES = ROOT / "include" / "samples"
 KAFKA_BOOTSTRAP = os.environ.get("WILDFIRE_TEST_KAFKA", "127.0.0.1:9092")
 PG_URL = os.environ.get("WILDFIRE_TEST_DATABASE_URL", "postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire")

@@ -1,0 +1,1 @@
+"""Airflow-facing parts: hooks, operators, sensors, triggers and the operations plugin."""

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Local Airflow: `airflow standalone` (api-server, scheduler, dag-processor, triggerer) on SQLite with
+# LocalExecutor, the project's dags/ and plugins/, Connections from AIRFLOW_CONN_* variables.
+#   scripts/airflow.sh start   # idempotent; waits for the UI, prints address and admin password
+#   scripts/airflow.sh stop    # ends the whole process group (the scheduler ignores SIGTERM at times)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/airflow_env.sh"
+AIRFLOW="$ROOT/.venv/bin/airflow"
+PIDFILE="$AIRFLOW_HOME/standalone.pid"
+LOG="$AIRFLOW_HOME/standalone.log"
+URL="http://localhost:$AIRFLOW__API__PORT"
+
+log() { printf '[airflow] %s\n' "$*" >&2; }
+
+running() { [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
+
+start() {
+  mkdir -p "$AIRFLOW_HOME"
+  if running; then log "already running (pid $(cat "$PIDFILE")) at $URL"; return 0; fi
+  [ -x "$AIRFLOW" ] || { log "no .venv: run 'make venv' first"; exit 1; }
+  log "migrating the metadata database (SQLite in $AIRFLOW_HOME)"
+  "$AIRFLOW" db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/db-migrate.log"; exit 1; }
+  log "starting airflow standalone (log: $LOG)"
+  setsid nohup "$AIRFLOW" standalone >"$LOG" 2>&1 </dev/null &
+  echo $! >"$PIDFILE"
+  for _ in $(seq 1 180); do
+    if curl -fsS "$URL/api/v2/monitor/health" >/dev/null 2>&1; then
+      pw_file="$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"
+      log "UI up at $URL"
+      log "log in as admin with password: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin"])' "$pw_file" 2>/dev/null || echo "see $pw_file")"
+      log "operations page: $URL/wildfire/ops   stop everything with: make stop"
+      return 0
+    fi
+    running || { tail -40 "$LOG" >&2; log "airflow exited during start-up"; exit 1; }
+    sleep 1
+  done
+  tail -40 "$LOG" >&2
+  log "the UI did not answer within 180 s; stopping what started"; stop; exit 1
+}
+
+stop() {
+  if [ -f "$PIDFILE" ]; then
+    pid="$(cat "$PIDFILE")"
+    log "stopping airflow (process group $pid)"
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    # The scheduler and its task runners do not always exit on SIGTERM: end the whole group.
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    rm -f "$PIDFILE"
+  fi
+  # Anything left that runs from this project's venv with this AIRFLOW_HOME.
+  pkill -KILL -f "$ROOT/.venv/bin/airflow" 2>/dev/null || true
+  log "stopped"
+}
+
+case "${1:-start}" in
+  start) start ;;
+  stop) stop ;;
+  status) if running; then echo "airflow: running at $URL"; else echo "airflow: stopped"; exit 1; fi ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac

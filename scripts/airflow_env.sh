@@ -1,0 +1,29 @@
+# Sourced by scripts/airflow.sh and the tests: the environment Airflow runs with locally.
+# Same variable names as docker-compose.yaml, so the two stacks stay consistent.
+ROOT="${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+export AIRFLOW_HOME="$ROOT/.local/airflow"
+export AIRFLOW__CORE__DAGS_FOLDER="$ROOT/dags"
+export AIRFLOW__CORE__PLUGINS_FOLDER="$ROOT/plugins"
+export AIRFLOW__CORE__LOAD_EXAMPLES=False
+export AIRFLOW__CORE__EXECUTOR=LocalExecutor
+# 2 cores: a handful of task slots, not the default 32 worker processes.
+export AIRFLOW__CORE__PARALLELISM=4
+export AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG=4
+export AIRFLOW__SCHEDULER__PARSING_PROCESSES=1
+export AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES=1
+export AIRFLOW__API__WORKERS=1
+export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False
+# user:role for the simple auth manager; the password is generated into $AIRFLOW_HOME on first start.
+export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS:-admin:admin}"
+export AIRFLOW__API__PORT="${AIRFLOW__API__PORT:-8080}"
+export PATH="$ROOT/.venv/bin:$PATH"
+export PYTHONPATH="$ROOT/plugins${PYTHONPATH:+:$PYTHONPATH}"
+export WILDFIRE_CONFIG="${WILDFIRE_CONFIG:-$ROOT/config/stream_config.yaml}"
+# Connections (URIs/JSON). Real credentials: override these or set them in the Airflow UI.
+export AIRFLOW_CONN_KAFKA_DEFAULT="${AIRFLOW_CONN_KAFKA_DEFAULT:-{\"conn_type\": \"kafka\", \"extra\": {\"bootstrap.servers\": \"127.0.0.1:9092\"}}}"
+export AIRFLOW_CONN_WILDFIRE_DB="${AIRFLOW_CONN_WILDFIRE_DB:-postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire}"
+export AIRFLOW_CONN_MQTT_DEFAULT="${AIRFLOW_CONN_MQTT_DEFAULT:-mqtt://127.0.0.1:1883}"
+export AIRFLOW_CONN_FIRMS_DEFAULT="${AIRFLOW_CONN_FIRMS_DEFAULT:-{\"conn_type\": \"http\", \"host\": \"https://firms.modaps.eosdis.nasa.gov\", \"password\": \"DEMO_KEY\"}}"
+export AIRFLOW_CONN_NWS_DEFAULT="${AIRFLOW_CONN_NWS_DEFAULT:-{\"conn_type\": \"http\", \"host\": \"https://api.weather.gov\"}}"
+export AIRFLOW_CONN_PURPLEAIR_DEFAULT="${AIRFLOW_CONN_PURPLEAIR_DEFAULT:-{\"conn_type\": \"http\", \"host\": \"https://api.purpleair.com\", \"password\": \"\"}}"
+export WILDFIRE__STORAGE__DATABASE_URL="${WILDFIRE__STORAGE__DATABASE_URL:-postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire}"
