@@ -1,0 +1,339 @@
+"""The storage consumer: a Kafka consumer group that writes source topics into the database.
+
+Guarantees:
+
+- **Offsets are committed only after the database commit** of the rows they cover (synchronous
+  commit with explicit offsets). A crash at any point replays at most the last batch, and the
+  idempotent upsert turns that replay into the same rows: exactly one row per natural key.
+- **A poison message does not stop its partition**: it is stored in ``dead_letters`` with its error
+  and bytes, in the same transaction as the batch's rows, and its offset is committed with them.
+- **Rebalances lose nothing**: a batch is written and committed before the next ``consume()`` call,
+  which is where librdkafka runs the rebalance callbacks; on revoke, any offsets written but not yet
+  committed (a failed commit) are committed before the partitions go.
+- Messages on the publisher's dead-letter topic (``kafka.dlq_topic``; headers ``source``,
+  ``priority``, ``error``, ``attempts``) are stored in ``dead_letters`` with reason ``publisher``.
+- Not guaranteed: ordering across partitions; a database outage pauses consumption (the batch is
+  rewound and retried) rather than skipping data.
+
+From the shell::
+
+    python -m wildfire.storage.consumer --seconds 60            # config's database, topics and group
+    python -m wildfire.storage.consumer --seconds 60 --migrate  # apply the schema first
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from wildfire.clock import SYSTEM_CLOCK, Clock
+from wildfire.config import StreamConfig, load_config
+from wildfire.records import RecordError
+from wildfire.storage.migrate import database_url
+from wildfire.storage.rows import DeadLetter, StorageBatch, decode_row
+from wildfire.storage.writer import StorageError, StorageWriter, WriteResult, open_writer
+
+log = logging.getLogger(__name__)
+
+# Test hook for the crash window between the DB commit and the offset commit (see tests).
+CRASH_ENV = "WILDFIRE_STORAGE_CRASH_AFTER_DB_COMMIT"
+
+
+@dataclass(slots=True)
+class ConsumerStats:
+    """Counters since the consumer started."""
+
+    messages: int = 0
+    """Messages consumed (including poison and DLQ-topic messages)."""
+    records: int = 0
+    """Records offered to the database."""
+    changed: int = 0
+    """Rows inserted or replaced."""
+    dead_letters: int = 0
+    """Dead letters stored."""
+    batches: int = 0
+    """Batches committed to the database."""
+    offset_commits_failed: int = 0
+    """Offset commits that failed (retried on the next batch or at revoke)."""
+    write_failures: int = 0
+    """Batches the database refused as a whole (retried after rewinding)."""
+
+
+def source_topics(config: StreamConfig) -> list[str]:
+    """Topics of the enabled sources, plus the DLQ topic when enabled, without duplicates."""
+    topics = sorted({s.topic for s in config.sources.values() if s.enabled})
+    if config.kafka.enable_dlq and config.kafka.dlq_topic not in topics:
+        topics.append(config.kafka.dlq_topic)
+    return topics
+
+
+def _header(headers: list[tuple[str, bytes | None]] | None, name: str) -> str | None:
+    for k, v in headers or ():
+        if k == name and v is not None:
+            return v.decode("utf-8", "replace")
+    return None
+
+
+def dlq_dead_letter(topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
+                    headers: list[tuple[str, bytes | None]] | None) -> DeadLetter:
+    """A publisher dead-letter message as a ``dead_letters`` row (reason ``publisher``)."""
+    attempts_text = _header(headers, "attempts")
+    try:
+        attempts = int(attempts_text) if attempts_text is not None else 0
+    except ValueError:
+        attempts = 0
+    return DeadLetter(
+        topic=topic, partition=partition, offset=offset, reason="publisher",
+        error=_header(headers, "error") or "(no error header)", payload=value,
+        key=key.decode("utf-8", "replace") if key is not None else None,
+        source=_header(headers, "source"), attempts=attempts,
+    )
+
+
+class StorageConsumer:
+    """Consume ``topics`` as consumer group ``group_id`` and upsert into the database at ``url``.
+
+    ``StorageConsumer(cfg)`` uses the config's source topics, ``kafka.consumer_group`` and
+    ``storage.database_url`` (else the SQLite file). ``poll_once()`` handles one batch;
+    ``run(stop_event, max_seconds)`` loops until stopped or the time is up.
+    """
+
+    def __init__(
+        self,
+        config: StreamConfig,
+        *,
+        topics: Iterable[str] | None = None,
+        url: str | None = None,
+        group_id: str | None = None,
+        writer: StorageWriter | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        crash_after_db_commit: bool | None = None,
+        consumer_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        from confluent_kafka import Consumer
+
+        self.config = config
+        self.topics = list(topics) if topics is not None else source_topics(config)
+        self.group_id = group_id or config.kafka.consumer_group
+        self.dlq_topic = config.kafka.dlq_topic if config.kafka.enable_dlq else None
+        self.batch_size = config.storage.batch_size
+        self.poll_timeout_s = config.storage.poll_timeout_s
+        self.clock = clock
+        self.stats = ConsumerStats()
+        self.writer = writer or open_writer(url or database_url(config.storage))
+        self.worker_id = f"storage-consumer:{socket.gethostname()}:{os.getpid()}"
+        self._crash = os.environ.get(CRASH_ENV) == "1" if crash_after_db_commit is None else crash_after_db_commit
+        # (topic, partition) -> next offset to read, written to the DB but not yet committed to Kafka.
+        self._pending: dict[tuple[str, int], int] = {}
+        conf = {
+            "bootstrap.servers": config.kafka.bootstrap_servers,
+            "group.id": self.group_id,
+            "client.id": f"{config.kafka.client_id}-storage",
+            "enable.auto.commit": False,
+            # Offsets are stored by us after the DB commit; librdkafka must never store them itself.
+            "enable.auto.offset.store": False,
+            # A new group reads from the beginning: nothing produced before it started is skipped.
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "max.poll.interval.ms": 300_000,
+        }
+        conf.update(consumer_overrides or {})
+        self._consumer = Consumer(conf)
+        self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                 on_lost=self._on_lost)
+        self.assignment: set[tuple[str, int]] = set()
+
+    # ------------------------------------------------------------ rebalance callbacks
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        self.assignment |= {(p.topic, p.partition) for p in partitions}
+        log.info("assigned %s", sorted((p.topic, p.partition) for p in partitions))
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        gone = {(p.topic, p.partition) for p in partitions}
+        self._commit_pending(only=gone)
+        for tp in gone:
+            self._pending.pop(tp, None)
+        self.assignment -= gone
+        log.info("revoked %s", sorted(gone))
+
+    def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
+        # Another member may already own them: committing now could move its offsets; replay is safe.
+        gone = {(p.topic, p.partition) for p in partitions}
+        for tp in gone:
+            self._pending.pop(tp, None)
+        self.assignment -= gone
+
+    # ------------------------------------------------------------ main loop
+
+    def poll_once(self, timeout: float | None = None) -> WriteResult | None:
+        """Consume up to ``storage.batch_size`` messages, write them, commit offsets. None if idle."""
+        messages = self._consumer.consume(self.batch_size, self.poll_timeout_s if timeout is None else timeout)
+        if not messages:
+            self._commit_pending()
+            return None
+        batch = StorageBatch()
+        first: dict[tuple[str, int], int] = {}
+        nxt: dict[tuple[str, int], int] = {}
+        dlq = self.dlq_topic
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                # Partition EOF and transient broker errors arrive as messages; they carry no data.
+                log.warning("consumer error on %s[%s]: %s", msg.topic(), msg.partition(), err)
+                continue
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            tp = (topic, partition)
+            if tp not in first:
+                first[tp] = offset
+            nxt[tp] = offset + 1
+            value = msg.value()
+            if topic == dlq:
+                batch.dead_letters.append(dlq_dead_letter(topic, partition, offset, msg.key(), value, msg.headers()))
+                continue
+            try:
+                kind, row = decode_row(value)
+            except RecordError as exc:
+                key = msg.key()
+                batch.dead_letters.append(DeadLetter(
+                    topic=topic, partition=partition, offset=offset, reason="undecodable", error=str(exc),
+                    payload=value, key=key.decode("utf-8", "replace") if key is not None else None,
+                ))
+                continue
+            batch.add(kind, row, topic, partition, offset, value)
+        self.stats.messages += len(messages)
+        if not nxt:
+            return None
+        try:
+            result = self.writer.write(batch)
+        except StorageError as exc:
+            self.stats.write_failures += 1
+            self._rewind(first)
+            if not exc.retriable:
+                raise
+            log.error("database write failed, batch rewound for retry: %s", exc)
+            return None
+        self.stats.batches += 1
+        self.stats.records += result.records
+        self.stats.changed += result.changed
+        self.stats.dead_letters += result.dead_letters
+        self._pending.update(nxt)
+        if self._crash:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._commit_pending()
+        return result
+
+    def _rewind(self, first: dict[tuple[str, int], int]) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        for (topic, partition), offset in first.items():
+            try:
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:  # partition revoked meanwhile: its new owner re-reads it
+                log.warning("cannot rewind %s[%s] to %s: %s", topic, partition, offset, exc)
+
+    def _commit_pending(self, only: set[tuple[str, int]] | None = None) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        todo = {tp: o for tp, o in self._pending.items() if only is None or tp in only}
+        if not todo:
+            return
+        try:
+            self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in todo.items()],
+                                  asynchronous=False)
+        except KafkaException as exc:
+            # The rows are in the DB; a later commit (or a replay by the next owner) covers them.
+            self.stats.offset_commits_failed += 1
+            log.warning("offset commit failed, will retry: %s", exc)
+            return
+        for tp, o in todo.items():
+            if self._pending.get(tp) == o:
+                del self._pending[tp]
+
+    def run(self, stop_event: threading.Event | None = None, max_seconds: float | None = None,
+            on_batch: Callable[[WriteResult], None] | None = None,
+            status_interval_s: float = 10.0) -> ConsumerStats:
+        """Poll until ``stop_event`` is set or ``max_seconds`` pass; heartbeat into ``worker_status``."""
+        start = self.clock.monotonic()
+        last_status = None
+        while not (stop_event is not None and stop_event.is_set()):
+            now = self.clock.monotonic()
+            if max_seconds is not None and now - start >= max_seconds:
+                break
+            if last_status is None or now - last_status >= status_interval_s:
+                self._heartbeat("running")
+                last_status = now
+            result = self.poll_once()
+            if result is not None and on_batch is not None:
+                on_batch(result)
+        self._heartbeat("stopped")
+        return self.stats
+
+    def _heartbeat(self, state: str) -> None:
+        try:
+            self.writer.write_status(self.worker_id, "storage_consumer", {
+                "state": state, "group": self.group_id, "topics": self.topics,
+                "assignment": sorted(f"{t}[{p}]" for t, p in self.assignment), **asdict(self.stats),
+            })
+        except Exception as exc:  # noqa: BLE001 - status is best effort; data path must not stop for it
+            log.warning("cannot write worker status: %s", exc)
+
+    def close(self) -> None:
+        """Commit what is written, leave the group, close the database connection."""
+        try:
+            self._commit_pending()
+            self._consumer.close()
+        finally:
+            self.writer.close()
+
+    def __enter__(self) -> StorageConsumer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wildfire.storage.consumer", description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=None, help="stop after this many seconds (default: forever)")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--url", default=None, help="database URL (default: storage.database_url or SQLite)")
+    parser.add_argument("--topic", action="append", default=None, help="topic to consume (repeatable)")
+    parser.add_argument("--group", default=None)
+    parser.add_argument("--migrate", action="store_true", help="apply the schema before consuming")
+    parser.add_argument("--consumer-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra librdkafka consumer setting, e.g. session.timeout.ms=6000 (repeatable)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    cfg = load_config(args.config)
+    url = args.url or database_url(cfg.storage)
+    if args.migrate:
+        from wildfire.storage.migrate import upgrade
+
+        upgrade(url)
+    overrides = {}
+    for item in args.consumer_option:
+        name, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--consumer-option {item!r}: expected KEY=VALUE")
+        overrides[name] = value
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with StorageConsumer(cfg, topics=args.topic, url=url, group_id=args.group,
+                         consumer_overrides=overrides) as consumer:
+        stats = consumer.run(stop, args.seconds)
+    print(f"stored {stats.changed} rows changed / {stats.records} records, {stats.dead_letters} dead letters, "
+          f"{stats.messages} messages in {stats.batches} batches")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""Row decoding, dead letters from the DLQ topic, lag arithmetic, and the SQLite writer's upsert rules."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+from wildfire.priority import Priority
+from wildfire.records import Record, RecordError
+from wildfire.storage.consumer import dlq_dead_letter
+from wildfire.storage.lag import LagSnapshot, PartitionLag
+from wildfire.storage.migrate import current, upgrade
+from wildfire.storage.rows import ROW_COLUMNS, StorageBatch, decode_row
+from wildfire.storage.writer import SchemaMissing, SqliteWriter
+
+T0 = datetime(2025, 4, 7, 6, 59, tzinfo=UTC)
+
+
+def fire(key: str = "k1", frp: float = 12.5, ingest: datetime = T0) -> Record:
+    return Record(source="nasa_firms", kind="fire_detection", key=key, event_time=T0, priority=Priority.HIGH,
+                  payload={"satellite": "N21", "instrument": "VIIRS", "confidence": "n", "frp": frp},
+                  lat=34.1234, lon=-118.5678, quality=0.85, ingest_time=ingest)
+
+
+def test_decode_valid_record_fills_common_and_typed_columns():
+    kind, row = decode_row(fire().to_json())
+    assert kind == "fire_detection"
+    common = dict(zip(ROW_COLUMNS, row[: len(ROW_COLUMNS)], strict=True))
+    assert common["key"] == "k1" and common["priority"] == int(Priority.HIGH)
+    assert (common["lat"], common["lon"], common["quality"]) == (34.1234, -118.5678, 0.85)
+    assert orjson.loads(common["payload"])["frp"] == 12.5
+    assert row[len(ROW_COLUMNS):] == ("N21", "VIIRS", "n", 12.5, None)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"{not json", "not JSON"),
+        (b"[1, 2]", "expected a JSON object"),
+        (None, "tombstone"),
+        (orjson.dumps({**fire().to_dict(), "kind": "volcano"}), "unknown record kind 'volcano'"),
+        (orjson.dumps({k: v for k, v in fire().to_dict().items() if k != "key"}), "no natural key"),
+        (orjson.dumps({**fire().to_dict(), "event_time": "yesterday"}), "event_time: unparsable time"),
+        (orjson.dumps({**fire().to_dict(), "event_time": "2025-04-07T06:59:00"}), "has no timezone"),
+        (orjson.dumps({**fire().to_dict(), "priority": "URGENT"}), "unknown priority 'URGENT'"),
+        (orjson.dumps({**fire().to_dict(), "lat": 123.0}), "lat: 123.0 outside"),
+        (orjson.dumps({**fire().to_dict(), "payload": {"frp": "hot"}}), "payload.frp: expected a number"),
+        (orjson.dumps({**fire().to_dict(), "payload": {"note": "a\u0000b"}}), "NUL character"),
+    ],
+)
+def test_decode_rejects_poison_with_a_named_error(value, expected):
+    with pytest.raises(RecordError, match=expected.replace("(", r"\(").replace(".", r"\.")):
+        decode_row(value)
+
+
+def test_dlq_message_becomes_publisher_dead_letter():
+    headers = [("source", b"nasa_firms"), ("priority", b"HIGH"), ("error", b"MSG_SIZE_TOO_LARGE"), ("attempts", b"4")]
+    d = dlq_dead_letter("wildfire-dlq", 0, 17, b"k1", b"{...}", headers)
+    assert (d.reason, d.source, d.error, d.attempts, d.key, d.offset) == (
+        "publisher", "nasa_firms", "MSG_SIZE_TOO_LARGE", 4, "k1", 17)
+    bare = dlq_dead_letter("wildfire-dlq", 0, 18, None, None, [("attempts", b"many")])
+    assert (bare.attempts, bare.key, bare.error) == (0, None, "(no error header)")
+
+
+def test_lag_counts_from_committed_or_low_watermark():
+    never = PartitionLag("t", 0, None, low=5, high=20)
+    some = PartitionLag("t", 1, 18, low=0, high=20)
+    expired = PartitionLag("u", 0, 2, low=10, high=12)  # committed offset fell off retention
+    snap = LagSnapshot("g", (never, some, expired))
+    assert (never.lag, some.lag, expired.lag) == (15, 2, 2)
+    assert snap.total == 19 and snap.by_topic() == {"t": 17, "u": 2}
+
+
+@pytest.fixture
+def sqlite_writer(tmp_path):
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    upgrade(url)
+    w = SqliteWriter(tmp_path / "w.db")
+    yield w
+    w.close()
+
+
+def _batch(*records: Record) -> StorageBatch:
+    b = StorageBatch()
+    for i, r in enumerate(records):
+        kind, row = decode_row(r.to_json())
+        b.add(kind, row, "t", 0, i, r.to_json())
+    return b
+
+
+def test_sqlite_upsert_is_idempotent_and_newest_ingest_wins(sqlite_writer):
+    assert sqlite_writer.write(_batch(fire("a"), fire("b"))).changed == 2
+    assert sqlite_writer.write(_batch(fire("a"), fire("b"))).changed == 0  # replay: nothing changes
+    newer = fire("a", frp=99.0, ingest=T0 + timedelta(minutes=5))
+    assert sqlite_writer.write(_batch(newer)).changed == 1
+    assert sqlite_writer.write(_batch(fire("a", frp=1.0))).changed == 0  # an older copy never overwrites
+    rows = sqlite_writer._conn.execute("SELECT key, frp FROM fire_detections ORDER BY key").fetchall()
+    assert rows == [("a", 99.0), ("b", 12.5)]
+
+
+def test_migration_is_idempotent_and_writer_refuses_unmigrated_db(tmp_path):
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    assert current(url) is None
+    with pytest.raises(SchemaMissing, match="migrate upgrade"):
+        SqliteWriter(tmp_path / "m.db")
+    upgrade(url)
+    upgrade(url)
+    assert current(url) == "0001"
