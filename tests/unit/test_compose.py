@@ -1,0 +1,39 @@
+"""docker-compose.yaml cannot run here (no Docker engine); keep it consistent with the local stack."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
+
+
+def test_services_and_ports_match_local_stack():
+    c = compose()
+    for name in ("postgres", "kafka", "mosquitto", "airflow-init", "airflow-apiserver", "airflow-scheduler",
+                 "airflow-dag-processor", "airflow-triggerer"):
+        assert name in c["services"], name
+    ports = {p for s in c["services"].values() for p in s.get("ports", [])}
+    assert {"5432:5432", "9092:9092", "1883:1883", "8080:8080"} <= ports
+    assert "3.3" in c["services"]["airflow-apiserver"]["image"]
+
+
+def test_same_environment_names_as_local_airflow():
+    local = set(re.findall(r"export (AIRFLOW_CONN_[A-Z_]+)=", (ROOT / "scripts/airflow_env.sh").read_text()))
+    env = compose()["services"]["airflow-scheduler"]["environment"]
+    assert local, "no connections declared locally"
+    assert local <= set(env), local - set(env)
+    assert "WILDFIRE__STORAGE__DATABASE_URL" in env
+
+
+def test_mounts_project_folders_and_creates_topics_from_config():
+    svc = compose()["services"]["airflow-init"]
+    mounts = {v.split(":")[1] for v in svc["volumes"] if ":" in v}
+    assert {"/opt/airflow/dags", "/opt/airflow/plugins", "/opt/airflow/include", "/opt/airflow/config"} <= mounts
+    assert "python -m wildfire.topics" in " ".join(svc["command"])
