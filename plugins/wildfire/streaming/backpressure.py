@@ -62,6 +62,10 @@ class Admission(NamedTuple):
 
 
 _REASON_REJECTED = {s: f"rejected_{s.name.lower()}" for s in BackpressureState}
+# Admissions are immutable: the admitted ones are built once per state, not per record.
+_ADMIT = {s: Admission(True, s, None, "admitted") for s in BackpressureState}
+_ADMIT_CRITICAL = {s: Admission(True, s, None, "critical_always_admitted") for s in BackpressureState}
+_CRITICAL = Priority.CRITICAL
 
 
 def _parse_priority(value: Priority | str | int) -> Priority:
@@ -194,16 +198,20 @@ class BackpressureManager:
     # ------------------------------------------------------------------ admission
     def admit(self, priority: Priority | str | int, *, source: str) -> Admission:
         """Decide for one record. CRITICAL always passes; others are rejected with the state's rate."""
-        p = _parse_priority(priority)
+        p = priority if priority.__class__ is Priority else _parse_priority(priority)
         state = self._state
-        if p is Priority.CRITICAL:
-            self._count(source, p, "admitted", 1)
-            return Admission(True, state, None, "critical_always_admitted")
+        decisions = self.decisions
+        if p is _CRITICAL:
+            key = (source, p, "admitted")
+            decisions[key] = decisions.get(key, 0) + 1
+            return _ADMIT_CRITICAL[state]
         rate = self._reject[state]
         if rate <= 0.0 or (rate < 1.0 and self._rng.random() >= rate):
-            self._count(source, p, "admitted", 1)
-            return Admission(True, state, None, "admitted")
-        self._count(source, p, "rejected", 1)
+            key = (source, p, "admitted")
+            decisions[key] = decisions.get(key, 0) + 1
+            return _ADMIT[state]
+        key = (source, p, "rejected")
+        decisions[key] = decisions.get(key, 0) + 1
         return Admission(False, state, self._retry_after[state], _REASON_REJECTED[state])
 
     def admit_many(self, n: int, priority: Priority | str | int, source: str) -> int:

@@ -75,6 +75,20 @@ class BulkHistogram(Collector):
             counts[i] += count
             self._sums[label_value] += value * count
 
+    def observe_many(self, label_value: str, observations: Iterable[tuple[float, int]]) -> None:
+        """``(value, count)`` pairs under one lock: a whole dequeued batch at once."""
+        bounds = self.bounds
+        with self._lock:
+            counts = self._counts.get(label_value)
+            if counts is None:
+                counts = self._counts[label_value] = [0] * (len(bounds) + 1)
+                self._sums[label_value] = 0.0
+            total = 0.0
+            for value, count in observations:
+                counts[bisect.bisect_left(bounds, value)] += count
+                total += value * count
+            self._sums[label_value] += total
+
     def collect(self) -> Iterator[HistogramMetricFamily]:
         fam = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
         with self._lock:
@@ -101,15 +115,19 @@ class _DeltaCounter:
 
     def __init__(self, counter: Counter) -> None:
         self.counter = counter
-        self._exported: dict[tuple[str, ...], int] = {}
+        # raw key -> [labelled child, total exported so far]; labels are built once per key
+        self._exported: dict[tuple[Any, ...], list[Any]] = {}
 
     def sync(self, totals: Mapping[tuple[Any, ...], int]) -> None:
+        exported = self._exported
         for key, total in totals.items():
-            labels = tuple(_label(v) for v in key)
-            delta = total - self._exported.get(labels, 0)
+            entry = exported.get(key)
+            if entry is None:
+                entry = exported[key] = [self.counter.labels(*(_label(v) for v in key)), 0]
+            delta = total - entry[1]
             if delta > 0:
-                self.counter.labels(*labels).inc(delta)
-                self._exported[labels] = total
+                entry[0].inc(delta)
+                entry[1] = total
 
 
 def _label(v: Any) -> str:
@@ -170,6 +188,9 @@ class StreamMetrics:
 
     def observe_wait(self, priority: Priority, seconds: float, count: int) -> None:
         self.wait_seconds.observe(priority.name, seconds, count)
+
+    def observe_waits(self, priority: Priority, observations: Iterable[tuple[float, int]]) -> None:
+        self.wait_seconds.observe_many(priority.name, observations)
 
     def export_backpressure(self, *, state: int, fill_ratio: float, fire_season: bool,
                             decisions: Mapping[tuple[str, Priority, str], int]) -> None:

@@ -44,6 +44,7 @@ _CRITICAL, _HIGH, _NORMAL, _LOW = 0, 1, 2, 3
 
 REASON_OVERFLOW = "queue_overflow"  # evicted or refused because the queue was full
 REASON_RESIZE = "queue_resize"  # evicted because max_size shrank below the depth
+MERGE_WINDOW_S = 0.001  # records of one source and priority put this close together share a chunk
 
 
 class QueueError(Exception):
@@ -69,6 +70,10 @@ class PutResult(NamedTuple):
     dropped: int = 0  # refused and dropped (counted, reason queue_overflow): everything held was more urgent
     rejected: int = 0  # handed back to the caller (block strategy, queue full): still the caller's
     evicted: int = 0  # previously held records dropped to make room (counted)
+
+
+_ONE_ACCEPTED = PutResult(1)
+_new_tuple = tuple.__new__
 
 
 class QueuedItem(NamedTuple):
@@ -203,7 +208,11 @@ class QueueManager:
     # ------------------------------------------------------------------ putting
     def put(self, item: Any, priority: Priority | str | int, *, source: str) -> PutResult:
         """Put one record now; never waits. Applies the overflow strategy when full."""
-        return self.put_many([item], priority, source=source)
+        p = priority if priority.__class__ is Priority else _priority(priority)
+        if self._total < self._max_size:
+            self._append([item], p, source)
+            return _ONE_ACCEPTED
+        return self.put_many([item], p, source=source)
 
     def put_many(self, items: Sequence[Any], priority: Priority | str | int, *, source: str) -> PutResult:
         """Put records of one priority and source, in order; never waits. O(1) unless the queue is full."""
@@ -227,16 +236,27 @@ class QueueManager:
                     # Everything held is more urgent: the incoming records lose, oldest first.
                     self._count_drop(source, p, REASON_OVERFLOW, dropped)
                     items = items[dropped:]
+        if items:
+            self._append(items, p, source)
+        return PutResult(len(items), dropped, rejected, evicted)
+
+    def _append(self, items: list[Any], p: Priority, source: str) -> None:
         k = len(items)
-        if k:
-            self._levels[p].append(_Chunk(items, source, self._clock.monotonic()))
-            self._depth[p] += k
-            self._total += k
-            key = (source, p)
-            self._enqueued[key] = self._enqueued.get(key, 0) + k
-            if self._arrival is not None:
-                self._arrival.set()
-        return PutResult(k, dropped, rejected, evicted)
+        now = self._clock.monotonic()
+        dq = self._levels[p]
+        tail = dq[-1] if dq else None
+        if tail is not None and tail.source == source and now - tail.t <= MERGE_WINDOW_S:
+            # Records put within 1 ms for one source share a chunk (and its enqueue time): single
+            # puts then cost an append, and batch pops stay per chunk, not per record.
+            tail.items.extend(items)
+        else:
+            dq.append(_Chunk(items, source, now))
+        self._depth[p] += k
+        self._total += k
+        key = (source, p)
+        self._enqueued[key] = self._enqueued.get(key, 0) + k
+        if self._arrival is not None:
+            self._arrival.set()
 
     async def put_wait(self, item: Any, priority: Priority | str | int, *, source: str,
                        timeout: float | None = None) -> PutResult:
@@ -274,7 +294,8 @@ class QueueManager:
         """
         out: list[QueuedItem] = []
         for p, source, t, seg in self._take(max_items):
-            out.extend(map(QueuedItem._make, zip(seg, repeat(p), repeat(source), repeat(t))))
+            # tuple.__new__ straight from C: QueuedItem._make is a Python call per record.
+            out.extend(map(_new_tuple, repeat(QueuedItem), zip(seg, repeat(p), repeat(source), repeat(t))))
         return out
 
     def get_batch_items(self, max_items: int | None = None) -> list[Any]:
@@ -346,6 +367,7 @@ class QueueManager:
         put at or before that time (a promotion). Returns the number popped."""
         dq = self._levels[p]
         prio = _PRIORITIES[p]
+        waits = None if self._metrics is None else []
         taken = 0
         while taken < limit and dq:
             ch = dq[0]
@@ -369,8 +391,10 @@ class QueueManager:
             self._wait_sum[p] += wait * k
             if wait > self._wait_max[p]:
                 self._wait_max[p] = wait
-            if self._metrics is not None:
-                self._metrics.observe_wait(prio, wait, k)
+            if waits is not None:
+                waits.append((wait, k))
+        if waits:
+            self._metrics.observe_waits(prio, waits)
         if taken:
             self._depth[p] -= taken
             self._total -= taken

@@ -7,7 +7,6 @@ import random
 
 import pytest
 from pydantic import ValidationError
-
 from wildfire.clock import ManualClock
 from wildfire.config import BackpressureConfig, FireSeasonConfig
 from wildfire.priority import Priority
