@@ -367,7 +367,8 @@ class QueueManager:
         put at or before that time (a promotion). Returns the number popped."""
         dq = self._levels[p]
         prio = _PRIORITIES[p]
-        waits = None if self._metrics is None else []
+        metrics = self._metrics
+        waits: list[tuple[float, int]] | None = None if metrics is None else []
         taken = 0
         while taken < limit and dq:
             ch = dq[0]
@@ -393,8 +394,8 @@ class QueueManager:
                 self._wait_max[p] = wait
             if waits is not None:
                 waits.append((wait, k))
-        if waits:
-            self._metrics.observe_waits(prio, waits)
+        if waits and metrics is not None:
+            metrics.observe_waits(prio, waits)
         if taken:
             self._depth[p] -= taken
             self._total -= taken
