@@ -1,0 +1,11 @@
+"""api.weather.gov: Connection ``nws_default`` -> base URL (no key; a User-Agent with contact is required)."""
+
+from __future__ import annotations
+
+from wildfire.airflow.hooks.http_source import HttpSourceHook
+
+
+class NwsHook(HttpSourceHook):
+    hook_name = "NWS api.weather.gov"
+    default_conn_name = "nws_default"
+    default_base_url = "https://api.weather.gov"
