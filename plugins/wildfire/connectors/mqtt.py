@@ -1,0 +1,232 @@
+"""IoT sensors over MQTT (paho-mqtt 2.x) -> ``iot_reading`` records, acknowledged only once stored.
+
+Guarantees:
+
+- QoS 1 subscription on a persistent session (``clean_session=False``, fixed client id): messages
+  published while the connector is away are kept by the broker and delivered when it returns.
+- Manual acknowledgement: a message is PUBACKed only after the injected ``sink(records)`` returned
+  without raising (the spool accepted it). If the sink raises, the message is left unacknowledged
+  and the broker delivers it again when the session resumes (MQTT redelivers unacked QoS 1
+  messages on reconnect); it is counted as ``sink_failed``. Delivery is therefore at-least-once:
+  the natural key ``sensor_id|timestamp`` lets storage collapse a redelivery.
+- A payload that is not JSON or fails the :class:`IotReading` schema becomes a counted dead letter
+  (handed to ``dead_letter_sink``) and is then acknowledged: retrying it cannot make it valid.
+- Priority is ``config.record_priority`` (NORMAL), raised to HIGH when a reading crosses any
+  fire-weather threshold from ``config.options["thresholds"]`` (defaults: temperature >= 40 C,
+  relative humidity <= 15 %, wind >= 13 m/s).
+- The network loop reconnects by itself after a broker restart (back-off 1-30 s).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from wildfire.clock import SYSTEM_CLOCK, Clock
+from wildfire.config import SourceConfig
+from wildfire.connectors.base import DeadLetter, RunSummary
+from wildfire.priority import Priority
+from wildfire.records import Record
+
+DEFAULT_THRESHOLDS = {"temperature_c_min": 40.0, "relative_humidity_pct_max": 15.0, "wind_speed_ms_min": 13.0}
+
+
+class IotReading(BaseModel):
+    """The JSON a field sensor publishes. Unknown keys are errors, so a firmware typo is noticed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sensor_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    timestamp: AwareDatetime
+    latitude: float | None = Field(None, ge=-90, le=90)
+    longitude: float | None = Field(None, ge=-180, le=180)
+    temperature_c: float | None = Field(None, ge=-80, le=80)
+    relative_humidity_pct: float | None = Field(None, ge=0, le=100)
+    wind_speed_ms: float | None = Field(None, ge=0, le=120)
+    wind_direction_deg: float | None = Field(None, ge=0, le=360)
+    pm25_ugm3: float | None = Field(None, ge=0, le=10_000)
+    battery_v: float | None = Field(None, ge=0, le=60)
+
+
+def crosses_thresholds(reading: IotReading, thresholds: dict[str, float]) -> list[str]:
+    """Names of the fire-weather thresholds this reading crosses (empty list: none)."""
+    crossed = []
+    t = thresholds
+    if reading.temperature_c is not None and reading.temperature_c >= t["temperature_c_min"]:
+        crossed.append("temperature")
+    if reading.relative_humidity_pct is not None and reading.relative_humidity_pct <= t["relative_humidity_pct_max"]:
+        crossed.append("relative_humidity")
+    if reading.wind_speed_ms is not None and reading.wind_speed_ms >= t["wind_speed_ms_min"]:
+        crossed.append("wind_speed")
+    return crossed
+
+
+def _schema_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<payload>"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_iot_payload(
+    payload: bytes,
+    topic: str,
+    source_name: str,
+    *,
+    thresholds: dict[str, float] | None = None,
+    base_priority: Priority = Priority.NORMAL,
+    ingest_time: datetime | None = None,
+) -> Record | DeadLetter:
+    """One MQTT payload -> Record, or a DeadLetter naming what is wrong. Never raises on bad input."""
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        return DeadLetter(source_name, "not_json", payload, f"{topic}: payload is not JSON ({exc})")
+    try:
+        reading = IotReading.model_validate(obj)
+    except ValidationError as exc:
+        return DeadLetter(source_name, "schema", payload, f"{topic}: {_schema_error(exc)}")
+    crossed = crosses_thresholds(reading, {**DEFAULT_THRESHOLDS, **(thresholds or {})})
+    when = reading.timestamp.astimezone(UTC)
+    fields = reading.model_dump(exclude={"timestamp", "latitude", "longitude"})
+    present = [v for k, v in fields.items() if k not in ("sensor_id", "battery_v")]
+    quality = sum(v is not None for v in present) / len(present)
+    return Record(
+        source=source_name,
+        kind="iot_reading",
+        key=f"{reading.sensor_id}|{when.strftime('%Y-%m-%dT%H:%M:%S.%fZ')}",
+        event_time=when,
+        priority=Priority.HIGH if crossed and base_priority > Priority.HIGH else base_priority,
+        payload={**fields, "topic": topic, "thresholds_crossed": crossed},
+        lat=reading.latitude,
+        lon=reading.longitude,
+        quality=round(quality, 3),
+        ingest_time=ingest_time or datetime.now(UTC),
+    )
+
+
+class MqttConnector:
+    """Subscribe, validate, hand to the sink, then acknowledge.
+
+    ``MqttConnector("127.0.0.1", 1883, cfg, sink=spool.accept, client_id="wildfire-iot-1").start()``
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        config: SourceConfig,
+        *,
+        sink: Callable[[list[Record]], None],
+        client_id: str,
+        dead_letter_sink: Callable[[DeadLetter], None] | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        source_name: str = "iot_mqtt",
+        keepalive_s: int = 30,
+    ) -> None:
+        import paho.mqtt.client as mqtt
+
+        if not client_id:
+            raise ValueError(f"{source_name}: a fixed client_id is required for a persistent session")
+        self.host, self.port = host, port
+        self.config = config
+        self.sink = sink
+        self.dead_letters: list[DeadLetter] = []
+        self.dead_letter_sink = dead_letter_sink or self.dead_letters.append
+        self.clock = clock
+        self.source_name = source_name
+        self.keepalive_s = keepalive_s
+        opts = config.options
+        self.topic_filter = str(opts.get("topic_filter", "wildfire/sensors/#"))
+        self.qos = int(opts.get("qos", 1))
+        self.thresholds = {**DEFAULT_THRESHOLDS, **opts.get("thresholds", {})}
+        self.summary = RunSummary(source_name)
+        self.sink_failures: list[str] = []
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self.connections = 0
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+        )
+        client.manual_ack_set(True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if username:
+            client.username_pw_set(username, password)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self.client = client
+
+    # -- paho callbacks (network thread)
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            return
+        # The persistent session keeps the subscription, but a broker that lost its state would not.
+        client.subscribe(self.topic_filter, qos=self.qos)
+        with self._lock:
+            self.connections += 1
+        self._connected.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self._connected.clear()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        ingest = datetime.fromtimestamp(self.clock.time(), UTC)
+        item = parse_iot_payload(
+            msg.payload, msg.topic, self.source_name, thresholds=self.thresholds,
+            base_priority=self.config.record_priority, ingest_time=ingest,
+        )
+        try:
+            if isinstance(item, DeadLetter):
+                self.dead_letter_sink(item)
+            else:
+                self.sink([item])
+        except Exception as exc:  # noqa: BLE001 - any sink failure means "not stored": do not ack
+            with self._lock:
+                self.summary.reject("sink_failed")
+                self.sink_failures.append(f"{type(exc).__name__}: {exc}")
+            return
+        with self._lock:
+            if isinstance(item, DeadLetter):
+                self.summary.reject(item.reason)
+            else:
+                self.summary.accepted += 1
+        client.ack(msg.mid, msg.qos)
+
+    # -- lifecycle
+
+    def start(self) -> MqttConnector:
+        """Connect in the background; the loop keeps reconnecting until :meth:`stop`."""
+        self.client.connect_async(self.host, self.port, keepalive=self.keepalive_s)
+        self.client.loop_start()
+        return self
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._connected.clear()
+
+    def __enter__(self) -> MqttConnector:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,137 @@
+"""A real local HTTP server that replays canned upstream answers, for tests and benchmarks.
+
+Connectors are pointed at ``server.url`` exactly as at the real API, so the whole HTTP code path
+(httpx pooling, headers, status handling, Retry-After) runs; nothing in the connector is patched.
+
+    with ReplayServer() as srv:
+        srv.route("/alerts/active", Reply(200, body))                 # same answer every time
+        srv.route("/x", [Reply(429, b"", {"Retry-After": "1"}), Reply(200, body)])   # in order, last repeats
+        srv.route_prefix("/stations/", lambda path, query: Reply(200, ...))          # computed answer
+        srv.url  # http://127.0.0.1:<port>
+
+Binds 127.0.0.1 on a free port; each request runs in its own thread, so ``delay_s`` answers overlap
+the way a slow real upstream's do.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+
+@dataclass(slots=True, frozen=True)
+class Reply:
+    """One canned HTTP answer."""
+
+    status: int = 200
+    """HTTP status code."""
+    body: bytes = b""
+    """Response body, sent as is (may be truncated or malformed on purpose)."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """Extra response headers (Content-Type, Retry-After ...)."""
+    delay_s: float = 0.0
+    """Seconds to wait before answering (a slow upstream)."""
+
+
+@dataclass(slots=True, frozen=True)
+class SeenRequest:
+    """A request the server received."""
+
+    path: str
+    """Path without the query string."""
+    query: dict[str, list[str]]
+    """Parsed query string."""
+    headers: dict[str, str]
+    """Request headers, names lower-cased."""
+
+
+Handler = Reply | list[Reply] | Callable[[str, dict[str, list[str]]], Reply]
+
+
+class ReplayServer:
+    def __init__(self) -> None:
+        self._exact: dict[str, Handler] = {}
+        self._prefix: list[tuple[str, Handler]] = []
+        self._cursor: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.requests: list[SeenRequest] = []
+        server = self
+
+        class _Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, so the client's connection pool is exercised
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                parts = urlsplit(self.path)
+                query = parse_qs(parts.query)
+                with server._lock:
+                    server.requests.append(
+                        SeenRequest(parts.path, query, {k.lower(): v for k, v in self.headers.items()})
+                    )
+                reply = server._answer(parts.path, query)
+                if reply.delay_s:
+                    time.sleep(reply.delay_s)
+                self.send_response(reply.status)
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.end_headers()
+                self.wfile.write(reply.body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet test output
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def route(self, path: str, handler: Handler) -> None:
+        self._exact[path] = handler
+        self._cursor.pop(path, None)
+
+    def route_prefix(self, prefix: str, handler: Handler) -> None:
+        self._prefix.append((prefix, handler))
+
+    def _answer(self, path: str, query: dict[str, list[str]]) -> Reply:
+        handler: Handler | None = self._exact.get(path)
+        slot = path
+        if handler is None:
+            for prefix, h in self._prefix:
+                if path.startswith(prefix):
+                    handler, slot = h, prefix
+                    break
+        if handler is None:
+            return Reply(404, b'{"detail": "no route in replay server"}', {"Content-Type": "application/json"})
+        if isinstance(handler, Reply):
+            return handler
+        if isinstance(handler, list):
+            with self._lock:
+                i = self._cursor.get(slot, 0)
+                self._cursor[slot] = i + 1
+            return handler[min(i, len(handler) - 1)]
+        return handler(path, query)
+
+    def start(self) -> ReplayServer:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="replay-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> ReplayServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
