@@ -1,0 +1,116 @@
+"""Operational state shared across processes through the database, never through module globals.
+
+Airflow runs every component (api-server, scheduler, task runners, triggerer) in its own process,
+so the stream worker and the operations plugin meet here:
+
+- ``worker_status``: one row per worker (``worker_id``), its heartbeat and a JSON ``state`` snapshot
+  (see :data:`STATE_FIELDS`), written every few seconds by the worker, read by ``/health`` and the page.
+- ``audit_log``: every operator action. A ``config.patch`` row carries the *complete* set of runtime
+  overrides in ``detail["overrides"]``; the newest such row is the set in force (event-sourced, so the
+  history of every change and who made it is kept).
+
+The database is the storage layer's (``storage.database_url``, SQLite file when unset).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from wildfire.storage.schema import audit_log, worker_status
+
+CONFIG_PATCH = "config.patch"
+DLQ_REPLAY = "dlq.replay"
+
+# Keys of a stream worker's state snapshot (all optional; the page shows what it finds).
+STATE_FIELDS = (
+    "mode",            # batch | real_time | continuous_streaming
+    "sources",         # sources this run handles
+    "queue",           # {"depth": {priority: n}, "max_size": n, "fill": 0..1}
+    "spool",           # {"depth": {priority: n}, "by_source": {...}, "bytes": n, "oldest_age_s": s}
+    "backpressure",    # {"state": name, "fill": 0..1, "fire_season": bool}
+    "breaker",         # {"state": name, "failures": n}
+    "throttle",        # {"level": n, "delay_s": s, "lag": n}
+    "published",       # records acknowledged by Kafka this run
+    "dropped",         # {"<reason>/<priority>": n}
+    "recent_drops",    # [{"ts", "source", "priority", "reason", "count"}]
+    "config",          # {"version": str, "error": str | None}
+    "metrics_url",     # the worker's own Prometheus endpoint
+)
+
+
+def _utc(ts: datetime | None) -> datetime | None:
+    if ts is None:
+        return None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def write_worker_status(engine: sa.Engine, worker_id: str, component: str, state: dict[str, Any],
+                        *, now: datetime | None = None) -> None:
+    now = now or datetime.now(UTC)
+    with engine.begin() as conn:
+        updated = conn.execute(
+            worker_status.update().where(worker_status.c.worker_id == worker_id)
+            .values(component=component, heartbeat=now, state=state)
+        ).rowcount
+        if not updated:
+            conn.execute(worker_status.insert().values(worker_id=worker_id, component=component, heartbeat=now,
+                                                       state=state))
+
+
+def read_worker_status(engine: sa.Engine, component: str | None = None) -> list[dict[str, Any]]:
+    query = sa.select(worker_status).order_by(worker_status.c.heartbeat.desc())
+    if component:
+        query = query.where(worker_status.c.component == component)
+    with engine.connect() as conn:
+        return [
+            {"worker_id": r.worker_id, "component": r.component, "heartbeat": _utc(r.heartbeat), "state": r.state}
+            for r in conn.execute(query)
+        ]
+
+
+def latest_heartbeat(engine: sa.Engine, component: str) -> datetime | None:
+    with engine.connect() as conn:
+        value = conn.execute(
+            sa.select(sa.func.max(worker_status.c.heartbeat)).where(worker_status.c.component == component)
+        ).scalar()
+    return _utc(value)
+
+
+def append_audit(engine: sa.Engine, actor: str, action: str, detail: dict[str, Any],
+                 *, now: datetime | None = None) -> None:
+    with engine.begin() as conn:
+        conn.execute(audit_log.insert().values(ts=now or datetime.now(UTC), actor=actor, action=action,
+                                               detail=detail))
+
+
+def recent_audit(engine: sa.Engine, limit: int = 50, action: str | None = None) -> list[dict[str, Any]]:
+    query = sa.select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)
+    if action:
+        query = query.where(audit_log.c.action == action)
+    with engine.connect() as conn:
+        return [{"id": r.id, "ts": _utc(r.ts), "actor": r.actor, "action": r.action, "detail": r.detail}
+                for r in conn.execute(query)]
+
+
+def current_overrides(engine: sa.Engine) -> tuple[int | None, dict[str, Any]]:
+    """(audit id, overrides) of the newest ``config.patch``; ``(None, {})`` when none was ever made."""
+    rows = recent_audit(engine, limit=1, action=CONFIG_PATCH)
+    if not rows:
+        return None, {}
+    return rows[0]["id"], dict(rows[0]["detail"].get("overrides") or {})
+
+
+def is_stale(heartbeat: datetime | None, *, max_age: timedelta, now: datetime | None = None) -> bool:
+    if heartbeat is None:
+        return True
+    return (now or datetime.now(UTC)) - heartbeat > max_age
+
+
+def engine_for(config: Any) -> sa.Engine:
+    """Engine on the storage database of a :class:`~wildfire.config.StreamConfig`."""
+    from wildfire.storage.migrate import database_url, sqlalchemy_url
+
+    return sa.create_engine(sqlalchemy_url(database_url(config.storage)), pool_pre_ping=True)
