@@ -269,7 +269,7 @@ def parse_firms_csv(
     )
     keep = s("key").is_first_distinct()
     if seen_keys:
-        keep = keep & ~s("key").is_in(pl.Series(list(seen_keys), dtype=pl.String))
+        keep = keep & ~s("key").is_in(pl.Series(list(seen_keys), dtype=pl.String).implode())
     # One lazy query from here on: polars computes only the columns the wire JSON needs.
     lf = out.lazy().with_columns(key.alias("key")).filter(keep)
     footprint = s("scan_m") * s("track_m") / 1e6
@@ -390,6 +390,7 @@ class FirmsConnector:
         if not 1 <= self.day_range <= 5:
             raise ValueError(f"{source_name}: options.day_range must be 1-5 (FIRMS limit), got {self.day_range}")
         self.backfill_check_threshold = int(opts.get("backfill_check_threshold", 10))
+        self.dedup_days = int(opts.get("dedup_days", self.day_range + 1))
         # One limiter per MAP_KEY: pass the same instance to every connector sharing the key.
         self.rate_limiter = rate_limiter or RateLimiter(FIRMS_TRANSACTIONS, FIRMS_WINDOW_S, clock=clock)
 
@@ -469,6 +470,7 @@ class FirmsConnector:
             values.extend(parsed.batch.values)
             for k in parsed.batch.keys:
                 seen[k] = k.split("|", 4)[3]
-        keep_days = max(self.day_range, max((s for _, s, _ in plan), default=1)) + 1
-        seen = prune_seen(seen, ingest.date(), keep_days) if plan and plan[0][2] is None else seen
+        # A poll of day_range N can only return rows from the last N days: older keys cannot recur.
+        if plan and plan[0][2] is None:
+            seen = prune_seen(seen, ingest.date(), self.dedup_days)
         return ConnectorResult(EncodedBatch(self.source_name, keys, prios, values), dead, summary, {"seen": seen})

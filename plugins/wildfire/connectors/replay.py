@@ -59,6 +59,8 @@ class ReplayServer:
         self._cursor: dict[str, int] = {}
         self._lock = threading.Lock()
         self.requests: list[SeenRequest] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
         server = self
 
         class _Handler(BaseHTTPRequestHandler):
@@ -72,8 +74,15 @@ class ReplayServer:
                         SeenRequest(parts.path, query, {k.lower(): v for k, v in self.headers.items()})
                     )
                 reply = server._answer(parts.path, query)
-                if reply.delay_s:
-                    time.sleep(reply.delay_s)
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    if reply.delay_s:
+                        time.sleep(reply.delay_s)
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
                 self.send_response(reply.status)
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
