@@ -3,7 +3,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from wildfire.clock import ManualClock
 from wildfire.connectors.base import (
     MAX_RETRY_AFTER_S,

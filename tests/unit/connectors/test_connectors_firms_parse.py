@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-
 from wildfire.connectors.firms import family_of, parse_firms_csv, prune_seen
 from wildfire.priority import Priority
 from wildfire.records import Record
@@ -94,7 +93,7 @@ def test_satellite_codes_are_normalized() -> None:
     rs = rows(VIIRS)[:6]
     cols = list(rs[0].keys())
     codes = ["N", "1", "N20", "N21", "A", "T"]
-    data = write([{**r, "satellite": c, "acq_time": f"{i:04d}"} for i, (r, c) in enumerate(zip(rs, codes))], cols)
+    data = write([{**r, "satellite": c, "acq_time": f"{i:04d}"} for i, (r, c) in enumerate(zip(rs, codes, strict=True))], cols)
     got = [Record.from_json(v).payload["satellite"] for v in parse(data).batch.values]
     assert got == ["SNPP", "N20", "N20", "N21", "Aqua", "Terra"]
 
