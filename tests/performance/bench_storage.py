@@ -1,0 +1,180 @@
+"""Benchmark: Kafka -> PostgreSQL through the StorageConsumer, beside a plain COPY of the same rows.
+
+    .venv/bin/python tests/performance/bench_storage.py                 # 1,000,000 FIRMS-shaped records
+    .venv/bin/python tests/performance/bench_storage.py --records 200000
+
+Both sides run in one process against the local Kafka and PostgreSQL, into a throwaway database
+with the migrated schema. Baseline: ``COPY fire_detections_baseline FROM STDIN`` of the already
+decoded rows, streamed from a file, into a table with the same columns and indexes. The consumer
+side is end to end: consume, decode and validate, COPY to staging, upsert, DB commit, offset commit.
+Goals (issue 6): >= 100,000 rows/s end to end and >= 50 % of the plain COPY's rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "plugins"))
+sys.path.insert(0, str(ROOT))
+
+from wildfire.config import build_config  # noqa: E402
+from wildfire.priority import Priority  # noqa: E402
+from wildfire.records import Record  # noqa: E402
+from wildfire.storage.consumer import StorageConsumer  # noqa: E402
+from wildfire.storage.migrate import upgrade  # noqa: E402
+from wildfire.storage.rows import ROW_COLUMNS, decode_row  # noqa: E402
+from wildfire.storage.schema import TYPED_COLUMNS  # noqa: E402
+
+from tests.conftest import KAFKA_BOOTSTRAP, PG_URL, create_topic, delete_topic  # noqa: E402
+
+T0 = datetime(2025, 8, 1, tzinfo=UTC)
+SATS = (("N21", "VIIRS_NOAA21_NRT", "VIIRS"), ("N", "VIIRS_SNPP_NRT", "VIIRS"), ("T", "MODIS_NRT", "MODIS"))
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    """Drop a throwaway database; an autovacuum worker (not ours to terminate) may hold it briefly."""
+    import time as _time
+
+    import psycopg
+
+    for attempt in range(20):
+        try:
+            with psycopg.connect(admin_url, autocommit=True) as admin:
+                admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            _time.sleep(0.5 * (attempt + 1))
+    raise RuntimeError(f"could not drop database {name}")
+
+
+def firms_record(i: int) -> bytes:
+    sat, src, inst = SATS[i % 3]
+    t = T0 + timedelta(seconds=i * 7)
+    lat, lon = 32.53 + (i % 9491) * 0.001, -124.48 + (i // 9491 % 10350) * 0.001
+    return Record(
+        source="nasa_firms", kind="fire_detection",
+        key=f"{src}|{sat}|{inst}|{t:%Y-%m-%d}|{t:%H%M}|{lat:.4f}|{lon:.4f}|{i}",
+        event_time=t, priority=Priority.HIGH, lat=round(lat, 4), lon=round(lon, 4), quality=0.85,
+        payload={"satellite": sat, "instrument": inst, "confidence": "n" if inst == "VIIRS" else 80,
+                 "frp": 1.0 + (i % 500) / 10, "brightness": 300.0 + (i % 900) / 10, "scan": 0.39, "track": 0.36,
+                 "daynight": "N", "version": "2.0NRT", "acq_date": f"{t:%Y-%m-%d}", "acq_time": f"{t:%H%M}"},
+        ingest_time=T0 + timedelta(days=1),
+    ).to_json()
+
+
+def produce(topic: str, values: list[bytes]) -> None:
+    from confluent_kafka import Producer
+
+    p = Producer({"bootstrap.servers": KAFKA_BOOTSTRAP, "linger.ms": 50, "batch.size": 1_000_000,
+                  "compression.type": "zstd", "enable.idempotence": True,
+                  "queue.buffering.max.messages": 1_000_000, "queue.buffering.max.kbytes": 1_048_576})
+    for i, v in enumerate(values):
+        while True:
+            try:
+                p.produce(topic, value=v, key=v[v.index(b'"key":"') + 7: v.index(b'","event_time"')])
+                break
+            except BufferError:
+                p.poll(0.1)
+        if i % 10000 == 0:
+            p.poll(0)
+    assert p.flush(120) == 0, "producer did not deliver everything"
+
+
+def write_copy_file(values: list[bytes], path: Path) -> int:
+    import psycopg  # noqa: F401 - the same text format the writer streams
+
+    def field(v: object) -> str:
+        if v is None:
+            return "\\N"
+        s = str(v)
+        return s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+    with path.open("w", encoding="utf-8") as f:
+        for v in values:
+            _, row = decode_row(v)
+            f.write("\t".join(field(x) for x in row))
+            f.write("\n")
+    return path.stat().st_size
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--batch-size", type=int, default=20_000)
+    args = ap.parse_args()
+    n = args.records
+    import psycopg
+
+    dbname = f"wf_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {dbname}")
+    url = PG_URL.rsplit("/", 1)[0] + "/" + dbname
+    topic = create_topic(KAFKA_BOOTSTRAP, partitions=4, prefix="bench-storage")
+    try:
+        upgrade(url)
+        print(f"building {n:,} FIRMS-shaped records ...", flush=True)
+        values = [firms_record(i) for i in range(n)]
+        print(f"producing to {topic} (4 partitions) ...", flush=True)
+        t = time.perf_counter()
+        produce(topic, values)
+        print(f"  produced in {time.perf_counter() - t:.1f} s", flush=True)
+
+        # Baseline: plain COPY of the same decoded rows from a file, same columns and indexes.
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "firms.tsv"
+            size = write_copy_file(values, path)
+            cols = ", ".join(ROW_COLUMNS + tuple(c.name for c in TYPED_COLUMNS["fire_detection"]))
+            with psycopg.connect(url) as conn:
+                conn.execute("CREATE TABLE fire_detections_baseline (LIKE fire_detections INCLUDING ALL)")
+                conn.commit()
+                t = time.perf_counter()
+                with conn.cursor() as cur, cur.copy(f"COPY fire_detections_baseline ({cols}) FROM STDIN") as cp, \
+                        path.open("rb") as f:
+                    while chunk := f.read(1 << 20):
+                        cp.write(chunk)
+                conn.commit()
+                copy_s = time.perf_counter() - t
+                copied = conn.execute("SELECT count(*) FROM fire_detections_baseline").fetchone()[0]
+        del values
+        assert copied == n, f"baseline copied {copied} rows, expected {n}"
+
+        cfg = build_config({"kafka": {"bootstrap_servers": KAFKA_BOOTSTRAP, "enable_dlq": False,
+                                      "consumer_group": f"bench-{uuid.uuid4().hex[:8]}"},
+                            "storage": {"batch_size": args.batch_size, "poll_timeout_s": 1.0}})
+        consumer = StorageConsumer(cfg, topics=[topic], url=url)
+        try:
+            t = time.perf_counter()
+            while consumer.stats.messages < n:
+                consumer.poll_once()
+                if time.perf_counter() - t > 1800:
+                    raise SystemExit(f"gave up after 30 min at {consumer.stats.messages} messages")
+            consume_s = time.perf_counter() - t
+        finally:
+            consumer.close()
+        with psycopg.connect(url) as conn:
+            stored = conn.execute("SELECT count(*) FROM fire_detections").fetchone()[0]
+        assert stored == n, f"stored {stored} rows, expected {n}"
+
+        copy_rate, e2e_rate = n / copy_s, n / consume_s
+        print()
+        print(f"{'path':<44} {'seconds':>8} {'rows/s':>10}")
+        print(f"{'plain COPY from file (baseline, ' + f'{size / 1e6:.0f} MB)':<44} {copy_s:>8.2f} {copy_rate:>10,.0f}")
+        print(f"{'Kafka -> StorageConsumer -> PostgreSQL':<44} {consume_s:>8.2f} {e2e_rate:>10,.0f}")
+        print(f"ratio end-to-end / plain COPY: {e2e_rate / copy_rate:.2f}  (goal >= 0.50)")
+        print(f"end-to-end rows/s: {e2e_rate:,.0f}  (goal >= 100,000)")
+        print(f"rows stored: {stored:,} of {n:,} records; batch size {args.batch_size:,}")
+    finally:
+        delete_topic(KAFKA_BOOTSTRAP, topic)
+        drop_database(PG_URL, dbname)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
