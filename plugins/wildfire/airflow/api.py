@@ -1,19 +1,480 @@
-"""Operations API and page (mounted by the Airflow plugin under /wildfire).
+"""Operations API and page, mounted by the Airflow plugin under ``/wildfire``.
 
-State comes from the stores (database, spool file) and the worker's metrics endpoint, never from
-module-level objects: each Airflow component runs in its own process.
+Routes (every one behind Airflow's own authentication: a Bearer JWT from ``POST /auth/token`` or the
+UI's ``_token`` cookie; anything else gets 401/403)::
+
+    GET   /health    200 or 503 with reasons: Kafka, database, spool, breaker, stream-worker heartbeat
+    GET   /metrics   Prometheus text: every worker's own endpoint (labelled worker_id) + DB gauges
+    GET   /config    the runtime overrides in force and the effective config they give
+    PATCH /config    merge a partial nested dict into the overrides; 422 naming each bad field
+    GET   /status    JSON for the page: worker states, recent audit, dead-letter counts
+    GET   /ops       the operations page (self-contained HTML + JS, polls /status every 2 s)
+
+Guarantees:
+
+- State is read from the stores on every request (database, spool file, the worker's metrics
+  endpoint), never from module-level objects: the api-server is a separate process from the worker.
+- A ``PATCH /config`` that does not validate against the whole config (file < environment <
+  overrides) changes nothing. A valid one appends exactly one ``config.patch`` audit row holding
+  the complete new override set, what changed and the Airflow user; the worker picks it up.
+- The database location and broker come from the file and environment only: ``storage`` cannot be
+  overridden at run time, since the overrides themselves live in that database.
+- Two concurrent PATCHes are not serialized: the later one wins, and its audit row records the
+  override id it was merged onto (``detail["base_id"]``) so a lost update is visible.
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import copy
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import Body, Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+
+from airflow.api_fastapi.core_api.security import (
+    GetUserDep,
+    requires_access_configuration,
+    requires_authenticated,
+)
+from wildfire import ops_state
+from wildfire.clock import Clock, SystemClock
+from wildfire.config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    StreamConfig,
+    build_config,
+    env_overrides,
+    read_yaml,
+    resolve_path,
+)
+from wildfire.storage.schema import dead_letters
+
+STREAM_WORKER = "stream_worker"
+HEARTBEAT_MAX_AGE = timedelta(minutes=2)
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+# Module-level on purpose: they are dependency *callables* (no state), and tests replace them through
+# ``app.dependency_overrides`` to exercise the handlers without an auth manager. The real api-server
+# tests use them as they are.
+require_reader = requires_authenticated()
+require_config_writer = requires_access_configuration("PUT")
+
+# Sections a runtime override may not touch, with the reason given to the caller.
+NOT_OVERRIDABLE = {
+    "storage": "cannot be overridden at run time (the overrides themselves are stored in that database); "
+               "set it in the config file or WILDFIRE__STORAGE__* variables",
+}
 
 
-def create_app() -> FastAPI:
-    app = FastAPI(title="Wildfire operations", version="0.1.0")
+@dataclass(slots=True, frozen=True)
+class Check:
+    """One health input."""
+
+    ok: bool
+    """False makes /health answer 503."""
+    detail: str
+    """What was found, for a person."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """Numbers behind the verdict (ages, depths)."""
+
+
+@dataclass(slots=True)
+class OpsContext:
+    """Where the app finds its stores. Built once per app; every value read from it is re-read per request."""
+
+    config_path: str | os.PathLike[str] | None = None
+    """YAML file; None: ``$WILDFIRE_CONFIG`` or the shipped ``config/stream_config.yaml``."""
+    environ: Mapping[str, str] | None = None
+    """Environment for ``WILDFIRE__`` variables; None: ``os.environ``."""
+    clock: Clock = field(default_factory=SystemClock)
+    """Wall clock for heartbeat ages."""
+    kafka_timeout_s: float = 3.0
+    """Longest wait for the broker's metadata in /health."""
+    scrape_timeout_s: float = 2.0
+    """Longest wait for a worker's metrics endpoint in /metrics."""
+    _engines: dict[str, sa.Engine] = field(default_factory=dict)
+
+    def env(self) -> Mapping[str, str]:
+        return os.environ if self.environ is None else self.environ
+
+    def path(self) -> Path:
+        return Path(self.config_path or self.env().get("WILDFIRE_CONFIG") or DEFAULT_CONFIG_PATH)
+
+    def base_layers(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(file layer, environment layer); re-read every call so an edited file shows at once."""
+        return read_yaml(self.path()), env_overrides(self.env())
+
+    def base_config(self) -> StreamConfig:
+        return build_config(*self.base_layers(), origin=str(self.path()))
+
+    def engine(self, cfg: StreamConfig) -> sa.Engine:
+        # One pool per database URL for the life of the app (a cache of connections, not of state).
+        from wildfire.storage.migrate import database_url, sqlalchemy_url
+
+        url = sqlalchemy_url(database_url(cfg.storage))
+        if url not in self._engines:
+            self._engines[url] = sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
+        return self._engines[url]
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.time(), UTC)
+
+
+# ---------------------------------------------------------------- health inputs
+
+
+def check_kafka(bootstrap: str, timeout_s: float) -> Check:
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": int(timeout_s * 1000),
+                         "log_level": 0})
+    try:
+        meta = admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        return Check(False, f"Kafka at {bootstrap} unreachable: {exc.args[0] if exc.args else exc}")
+    return Check(True, f"{len(meta.brokers)} broker(s), {len(meta.topics)} topics", {"brokers": len(meta.brokers)})
+
+
+def check_database(engine: sa.Engine) -> Check:
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - any driver error means "unreachable"; the message says which
+        return Check(False, f"database unreachable: {_first_line(exc)}")
+    return Check(True, f"{engine.dialect.name} reachable")
+
+
+def check_spool(cfg: StreamConfig) -> Check:
+    """Depth of the spool file, read-only; a missing file is normal (no worker has run on this host)."""
+    path = resolve_path(cfg.spool.path)
+    if not path.exists():
+        return Check(True, f"no spool file at {path} (no worker has run on this host)", {"present": False})
+    try:
+        from wildfire.spool import BufferManager
+
+        spool = BufferManager(cfg.spool, cfg.sources, path=path)
+        try:
+            stats = spool.stats()
+        finally:
+            spool.close()
+    except Exception as exc:  # noqa: BLE001 - the spool module reports its own errors; we only relay them
+        return Check(False, f"spool at {path} unreadable: {_first_line(exc)}", {"present": True})
+    by_priority: dict[str, int] = {}
+    for per_prio in stats.depth.values():
+        for prio, n in per_prio.items():
+            by_priority[prio] = by_priority.get(prio, 0) + n
+    return Check(True, f"{stats.total} records spooled",
+                 {"present": True, "depth": by_priority, "dead_letters": stats.dead_letters,
+                  "quarantined": len(stats.quarantined)})
+
+
+def check_worker(workers: list[dict[str, Any]], now: datetime) -> tuple[Check, Check]:
+    """(heartbeat, breaker) of the newest stream worker."""
+    if not workers:
+        none = "no worker yet: no stream_worker heartbeat has ever been written"
+        return Check(False, none, {"worker": None}), Check(True, "no worker yet, no breaker state")
+    newest = workers[0]
+    age = (now - newest["heartbeat"]).total_seconds()
+    data = {"worker_id": newest["worker_id"], "age_s": round(age, 1)}
+    if age > HEARTBEAT_MAX_AGE.total_seconds():
+        beat = Check(False, f"stream worker {newest['worker_id']} silent for {age:.0f} s "
+                            f"(limit {HEARTBEAT_MAX_AGE.total_seconds():.0f} s)", data)
+    else:
+        beat = Check(True, f"stream worker {newest['worker_id']} beat {age:.0f} s ago", data)
+    breaker = (newest["state"] or {}).get("breaker") or {}
+    state = str(breaker.get("state", "unknown"))
+    if state.upper() == "OPEN":
+        return beat, Check(False, f"circuit breaker OPEN in worker {newest['worker_id']} "
+                                  f"({breaker.get('failures', '?')} failures)", {"state": state})
+    return beat, Check(True, f"circuit breaker {state}", {"state": state})
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def merge_overrides(current: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """``patch`` merged into ``current``; a ``null`` value removes that override (and empty parents)."""
+    out = copy.deepcopy(dict(current))
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            merged = merge_overrides(out[key], value)
+            if merged:
+                out[key] = merged
+            else:
+                out.pop(key)
+        elif isinstance(value, Mapping):
+            merged = merge_overrides({}, value)
+            if merged:
+                out[key] = merged
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _redact(cfg: dict[str, Any]) -> dict[str, Any]:
+    url = (cfg.get("storage") or {}).get("database_url")
+    if isinstance(url, str) and "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        cfg["storage"]["database_url"] = f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return cfg
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def _scrape_worker(url: str, worker_id: str, timeout_s: float) -> tuple[list[Any], str | None]:
+    """The worker's metric families relabelled with ``worker_id``; ([], error) when it does not answer."""
+    import httpx
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        resp = httpx.get(url, timeout=timeout_s)
+        resp.raise_for_status()
+        families = list(text_string_to_metric_families(resp.text))
+    except (httpx.HTTPError, ValueError) as exc:
+        return [], _first_line(exc)
+    out = []
+    for fam in families:
+        m = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+        for s in fam.samples:
+            m.add_sample(s.name, {**s.labels, "worker_id": worker_id}, s.value, s.timestamp, s.exemplar)
+        out.append(m)
+    return out, None
+
+
+class _Families:
+    """A collector over already-built families (several workers' samples merged by metric name)."""
+
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Any]:
+        return self.families
+
+
+def render_metrics(workers: list[dict[str, Any]], dead_letter_count: int | None, now: datetime,
+                   timeout_s: float) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
+
+    merged: dict[str, Any] = {}
+    up = GaugeMetricFamily("wildfire_ops_worker_scrape_up", "1 when the worker's metrics endpoint answered",
+                           labels=["worker_id"])
+    age = GaugeMetricFamily("wildfire_ops_worker_heartbeat_age_seconds", "seconds since the worker's heartbeat",
+                            labels=["worker_id", "component"])
+    for w in workers:
+        age.add_metric([w["worker_id"], w["component"]], max(0.0, (now - w["heartbeat"]).total_seconds()))
+        url = (w["state"] or {}).get("metrics_url")
+        if not url:
+            continue
+        families, error = _scrape_worker(url, w["worker_id"], timeout_s)
+        up.add_metric([w["worker_id"]], 0.0 if error else 1.0)
+        for fam in families:
+            if fam.name in merged and merged[fam.name].type == fam.type:
+                merged[fam.name].samples.extend(fam.samples)
+            elif fam.name not in merged:
+                merged[fam.name] = fam
+    own = [up, age]
+    if dead_letter_count is not None:
+        dl = GaugeMetricFamily("wildfire_ops_dead_letters", "rows in the dead_letters table")
+        dl.add_metric([], dead_letter_count)
+        own.append(dl)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(own + list(merged.values())))  # type: ignore[arg-type]
+    return generate_latest(registry).decode()
+
+
+def dead_letter_counts(engine: sa.Engine, now: datetime) -> dict[str, Any]:
+    with engine.connect() as conn:
+        total = conn.execute(sa.select(sa.func.count()).select_from(dead_letters)).scalar() or 0
+        last_hour = conn.execute(
+            sa.select(sa.func.count()).select_from(dead_letters)
+            .where(dead_letters.c.created_at >= now - timedelta(hours=1))
+        ).scalar() or 0
+        by_reason = {r: n for r, n in conn.execute(
+            sa.select(dead_letters.c.reason, sa.func.count()).group_by(dead_letters.c.reason))}
+    return {"total": total, "last_hour": last_hour, "by_reason": by_reason}
+
+
+# ---------------------------------------------------------------- the app
+
+
+def create_app(
+    *,
+    config_path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    clock: Clock | None = None,
+    kafka_timeout_s: float = 3.0,
+    scrape_timeout_s: float = 2.0,
+) -> FastAPI:
+    """The operations app. Arguments exist for tests; the plugin calls ``create_app()``."""
+    ctx = OpsContext(config_path=config_path, environ=environ, clock=clock or SystemClock(),
+                     kafka_timeout_s=kafka_timeout_s, scrape_timeout_s=scrape_timeout_s)
+    # No unauthenticated /docs or /openapi.json: every route of this app needs an Airflow login.
+    app = FastAPI(title="Wildfire operations", version="1.0.0", docs_url=None, redoc_url=None, openapi_url=None,
+                  dependencies=[Depends(require_reader)])
+    app.state.ops = ctx
+
+    def load() -> tuple[StreamConfig | None, str | None]:
+        try:
+            return ctx.base_config(), None
+        except ConfigError as exc:
+            return None, str(exc)
 
     @app.get("/health")
-    def health() -> dict:
-        return {"status": "starting"}
+    def health() -> JSONResponse:
+        cfg, error = load()
+        if cfg is None:
+            body = {"status": "unhealthy", "reasons": [f"config: {error}"], "checks": {}}
+            return JSONResponse(body, status_code=503)
+        checks: dict[str, Check] = {}
+        engine = ctx.engine(cfg)
+        checks["kafka"] = check_kafka(cfg.kafka.bootstrap_servers, ctx.kafka_timeout_s)
+        checks["database"] = check_database(engine)
+        checks["spool"] = check_spool(cfg)
+        if checks["database"].ok:
+            try:
+                workers = ops_state.read_worker_status(engine, STREAM_WORKER)
+                checks["heartbeat"], checks["breaker"] = check_worker(workers, ctx.now())
+            except Exception as exc:  # noqa: BLE001 - e.g. schema not migrated: say so, stay up
+                checks["heartbeat"] = Check(False, f"cannot read worker_status: {_first_line(exc)} "
+                                                   "(run python -m wildfire.storage.migrate upgrade)")
+        else:
+            checks["heartbeat"] = Check(False, "unknown: database unreachable")
+        reasons = [f"{name}: {c.detail}" for name, c in checks.items() if not c.ok]
+        body = {
+            "status": "ok" if not reasons else "unhealthy",
+            "reasons": reasons,
+            "checks": {name: {"ok": c.ok, "detail": c.detail, **c.data} for name, c in checks.items()},
+            "checked_at": ctx.now().isoformat(),
+        }
+        return JSONResponse(body, status_code=200 if not reasons else 503)
+
+    @app.get("/metrics")
+    def metrics() -> PlainTextResponse:
+        cfg, error = load()
+        workers: list[dict[str, Any]] = []
+        dl_count: int | None = None
+        if cfg is not None:
+            engine = ctx.engine(cfg)
+            try:
+                workers = ops_state.read_worker_status(engine)
+                dl_count = dead_letter_counts(engine, ctx.now())["total"]
+            except Exception:  # noqa: BLE001 - an unreachable DB shows as missing gauges, not as a 500
+                pass
+        text = render_metrics(workers, dl_count, ctx.now(), ctx.scrape_timeout_s)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/config")
+    def get_config() -> JSONResponse:
+        try:
+            file_layer, env_layer = ctx.base_layers()
+            base = build_config(file_layer, env_layer, origin=str(ctx.path()))
+        except ConfigError as exc:
+            return JSONResponse({"detail": {"message": str(exc), "errors": exc.errors}}, status_code=503)
+        audit_id, overrides = ops_state.current_overrides(ctx.engine(base))
+        body: dict[str, Any] = {"file": str(ctx.path()), "overrides": overrides, "override_audit_id": audit_id,
+                                "error": None}
+        try:
+            effective = build_config(file_layer, env_layer, overrides, origin="overrides")
+        except ConfigError as exc:
+            # The file changed under overrides that used to be valid: show it, the worker says the same.
+            body["error"] = exc.errors
+            effective = base
+        body["effective"] = _redact(effective.model_dump(mode="json"))
+        return JSONResponse(body)
+
+    @app.patch("/config", dependencies=[Depends(require_config_writer)])
+    def patch_config(user: GetUserDep, patch: Annotated[Any, Body()]) -> JSONResponse:
+        if not isinstance(patch, Mapping) or not patch:
+            return _invalid([f"<body>: expected a non-empty JSON object of config sections, "
+                             f"got {type(patch).__name__}"])
+        fixed = [f"{key}: {why}" for key, why in NOT_OVERRIDABLE.items() if key in patch]
+        if fixed:
+            return _invalid(fixed)
+        try:
+            file_layer, env_layer = ctx.base_layers()
+        except ConfigError as exc:
+            return JSONResponse({"detail": {"message": str(exc), "errors": exc.errors}}, status_code=503)
+        engine = ctx.engine(build_config(file_layer, env_layer, origin=str(ctx.path())))
+        base_id, current = ops_state.current_overrides(engine)
+        merged = merge_overrides(current, patch)
+        try:
+            build_config(file_layer, env_layer, merged, origin="overrides")
+        except ConfigError as exc:
+            return _invalid(exc.errors)
+        actor = user.get_name()
+        ops_state.append_audit(engine, actor, ops_state.CONFIG_PATCH,
+                               {"overrides": merged, "changed": dict(patch), "previous": current, "base_id": base_id},
+                               now=ctx.now())
+        audit_id, applied = ops_state.current_overrides(engine)
+        return JSONResponse({"overrides": applied, "audit_id": audit_id, "actor": actor})
+
+    @app.get("/status")
+    def status() -> JSONResponse:
+        cfg, error = load()
+        body: dict[str, Any] = {"now": ctx.now().isoformat(), "config_error": error, "workers": [],
+                                "audit": [], "dead_letters": None, "overrides": {}, "database": None}
+        if cfg is None:
+            return JSONResponse(body)
+        engine = ctx.engine(cfg)
+        try:
+            now = ctx.now()
+            workers = ops_state.read_worker_status(engine)
+            for w in workers:
+                w["age_s"] = round((now - w["heartbeat"]).total_seconds(), 1)
+                w["stale"] = w["age_s"] > HEARTBEAT_MAX_AGE.total_seconds()
+            body["workers"] = workers
+            body["audit"] = ops_state.recent_audit(engine, limit=10)
+            body["dead_letters"] = dead_letter_counts(engine, now)
+            body["overrides"] = ops_state.current_overrides(engine)[1]
+            body["database"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - the page shows the reason instead of going blank
+            body["database"] = _first_line(exc)
+        return JSONResponse(_jsonable(body))
+
+    @app.get("/ops", response_class=HTMLResponse)
+    def ops_page() -> HTMLResponse:
+        # Read per request: a redeployed page shows without restarting the api-server.
+        return HTMLResponse((STATIC_DIR / "ops.html").read_text(encoding="utf-8"),
+                            headers={"Cache-Control": "no-store"})
+
+    @app.exception_handler(ConfigError)
+    def _config_error(request: Request, exc: ConfigError) -> JSONResponse:
+        return JSONResponse({"detail": {"message": str(exc), "errors": exc.errors}}, status_code=503)
 
     return app
+
+
+def _invalid(errors: list[str]) -> JSONResponse:
+    return JSONResponse({"detail": {"message": "invalid config override; nothing was changed", "errors": errors}},
+                        status_code=422)
+
+
+__all__ = ["create_app", "merge_overrides", "require_config_writer", "require_reader", "Check", "STREAM_WORKER"]
