@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)/plugins
 export WILDFIRE_TEST_DATABASE_URL ?= postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire
 
-.PHONY: help venv services services-down services-status topics run stop test test-unit lint \
+.PHONY: help venv services services-down services-status topics db-upgrade run stop test test-unit lint \
         constraints clean bench
 
 help:  ## list targets
@@ -38,7 +38,10 @@ services-status:  ## show which local services answer
 topics: $(STAMP)  ## create the Kafka topics declared in config/stream_config.yaml
 	$(PY) -m wildfire.topics
 
-run: services  ## start Airflow (standalone) with the project's DAGs on http://localhost:8080
+db-upgrade: $(STAMP)  ## apply the storage schema migrations (storage.database_url, else the SQLite file)
+	$(PY) -m wildfire.storage.migrate upgrade --url "$${WILDFIRE__STORAGE__DATABASE_URL:-postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire}"
+
+run: services db-upgrade  ## start Airflow (standalone) with the project's DAGs on http://localhost:8080
 	bash scripts/airflow.sh start
 
 stop:  ## stop Airflow and every process it started

@@ -23,6 +23,8 @@ From the shell::
 
 from __future__ import annotations
 
+import orjson
+
 import argparse
 import logging
 import os
@@ -89,11 +91,22 @@ def dlq_dead_letter(topic: str, partition: int, offset: int, key: bytes | None, 
         attempts = int(attempts_text) if attempts_text is not None else 0
     except ValueError:
         attempts = 0
+    reason, error, source = "publisher", _header(headers, "error"), _header(headers, "source")
+    if error is None and value:
+        # A connector dead letter (wildfire.ingest.dead_letter_message): the reason travels in the body.
+        try:
+            body = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            body = None
+        if isinstance(body, dict) and body.get("dead_letter") is True:
+            reason = str(body.get("reason") or "connector")
+            error = str(body.get("error") or "")
+            source = source or body.get("source")
     return DeadLetter(
-        topic=topic, partition=partition, offset=offset, reason="publisher",
-        error=_header(headers, "error") or "(no error header)", payload=value,
+        topic=topic, partition=partition, offset=offset, reason=reason,
+        error=error or "(no error header)", payload=value,
         key=key.decode("utf-8", "replace") if key is not None else None,
-        source=_header(headers, "source"), attempts=attempts,
+        source=source, attempts=attempts,
     )
 
 

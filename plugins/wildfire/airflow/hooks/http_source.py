@@ -32,7 +32,8 @@ class HttpSourceHook(BaseHook):
         super().__init__()
         self.conn_id = conn_id or self.default_conn_name
 
-    def get_endpoint(self) -> HttpEndpoint:
+    def get_endpoint(self, *, require_credential: bool | None = None) -> HttpEndpoint:
+        """``require_credential=False`` reads a Connection without a key (the connector then says what is missing)."""
         conn = self.get_connection(self.conn_id)
         host = (conn.host or self.default_base_url).rstrip("/")
         if "://" not in host:
@@ -41,7 +42,8 @@ class HttpSourceHook(BaseHook):
         if conn.port:
             host = f"{host}:{conn.port}"
         credential = conn.password or None
-        if self.credential_required and not credential:
+        required = self.credential_required if require_credential is None else require_credential
+        if required and not credential:
             raise ValueError(
                 f"Connection {self.conn_id!r} has no credential: put the API key in its password field"
             )

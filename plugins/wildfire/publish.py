@@ -1,0 +1,510 @@
+"""Layer 6: reliable Kafka publishing from the spool (ProducerWrapper + the SpoolPublisher drain loop).
+
+Guarantees:
+
+* **At least once, nothing lost.** A spool row is deleted only after its delivery callback reported
+  success (``acks=all``, idempotent producer). A crash at any moment leaves undelivered rows in the
+  spool; they are sent again on restart, so Kafka may hold duplicates (same key; storage upserts).
+* **Outages hold data, never drop it.** Transport failures and timeouts leave the row in the spool,
+  back off 1 s, 2 s, 4 s (``kafka.retry_backoff_initial_s`` x ``retry_backoff_base``^n, capped after
+  ``max_retries``) and count against the circuit breaker. While the breaker is OPEN nothing is sent;
+  in HALF_OPEN exactly one record is sent as the probe.
+* **Poison never blocks the queue.** A record that cannot be published (too large, invalid, topic
+  unknown after ``max_retries`` retries) is moved to the spool's ``dead_letters`` table (error,
+  attempts, original payload) and, when ``kafka.enable_dlq``, produced to ``kafka.dlq_topic``.
+
+Kafka errors, by what we do with them::
+
+    delivery error
+    ├── permanent (MSG_SIZE_TOO_LARGE, INVALID_RECORD, ...)  -> dead letter now
+    ├── unknown topic (UNKNOWN_TOPIC_OR_PART, _UNKNOWN_TOPIC) -> retry, dead letter after max_retries
+    └── everything else (timeouts, transport, broker down)    -> retry forever, breaker failure
+
+Run it as the stream worker's drain loop::
+
+    python -m wildfire.publish --spool .local/spool/spool.db [--config FILE] [--run-seconds 3300] [--until-empty]
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from wildfire.clock import SYSTEM_CLOCK, Clock
+from wildfire.config import KafkaConfig
+from wildfire.priority import Priority
+from wildfire.spool import BufferManager, DrainCursor, SpoolRow
+from wildfire.streaming.breaker import CircuitBreaker, CircuitState
+
+log = logging.getLogger(__name__)
+
+
+class PublishError(Exception):
+    """Base of publishing errors; ``retriable`` says whether the row stays in the spool for another try."""
+
+    retriable: ClassVar[bool] = True
+
+
+class PermanentPublishError(PublishError):
+    """The record can never be published as it is: it goes to the dead-letter path."""
+
+    retriable: ClassVar[bool] = False
+
+
+OK, RETRIABLE, UNKNOWN_TOPIC, PERMANENT = "ok", "retriable", "unknown_topic", "permanent"
+
+
+def classify(err: Any) -> str:
+    """Map a confluent-kafka ``KafkaError`` (or None) to what the publisher does with the record."""
+    from confluent_kafka import KafkaError as E
+
+    if err is None:
+        return OK
+    code = err.code()
+    if code in (E.MSG_SIZE_TOO_LARGE, E.INVALID_RECORD, E.RECORD_LIST_TOO_LARGE, E.INVALID_MSG,
+                E.INVALID_MSG_SIZE, E._INVALID_ARG, E._INVALID_TYPE, E.TOPIC_AUTHORIZATION_FAILED,
+                E.INVALID_TIMESTAMP):
+        return PERMANENT
+    if code in (E.UNKNOWN_TOPIC_OR_PART, E._UNKNOWN_TOPIC, E._UNKNOWN_PARTITION, E.UNKNOWN_TOPIC_ID):
+        return UNKNOWN_TOPIC
+    return RETRIABLE
+
+
+@dataclass(slots=True, frozen=True)
+class Delivery:
+    """One delivery report, as the publisher consumes it."""
+
+    row: SpoolRow
+    """The spooled record."""
+    outcome: str
+    """OK, RETRIABLE, UNKNOWN_TOPIC or PERMANENT."""
+    error: str | None
+    """Kafka's error text, None on success."""
+    latency_s: float
+    """Produce call to delivery report (monotonic seconds)."""
+
+
+class PublishMetrics:
+    """Prometheus counters for the publisher; ``registry`` is a ``prometheus_client.CollectorRegistry``."""
+
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.delivered = Counter("wildfire_publish_delivered_records", "records acknowledged by Kafka",
+                                 ["source"], registry=registry)
+        self.retries = Counter("wildfire_publish_retries", "failed deliveries left in the spool for retry",
+                               ["reason"], registry=registry)
+        self.dead_letters = Counter("wildfire_publish_dead_letters", "records moved to the dead-letter path",
+                                    ["source"], registry=registry)
+        self.latency = Histogram("wildfire_publish_delivery_latency_seconds", "produce to acknowledgement",
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=registry)
+        self.in_flight = Gauge("wildfire_publish_in_flight_records", "produced, not yet acknowledged",
+                               registry=registry)
+        self.breaker_state = Gauge("wildfire_publish_breaker_state", "0 closed, 1 open, 2 half-open",
+                                   registry=registry)
+
+
+def _iso(ts: float) -> bytes:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
+
+
+class ProducerWrapper:
+    """confluent-kafka producer with the platform's settings, reporting each delivery as a :class:`Delivery`.
+
+    ::
+
+        producer = ProducerWrapper(cfg.kafka, breaker=CircuitBreaker(cfg.circuit_breaker))
+        producer.send(row, on_delivery)      # headers: source, priority, schema_version, ingest_time
+        producer.poll(0.1)                   # delivery callbacks run here, in this thread
+    """
+
+    def __init__(self, kafka: KafkaConfig, *, breaker: CircuitBreaker, clock: Clock = SYSTEM_CLOCK,
+                 producer_factory: Callable[[dict[str, Any]], Any] | None = None, metrics: PublishMetrics | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> None:
+        self.kafka = kafka
+        self.breaker = breaker
+        self.clock = clock
+        self.metrics = metrics
+        self._factory = producer_factory
+        self._overrides = dict(overrides or {})
+        self._iso_cache: tuple[float, bytes] = (-1.0, b"")
+        self._producer = self._make()
+
+    def settings(self) -> dict[str, Any]:
+        k = self.kafka
+        conf = {
+            "bootstrap.servers": k.bootstrap_servers,
+            "client.id": k.client_id,
+            "enable.idempotence": k.enable_idempotence,
+            "acks": k.acks,
+            "compression.type": k.compression_type,
+            "linger.ms": k.linger_ms,
+            "batch.num.messages": k.batch_size,
+            "message.max.bytes": k.message_max_bytes,
+            # librdkafka retries transport errors itself within this window; past it we get the report
+            # and our own backoff and breaker take over.
+            "delivery.timeout.ms": k.delivery_timeout_ms,
+            "queue.buffering.max.messages": 1_000_000,
+            "error_cb": self._on_error,
+        }
+        conf.update(self._overrides)
+        return conf
+
+    def _make(self) -> Any:
+        if self._factory is not None:
+            return self._factory(self.settings())
+        from confluent_kafka import Producer
+
+        return Producer(self.settings())
+
+    def _on_error(self, err: Any) -> None:
+        # Client-level errors (all brokers down ...) are logged; per-record failures drive the breaker.
+        log.warning("kafka client error: %s", err)
+        if err.fatal():
+            log.error("fatal producer error %s: the producer will be recreated", err)
+            self.fatal = True
+
+    fatal = False
+
+    def reset(self) -> None:
+        """Replace a producer that hit a fatal error; its undelivered rows are still in the spool."""
+        self._producer = self._make()
+        self.fatal = False
+
+    def headers(self, row: SpoolRow) -> list[tuple[str, bytes]]:
+        t, iso = self._iso_cache
+        if t != row.ingest_time:
+            iso = _iso(row.ingest_time)
+            self._iso_cache = (row.ingest_time, iso)
+        try:
+            prio = Priority(row.priority).name.encode()
+        except ValueError:
+            prio = str(row.priority).encode()
+        return [("source", row.source.encode()), ("priority", prio),
+                ("schema_version", str(row.schema_version).encode()), ("ingest_time", iso)]
+
+    def send(self, row: SpoolRow, on_delivery: Callable[[Delivery], None]) -> None:
+        """Produce one row. Raises ``BufferError`` (local queue full) or ``PermanentPublishError``."""
+        from confluent_kafka import KafkaException
+
+        started = self.clock.monotonic()
+        try:
+            self._producer.produce(row.topic, value=row.value, key=row.key, headers=self.headers(row),
+                                   on_delivery=functools.partial(self._report, row, started, on_delivery))
+        except KafkaException as exc:
+            err = exc.args[0]
+            outcome = classify(err)
+            if outcome == PERMANENT:
+                raise PermanentPublishError(f"{row.topic}/{row.key}: {err.str()}") from None
+            on_delivery(Delivery(row, outcome, err.str(), 0.0))
+        except (TypeError, ValueError) as exc:
+            raise PermanentPublishError(f"{row.topic}/{row.key}: cannot produce: {exc}") from None
+
+    def _report(self, row: SpoolRow, started: float, on_delivery: Callable[[Delivery], None],
+                err: Any, _msg: Any) -> None:
+        outcome = classify(err)
+        latency = self.clock.monotonic() - started
+        if outcome == OK:
+            self.breaker.record_success()
+            if self.metrics:
+                self.metrics.latency.observe(latency)
+        elif outcome == RETRIABLE:
+            self.breaker.record_failure()
+        on_delivery(Delivery(row, outcome, None if err is None else err.str(), latency))
+
+    def send_dead_letter(self, row: SpoolRow, error: str, attempts: int) -> None:
+        """Best effort copy to the DLQ topic; the spool's ``dead_letters`` table is the durable record."""
+        if not self.kafka.enable_dlq:
+            return
+        headers = [*self.headers(row), ("error", error.encode()[:4000]), ("attempts", str(attempts).encode()),
+                   ("original_topic", row.topic.encode())]
+
+        def report(err: Any, _msg: Any) -> None:
+            if err is not None:
+                log.error("dead letter %s/%s not written to %s: %s (kept in the spool's dead_letters table)",
+                          row.topic, row.key, self.kafka.dlq_topic, err)
+
+        try:
+            self._producer.produce(self.kafka.dlq_topic, value=row.value[: self.kafka.message_max_bytes // 2],
+                                   key=row.key, headers=headers, on_delivery=report)
+        except (BufferError, Exception) as exc:  # noqa: BLE001 - the durable copy is already in the spool
+            log.error("dead letter %s/%s not sent to %s: %s", row.topic, row.key, self.kafka.dlq_topic, exc)
+
+    def poll(self, timeout: float = 0.0) -> int:
+        return self._producer.poll(timeout)
+
+    def flush(self, timeout: float) -> int:
+        return self._producer.flush(timeout)
+
+    def __len__(self) -> int:
+        return len(self._producer)
+
+
+@dataclass(slots=True)
+class PublishStats:
+    """What one ``run_once`` (or a whole ``run``) did."""
+
+    produced: int = 0
+    """records handed to the producer."""
+    delivered: int = 0
+    """records acknowledged by Kafka and deleted from the spool."""
+    retried: int = 0
+    """failed deliveries left in the spool for another try."""
+    dead_lettered: int = 0
+    """records moved to the dead-letter path."""
+    held: bool = False
+    """nothing was sent because the breaker is open or a backoff is running."""
+    in_flight: int = 0
+    """records produced but not yet reported, after the call."""
+
+    def add(self, other: PublishStats) -> None:
+        self.produced += other.produced
+        self.delivered += other.delivered
+        self.retried += other.retried
+        self.dead_lettered += other.dead_lettered
+        self.held = other.held
+        self.in_flight = other.in_flight
+
+
+class SpoolPublisher:
+    """Moves spool rows to Kafka in drain order; deletes a row only on a successful delivery report.
+
+    ``before_send(rows) -> rows`` lets the stream worker reorder or hold rows (priority queue,
+    throttling); rows it does not return stay in the spool and are offered again later.
+    """
+
+    def __init__(self, spool: BufferManager, producer: ProducerWrapper, *, clock: Clock = SYSTEM_CLOCK,
+                 batch_size: int | None = None, max_in_flight: int = 20_000,
+                 before_send: Callable[[list[SpoolRow]], list[SpoolRow]] | None = None,
+                 expire_every_s: float = 60.0, metrics: PublishMetrics | None = None) -> None:
+        self.spool = spool
+        self.producer = producer
+        self.breaker = producer.breaker
+        self.clock = clock
+        self.kafka = producer.kafka
+        self.batch_size = batch_size or spool.config.drain_batch_size
+        self.max_in_flight = max_in_flight
+        self.before_send = before_send
+        self.expire_every_s = expire_every_s
+        self.metrics = metrics or producer.metrics
+        self._cursor: DrainCursor = {}
+        self._in_flight: dict[int, SpoolRow] = {}
+        self._reports: list[Delivery] = []
+        self._rewind = False
+        self._failed_rounds = 0
+        self._not_before = 0.0
+        self._attempts: dict[int, int] = {}
+        self._next_expire = clock.monotonic()
+        self.totals = PublishStats()
+
+    # ------------------------------------------------------------ one step
+
+    def backoff_s(self, failed_rounds: int) -> float:
+        """1 s, 2 s, 4 s, then 4 s again: the delay after the n-th failed round in a row (n >= 1)."""
+        k = self.kafka
+        n = min(failed_rounds, max(1, k.max_retries)) - 1
+        return k.retry_backoff_initial_s * k.retry_backoff_base ** n
+
+    def run_once(self, max_records: int | None = None) -> PublishStats:
+        """Handle delivery reports, then send up to ``max_records`` rows if the breaker and backoff allow."""
+        stats = PublishStats()
+        self.producer.poll(0)
+        self._settle(stats)
+        if self.producer.fatal:
+            self._recover_from_fatal()
+        now = self.clock.monotonic()
+        if now < self._not_before:
+            stats.held = True
+            return self._done(stats)
+        if self._rewind:
+            if self._in_flight:
+                return self._done(stats)  # rows after a failure are re-read once nothing is pending
+            self._cursor, self._rewind = {}, False
+        room = self.max_in_flight - len(self._in_flight)
+        if room <= 0:
+            return self._done(stats)
+        probing = self.breaker.state is CircuitState.HALF_OPEN
+        if probing and self._in_flight:
+            stats.held = True
+            return self._done(stats)
+        limit = min(max_records or self.batch_size, room)
+        rows = self.spool.peek_batch(1 if probing else limit, after=self._cursor)
+        if not rows:
+            return self._done(stats)
+        if not self.breaker.allow():
+            stats.held = True
+            return self._done(stats)
+        for row in rows:
+            level = (row.source_priority, row.priority)
+            if row.id > self._cursor.get(level, 0):
+                self._cursor[level] = row.id
+        if self.before_send is not None:
+            chosen = self.before_send(rows)
+            if len(chosen) != len(rows):
+                self._rewind = True
+            rows = chosen
+        for i, row in enumerate(rows):
+            try:
+                self._in_flight[row.id] = row
+                self.producer.send(row, self._report)
+                stats.produced += 1
+            except BufferError:
+                # librdkafka's local queue is full: serve callbacks and offer the rest again later.
+                del self._in_flight[row.id]
+                self._rewind = True
+                self.producer.poll(0.05)
+                break
+            except PermanentPublishError as exc:
+                del self._in_flight[row.id]
+                self._dead_letter(row, str(exc), stats)
+            if probing and i == 0:
+                break
+        self.producer.poll(0)
+        self._settle(stats)
+        return self._done(stats)
+
+    def _report(self, delivery: Delivery) -> None:
+        # Look the list up at call time: _settle swaps it, and a bound `.append` captured at send time
+        # would drop reports that arrive after the swap (rows stuck "in flight" forever).
+        self._reports.append(delivery)
+
+    def _done(self, stats: PublishStats) -> PublishStats:
+        stats.in_flight = len(self._in_flight)
+        self.totals.add(stats)
+        if self.metrics:
+            self.metrics.in_flight.set(stats.in_flight)
+            self.metrics.breaker_state.set(int(self.breaker.state))
+        return stats
+
+    def _settle(self, stats: PublishStats) -> None:
+        """Apply delivery reports: ack successes in one transaction, retry or dead-letter failures."""
+        if not self._reports:
+            return
+        reports, self._reports = self._reports, []
+        ok: list[int] = []
+        retry: list[SpoolRow] = []
+        for d in reports:
+            self._in_flight.pop(d.row.id, None)
+            if d.outcome == OK:
+                ok.append(d.row.id)
+                if self.metrics:
+                    self.metrics.delivered.labels(d.row.source).inc()
+                continue
+            attempts = self._attempts.get(d.row.id, d.row.attempts) + 1
+            self._attempts[d.row.id] = attempts
+            if d.outcome == PERMANENT:
+                self._dead_letter(d.row, d.error or "permanent error", stats, attempts)
+            elif d.outcome == UNKNOWN_TOPIC and attempts > self.kafka.max_retries:
+                self._dead_letter(d.row, f"unknown topic {d.row.topic!r} after {attempts} attempts: {d.error}",
+                                  stats, attempts)
+            else:
+                retry.append(d.row)
+                if self.metrics:
+                    self.metrics.retries.labels(d.outcome).inc()
+        if ok:
+            stats.delivered += self.spool.ack(ok)
+            for rid in ok:
+                self._attempts.pop(rid, None)
+        if retry:
+            stats.retried += len(retry)
+            self.spool.record_attempt(r.id for r in retry)
+            self._failed_rounds += 1
+            delay = self.backoff_s(self._failed_rounds)
+            self._not_before = self.clock.monotonic() + delay
+            self._rewind = True
+            log.warning("%d deliveries failed (%s); retrying in %.1f s, breaker %s",
+                        len(retry), next(d.error for d in reports if d.outcome != OK), delay, self.breaker.state.name)
+        elif ok:
+            self._failed_rounds = 0
+
+    def _dead_letter(self, row: SpoolRow, error: str, stats: PublishStats, attempts: int | None = None) -> None:
+        attempts = row.attempts + 1 if attempts is None else attempts
+        if self.spool.dead_letter(row, error, attempts):
+            stats.dead_lettered += 1
+            self.producer.send_dead_letter(row, error, attempts)
+            if self.metrics:
+                self.metrics.dead_letters.labels(row.source).inc()
+            log.error("dead-lettered %s/%s after %d attempts: %s", row.topic, row.key, attempts, error)
+        self._attempts.pop(row.id, None)
+
+    def _recover_from_fatal(self) -> None:
+        self.producer.reset()
+        self._in_flight.clear()
+        self._reports.clear()
+        self._rewind = True
+
+    # ------------------------------------------------------------ loop
+
+    def run(self, stop_event: threading.Event, deadline: float | None = None, *, until_empty: bool = False,
+            idle_wait_s: float = 0.05) -> PublishStats:
+        """Drain until ``stop_event`` is set or the monotonic ``deadline`` passes (or, with ``until_empty``,
+        the spool is empty and nothing is in flight), then flush for up to ``delivery_timeout_ms``."""
+        while not stop_event.is_set():
+            now = self.clock.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            if now >= self._next_expire:
+                self.spool.expire()
+                self._next_expire = now + self.expire_every_s
+            stats = self.run_once()
+            if stats.produced or stats.delivered:
+                continue
+            if until_empty and not self._in_flight and self.spool.depth() == 0:
+                break
+            # Idle, held or waiting for reports: let the producer serve callbacks while we wait.
+            wait = idle_wait_s
+            if stats.held:
+                wait = max(idle_wait_s, min(1.0, self._not_before - now, self.breaker.seconds_until_probe() or 1.0))
+            self.producer.poll(wait)
+        self.flush(self.kafka.delivery_timeout_ms / 1000)
+        return self.totals
+
+    def flush(self, timeout: float) -> int:
+        """Wait up to ``timeout`` for outstanding deliveries and apply them; returns rows still in flight."""
+        self.producer.flush(timeout)
+        stats = PublishStats()
+        self._settle(stats)
+        self._done(stats)
+        return len(self._in_flight)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import signal
+
+    from wildfire.config import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m wildfire.publish", description="drain the spool into Kafka")
+    parser.add_argument("--config", default=None, help="stream_config.yaml (default: $WILDFIRE_CONFIG or shipped)")
+    parser.add_argument("--spool", default=None, help="spool database path (default: spool.path from the config)")
+    parser.add_argument("--run-seconds", type=float, default=None, help="stop after this long (default: worker.run_minutes)")
+    parser.add_argument("--until-empty", action="store_true", help="exit once the spool is empty")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    cfg = load_config(args.config)
+    spool = BufferManager(cfg.spool, cfg.sources, path=args.spool)
+    breaker = CircuitBreaker(cfg.circuit_breaker)
+    publisher = SpoolPublisher(spool, ProducerWrapper(cfg.kafka, breaker=breaker))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    run_s = args.run_seconds if args.run_seconds is not None else cfg.worker.run_minutes * 60
+    started = time.monotonic()
+    totals = publisher.run(stop, deadline=started + run_s, until_empty=args.until_empty)
+    print(json.dumps({"produced": totals.produced, "delivered": totals.delivered, "retried": totals.retried,
+                      "dead_lettered": totals.dead_lettered, "in_flight": totals.in_flight,
+                      "spool_depth": spool.depth(), "seconds": round(time.monotonic() - started, 2)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""Build connectors from the config and endpoints, and keep each source's poll cursor between runs.
+
+Endpoints (base URLs, keys) come from Airflow Connections inside Airflow (``Endpoints.from_airflow()``)
+and from environment variables elsewhere (``Endpoints.from_env()``: ``WILDFIRE_FIRMS_URL``,
+``WILDFIRE_FIRMS_MAP_KEY``, ``WILDFIRE_NWS_URL``, ``WILDFIRE_PURPLEAIR_URL``, ``WILDFIRE_PURPLEAIR_KEY``,
+``WILDFIRE_MQTT_HOST``, ``WILDFIRE_MQTT_PORT``), so the same code fetches live data or a local replay.
+
+Cursors (FIRMS keys already seen, PurpleAir ``modified_since``, NWS alert hashes) are JSON files under
+``.local/cursors`` written atomically; a lost cursor only means duplicates, which storage upserts away.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wildfire.clock import SYSTEM_CLOCK, Clock
+from wildfire.config import StreamConfig, resolve_path
+
+POLLING_SOURCE_TYPES = ("nasa_firms", "nws_observations", "nws_alerts", "purpleair")
+
+
+@dataclass(slots=True, frozen=True)
+class Endpoints:
+    firms_url: str = "https://firms.modaps.eosdis.nasa.gov"
+    firms_key: str | None = None
+    nws_url: str = "https://api.weather.gov"
+    purpleair_url: str = "https://api.purpleair.com"
+    purpleair_key: str | None = None
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Endpoints:
+        env = os.environ if environ is None else environ
+        d = cls()
+        return cls(
+            firms_url=env.get("WILDFIRE_FIRMS_URL", d.firms_url),
+            firms_key=env.get("WILDFIRE_FIRMS_MAP_KEY") or None,
+            nws_url=env.get("WILDFIRE_NWS_URL", d.nws_url),
+            purpleair_url=env.get("WILDFIRE_PURPLEAIR_URL", d.purpleair_url),
+            purpleair_key=env.get("WILDFIRE_PURPLEAIR_KEY") or None,
+            mqtt_host=env.get("WILDFIRE_MQTT_HOST", d.mqtt_host),
+            mqtt_port=int(env.get("WILDFIRE_MQTT_PORT", d.mqtt_port)),
+        )
+
+    @classmethod
+    def from_airflow(cls) -> Endpoints:
+        """Read every endpoint from its Airflow Connection; a missing Connection keeps the default."""
+        from wildfire.airflow.hooks.firms import FirmsHook
+        from wildfire.airflow.hooks.mqtt import MqttHook
+        from wildfire.airflow.hooks.nws import NwsHook
+        from wildfire.airflow.hooks.purpleair import PurpleAirHook
+
+        d = cls()
+        values: dict[str, Any] = {}
+
+        def read(fn):  # noqa: ANN001, ANN202 - small local helper
+            try:
+                return fn()
+            except Exception:  # noqa: BLE001 - AirflowNotFoundException and friends: keep defaults
+                return None
+
+        firms = read(lambda: FirmsHook().get_endpoint(require_credential=False))
+        if firms:
+            values.update(firms_url=firms.base_url, firms_key=firms.credential)
+        nws = read(lambda: NwsHook().get_endpoint())
+        if nws:
+            values.update(nws_url=nws.base_url)
+        pa = read(lambda: PurpleAirHook().get_endpoint(require_credential=False))
+        if pa:
+            values.update(purpleair_url=pa.base_url, purpleair_key=pa.credential)
+        mq = read(lambda: MqttHook().get_conn())
+        if mq:
+            values.update(mqtt_host=mq.host, mqtt_port=mq.port, mqtt_username=mq.username, mqtt_password=mq.password)
+        return cls(**{**{f: getattr(d, f) for f in d.__slots__}, **values})  # type: ignore[attr-defined]
+
+
+def build_connector(name: str, config: StreamConfig, endpoints: Endpoints, *, client: Any,
+                    clock: Clock = SYSTEM_CLOCK) -> Any:
+    """The HTTP connector for source ``name``; raises ValueError for sources that are not polled over HTTP."""
+    src = config.source(name)
+    ua = config.http.user_agent
+    if src.source_type == "nasa_firms":
+        from wildfire.connectors.firms import FirmsConnector
+
+        return FirmsConnector(endpoints.firms_url, endpoints.firms_key or "", src, user_agent=ua, client=client,
+                              clock=clock, source_name=name)
+    if src.source_type == "nws_observations":
+        from wildfire.connectors.nws import NwsObservationsConnector
+
+        return NwsObservationsConnector(endpoints.nws_url, src, user_agent=ua, client=client, clock=clock,
+                                        source_name=name)
+    if src.source_type == "nws_alerts":
+        from wildfire.connectors.nws import NwsAlertsConnector
+
+        return NwsAlertsConnector(endpoints.nws_url, src, user_agent=ua, client=client, clock=clock, source_name=name)
+    if src.source_type == "purpleair":
+        from wildfire.connectors.purpleair import PurpleAirConnector
+
+        return PurpleAirConnector(endpoints.purpleair_url, endpoints.purpleair_key or "", src, user_agent=ua,
+                                  client=client, clock=clock, source_name=name)
+    raise ValueError(f"source {name!r} ({src.source_type}) is not a polled HTTP source; "
+                     f"polled types are {', '.join(POLLING_SOURCE_TYPES)}")
+
+
+class CursorStore:
+    """One JSON file per source; writes are atomic (temp file + rename), reads tolerate a bad file."""
+
+    def __init__(self, directory: str | os.PathLike[str] = ".local/cursors") -> None:
+        self.directory = resolve_path(directory)
+
+    def _path(self, source: str) -> Path:
+        return self.directory / f"{source}.json"
+
+    def load(self, source: str) -> dict[str, Any]:
+        try:
+            data = json.loads(self._path(source).read_text())
+            return data if isinstance(data, dict) else {}
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def save(self, source: str, cursor: dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self._path(source).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(cursor, default=str))
+        os.replace(tmp, self._path(source))
+
+
+async def fetch_once(name: str, config: StreamConfig, endpoints: Endpoints, *, cursor: dict[str, Any] | None = None,
+                     clock: Clock = SYSTEM_CLOCK, client: Any = None) -> Any:
+    """One poll of source ``name``: returns the connector's ConnectorResult."""
+    import httpx
+
+    src = config.source(name)
+    own = client is None
+    if own:
+        limits = httpx.Limits(max_connections=max(src.concurrency, 5), max_keepalive_connections=max(src.concurrency, 5))
+        client = httpx.AsyncClient(timeout=src.timeout_seconds, limits=limits)
+    try:
+        connector = build_connector(name, config, endpoints, client=client, clock=clock)
+        return await connector.fetch(cursor or {})
+    finally:
+        if own:
+            await client.aclose()

@@ -1,0 +1,533 @@
+"""The stream worker: drains the spool into Kafka through the streaming layers, and runs real-time sources.
+
+::
+
+    spool --peek--> priority queue (orders each drain batch, LOW share) --> throttle (consumer lag)
+          --> circuit breaker --> producer (acks=all, idempotent) --delivery callback--> spool.ack
+
+Modes (the ``mode`` DAG param):
+
+- ``batch``: drain what the batch DAGs spooled, stop when the spool is empty (or the window ends).
+- ``real_time``: also poll the HTTP sources (FIRMS, NWS, PurpleAir) at their ``polling_interval_seconds``.
+- ``continuous_streaming``: also subscribe to the IoT sensors over MQTT.
+
+Guarantees: a record leaves the spool only when Kafka acknowledged it; CRITICAL records skip the
+throttle delay; an open breaker holds records in the spool. On stop (SIGTERM, ``on_kill``, the end of the
+run window) fetching stops first, then in-flight deliveries get up to ``worker.shutdown_flush_s`` to
+settle; whatever is not acknowledged stays in the spool for the next run.
+
+Every ``worker.config_reload_s`` the worker re-reads ``config/stream_config.yaml`` (if it changed) and the
+runtime overrides (``ops_state.current_overrides``); an invalid result is refused, the running config is
+kept and the reason is published in the status. Status goes to the ``worker_status`` table and to
+``/health``, ``/ready`` and ``/metrics`` on ``worker.metrics_port``.
+
+Run outside Airflow: ``python -m wildfire.worker --mode continuous_streaming --minutes 55``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from wildfire.clock import SYSTEM_CLOCK, Clock
+from wildfire.config import ConfigError, StreamConfig, load_config, resolve_path
+from wildfire.ingest import Ingestor
+from wildfire.priority import Priority
+from wildfire.publish import ProducerWrapper, PublishMetrics, SpoolPublisher
+from wildfire.sources import POLLING_SOURCE_TYPES, CursorStore, Endpoints, build_connector
+from wildfire.spool import BufferManager, SpoolRow
+from wildfire.streaming.backpressure import BackpressureManager
+from wildfire.streaming.breaker import CircuitBreaker, CircuitState
+from wildfire.streaming.metrics import StreamMetrics
+from wildfire.streaming.queue import QueueManager
+from wildfire.streaming.throttling import ThrottlingManager
+
+log = logging.getLogger(__name__)
+
+MODES = ("batch", "real_time", "continuous_streaming")
+COMPONENT = "stream_worker"
+
+
+@dataclass(slots=True)
+class WorkerSummary:
+    mode: str
+    sources: list[str]
+    seconds: float = 0.0
+    published: int = 0
+    dead_lettered: int = 0
+    retried: int = 0
+    left_in_spool: int = 0
+    fetched: dict[str, dict[str, Any]] = field(default_factory=dict)
+    breaker_transitions: list[str] = field(default_factory=list)
+    config_errors: list[str] = field(default_factory=list)
+    stopped_by: str = "deadline"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+def _config_version(cfg: StreamConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+class StreamWorker:
+    def __init__(self, config: StreamConfig, *, mode: str = "continuous_streaming", sources: list[str] | None = None,
+                 run_minutes: float | None = None, fire_season: str | None = None,
+                 endpoints: Endpoints | None = None, config_path: str | os.PathLike[str] | None = None,
+                 clock: Clock = SYSTEM_CLOCK, worker_id: str | None = None, status_db: bool = True,
+                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
+                 lag_source: Any = None, spool_path: str | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
+        if fire_season not in (None, "auto", "on", "off"):
+            raise ValueError(f"fire_season must be auto, on or off, got {fire_season!r}")
+        self.config_path = Path(config_path) if config_path else None
+        self._overrides_id: int | None = None
+        self._overrides: dict[str, Any] = {}
+        self._param_overrides: dict[str, Any] = {}
+        if fire_season:
+            self._param_overrides = {"backpressure": {"fire_season": {"mode": fire_season}}}
+            config = _apply(config, self._param_overrides)
+        self.config = config
+        self.mode = mode
+        unknown = [s for s in (sources or []) if s not in config.sources]
+        if unknown:
+            raise ValueError(f"unknown sources {unknown}: configured are {', '.join(sorted(config.sources))}")
+        self.sources = [s for s in (sources or list(config.sources)) if config.sources[s].enabled]
+        self.run_seconds = 60.0 * (run_minutes if run_minutes is not None else config.worker.run_minutes)
+        self.endpoints = endpoints or Endpoints.from_env()
+        self.clock = clock
+        self.worker_id = worker_id or f"{COMPONENT}-{socket.gethostname()}-{os.getpid()}"
+        self.metrics_port = config.worker.metrics_port if metrics_port is None else metrics_port
+        self.metrics_host = metrics_host
+        self.registry = CollectorRegistry()
+        self.metrics = StreamMetrics(self.registry)
+        self.rng = random.Random()
+        self.breaker = CircuitBreaker(config.circuit_breaker, clock=clock)
+        self.backpressure = BackpressureManager(config.backpressure, clock=clock, rng=self.rng, metrics=self.metrics)
+        self.queue = QueueManager(config.queue, clock=clock, metrics=self.metrics)
+        self.throttle = ThrottlingManager(config.throttling, clock=clock, metrics=self.metrics)
+        self.spool = BufferManager(config.spool, config.sources, path=spool_path, clock=clock,
+                                   fire_season=self.backpressure.fire_season_active(), metrics=self.registry)
+        self.ingestor = Ingestor(self.spool, config, backpressure=self.backpressure, clock=clock, rng=self.rng,
+                                 metrics=self.metrics)
+        self.producer = ProducerWrapper(config.kafka, breaker=self.breaker, clock=clock,
+                                        metrics=PublishMetrics(self.registry))
+        self.publisher = SpoolPublisher(self.spool, self.producer, clock=clock, before_send=self._order)
+        self.cursors = CursorStore(resolve_path(config.spool.path).parent.parent / "cursors")
+        self._lag_source = lag_source
+        self._lag: int | None = None
+        self._lag_error: str | None = None
+        self._next_send_at = 0.0
+        self._critical_only = False
+        self._stop = threading.Event()
+        self._fetch_thread: threading.Thread | None = None
+        self._mqtt: Any = None
+        self._status_engine: Any = None
+        self._status_db = status_db
+        self._http: ThreadingHTTPServer | None = None
+        self._loop_beat = clock.monotonic()
+        self._ready = False
+        self._config_error: str | None = None
+        self._config_mtime = self._mtime()
+        self._recent_drops: deque[dict[str, Any]] = deque(maxlen=20)
+        self._fetch_errors: dict[str, str] = {}
+        self.summary = WorkerSummary(mode=mode, sources=list(self.sources))
+
+    # ------------------------------------------------------------ ordering and throttling
+
+    def _order(self, rows: list[SpoolRow]) -> list[SpoolRow]:
+        """Each drain batch goes through the priority queue (priority order, LOW share, wait metrics).
+
+        The spool is the buffer; the queue is emptied on every call, so it never holds a row the
+        spool would not offer again. While throttled, only CRITICAL rows pass between send windows.
+        """
+        if self._critical_only:
+            return [r for r in rows if r.priority == Priority.CRITICAL]
+        by_prio: dict[int, list[SpoolRow]] = {}
+        for r in rows:
+            by_prio.setdefault(r.priority, []).append(r)
+        for p, items in by_prio.items():
+            # One source label per put; the queue's per-source counters see the batch's first source.
+            self.queue.put_many(items, Priority(p), source=items[0].source)
+        return self.queue.get_batch_items(len(rows))
+
+    def _send_allowed(self, now: float) -> bool:
+        return not self.throttle.throttled or now >= self._next_send_at
+
+    # ------------------------------------------------------------ lag
+
+    def _lag_loop(self) -> None:
+        interval = 5.0
+        while not self._stop.wait(interval):
+            if self._lag_source is None:
+                try:
+                    from wildfire.storage.lag import ConsumerLag
+
+                    topics = sorted({self.config.sources[s].topic for s in self.config.sources})
+                    self._lag_source = ConsumerLag(self.config.kafka.bootstrap_servers, self.config.kafka.consumer_group,
+                                                   topics, timeout_s=5.0)
+                except Exception as exc:  # noqa: BLE001 - lag is advisory; never stop draining for it
+                    self._lag_error = str(exc)
+                    continue
+            try:
+                self._lag = int(self._lag_source.total_lag())
+                self._lag_error = None
+                self.throttle.observe_lag(self._lag)
+            except Exception as exc:  # noqa: BLE001
+                self._lag_error = f"{type(exc).__name__}: {exc}"
+
+    # ------------------------------------------------------------ fetching
+
+    def _fetch_main(self) -> None:
+        asyncio.run(self._fetch_all())
+
+    async def _fetch_all(self) -> None:
+        import httpx
+
+        polled = [s for s in self.sources if self.config.sources[s].source_type in POLLING_SOURCE_TYPES]
+        async with httpx.AsyncClient(timeout=30.0, limits=httpx.Limits(max_connections=40)) as client:
+            tasks = [asyncio.create_task(self._poll_loop(s, client)) for s in polled]
+            while not self._stop.is_set():
+                await asyncio.sleep(0.2)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _poll_loop(self, name: str, client: Any) -> None:
+        src = self.config.sources[name]
+        try:
+            connector = build_connector(name, self.config, self.endpoints, client=client, clock=self.clock)
+        except Exception as exc:  # noqa: BLE001 - a misconfigured source must not stop the others
+            self._fetch_errors[name] = f"{type(exc).__name__}: {exc}"
+            log.error("source %s cannot start: %s", name, exc)
+            return
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                result = await connector.fetch(self.cursors.load(name))
+                report = self.ingestor.accept(name, result.batch, dead_letters=result.dead_letters)
+                self.cursors.save(name, result.cursor)
+                self._note_fetch(name, result.summary.as_dict(), report.as_dict())
+                self._fetch_errors.pop(name, None)
+            except Exception as exc:  # noqa: BLE001 - counted and retried on the next poll
+                self._fetch_errors[name] = f"{type(exc).__name__}: {exc}"
+                log.warning("poll of %s failed: %s", name, exc)
+            wait = max(0.0, src.ingestion.polling_interval_seconds - (time.monotonic() - started))
+            end = time.monotonic() + wait
+            while not self._stop.is_set() and time.monotonic() < end:
+                await asyncio.sleep(min(0.2, end - time.monotonic()))
+
+    def _note_fetch(self, name: str, summary: dict[str, Any], report: dict[str, Any]) -> None:
+        agg = self.summary.fetched.setdefault(name, {"polls": 0, "accepted": 0, "deduplicated": 0, "rejected": 0,
+                                                     "shed": {}, "dead_letters": 0})
+        agg["polls"] += 1
+        agg["accepted"] += sum(report["accepted"].values())
+        agg["deduplicated"] += int(summary.get("deduplicated", 0))
+        agg["rejected"] += int(summary.get("rejected_total", sum((summary.get("rejected") or {}).values())))
+        agg["dead_letters"] += report["dead_letters"]
+        for prio, n in report["shed"].items():
+            agg["shed"][prio] = agg["shed"].get(prio, 0) + n
+            self._recent_drops.append({"ts": datetime.now(UTC).isoformat(), "source": name, "priority": prio,
+                                       "reason": "backpressure", "count": n})
+
+    def _start_mqtt(self) -> None:
+        if "iot_mqtt" not in self.sources or self.mode != "continuous_streaming":
+            return
+        from wildfire.connectors.mqtt import MqttConnector
+
+        e = self.endpoints
+
+        def sink(records: list[Any]) -> None:
+            report = self.ingestor.accept("iot_mqtt", records)
+            self._note_fetch("iot_mqtt", {}, report.as_dict())
+
+        def dead(dl: Any) -> None:
+            self.ingestor.accept("iot_mqtt", [], dead_letters=[dl])
+
+        self._mqtt = MqttConnector(e.mqtt_host, e.mqtt_port, self.config.sources["iot_mqtt"], sink=sink,
+                                   dead_letter_sink=dead, client_id=f"wildfire-{self.worker_id}"[:64],
+                                   username=e.mqtt_username, password=e.mqtt_password, clock=self.clock).start()
+
+    # ------------------------------------------------------------ status, config, http
+
+    def snapshot(self) -> dict[str, Any]:
+        stats = self.spool.stats()
+        depth_by_prio: dict[str, int] = {p.name: 0 for p in Priority}
+        bytes_total = 0
+        for source, by_p in stats.depth.items():
+            for pname, n in by_p.items():
+                depth_by_prio[pname] = depth_by_prio.get(pname, 0) + n
+            bytes_total += sum(stats.bytes.get(source, {}).values())
+        q = self.queue.stats()
+        dropped: dict[str, int] = {}
+        for source, by_reason in stats.drops.items():
+            for reason, n in by_reason.items():
+                dropped[f"{reason}/spool"] = dropped.get(f"{reason}/spool", 0) + n
+        for name, agg in self.summary.fetched.items():
+            for prio, n in agg["shed"].items():
+                dropped[f"backpressure/{prio}"] = dropped.get(f"backpressure/{prio}", 0) + n
+        return {
+            "mode": self.mode,
+            "sources": self.sources,
+            "queue": {"depth": {p.name: self.queue.depth(p) for p in Priority}, "max_size": self.queue.max_size,
+                      "fill": round(self.queue.fill_ratio(), 4), "dequeued": getattr(q, "dequeued", None)},
+            "spool": {"depth": depth_by_prio, "by_source": stats.depth, "bytes": bytes_total,
+                      "oldest_age_s": max(stats.oldest_age_s.values(), default=0.0),
+                      "utilization": stats.utilization, "dead_letters": stats.dead_letters,
+                      "quarantined": stats.quarantined},
+            "backpressure": {"state": self.backpressure.state.name,
+                             "fill": round(max(stats.utilization.values(), default=0.0), 4),
+                             "fire_season": self.backpressure.fire_season_active()},
+            "breaker": {"state": self.breaker.state.name, "failures": self.breaker.consecutive_failures},
+            "throttle": {"level": self.throttle.level, "delay_s": self.throttle.delay_s(), "lag": self._lag,
+                         "lag_error": self._lag_error},
+            "published": self.publisher.totals.delivered,
+            "dead_lettered": self.publisher.totals.dead_lettered,
+            "in_flight": self.publisher.totals.in_flight,
+            "dropped": dropped,
+            "recent_drops": list(self._recent_drops),
+            "fetch_errors": dict(self._fetch_errors),
+            "config": {"version": _config_version(self.config), "error": self._config_error},
+            "metrics_url": f"http://{self.metrics_host}:{self.metrics_port}/metrics" if self._http else None,
+        }
+
+    def health(self) -> tuple[bool, list[str]]:
+        reasons = []
+        if self.breaker.state is CircuitState.OPEN:
+            reasons.append("circuit breaker OPEN: Kafka unreachable, records held in the spool")
+        if self.clock.monotonic() - self._loop_beat > 30:
+            reasons.append("drain loop stalled for more than 30 s")
+        return not reasons, reasons
+
+    def _write_status(self) -> None:
+        if not self._status_db:
+            return
+        try:
+            from wildfire import ops_state
+
+            if self._status_engine is None:
+                from wildfire.storage.migrate import database_url, upgrade
+
+                upgrade(database_url(self.config.storage))
+                self._status_engine = ops_state.engine_for(self.config)
+            ops_state.write_worker_status(self._status_engine, self.worker_id, COMPONENT, self.snapshot())
+            ov_id, overrides = ops_state.current_overrides(self._status_engine)
+            if ov_id != self._overrides_id:
+                self._overrides_id = ov_id
+                self._reload(overrides=overrides)
+        except Exception as exc:  # noqa: BLE001 - status is advisory; the drain must go on
+            log.warning("could not write worker status: %s", exc)
+
+    def _mtime(self) -> float | None:
+        try:
+            return self.config_path.stat().st_mtime if self.config_path else None
+        except OSError:
+            return None
+
+    def _check_config_file(self) -> None:
+        mtime = self._mtime()
+        if mtime != self._config_mtime:
+            self._config_mtime = mtime
+            self._reload()
+
+    def _reload(self, overrides: dict[str, Any] | None = None) -> None:
+        if overrides is not None:
+            self._overrides = overrides
+        try:
+            from wildfire.config import deep_merge
+
+            layered = deep_merge(self._overrides, self._param_overrides)
+            new = load_config(self.config_path, overrides=layered)
+        except ConfigError as exc:
+            self._config_error = f"kept the running config: {exc}"
+            self.summary.config_errors.append(str(exc))
+            log.error("config reload refused, keeping the running config: %s", exc)
+            return
+        self._config_error = None
+        if new == self.config:
+            return
+        self.apply_config(new)
+
+    def apply_config(self, new: StreamConfig) -> None:
+        """Apply what can change at run time; Kafka client settings need a new run."""
+        self.breaker.reconfigure(new.circuit_breaker)
+        self.backpressure.reconfigure(new.backpressure)
+        self.throttle.config = new.throttling
+        if new.queue.max_size != self.queue.max_size:
+            self.queue.resize(new.queue.max_size)
+        self.queue.config = new.queue
+        self.spool.config = new.spool
+        self.spool.sources = dict(new.sources)
+        self.config = new
+        self.ingestor.config = new
+        log.info("applied config %s", _config_version(new))
+
+    def _serve_http(self) -> None:
+        if not self.metrics_port:
+            return
+        worker = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                if self.path.startswith("/metrics"):
+                    body, ctype, code = generate_latest(worker.registry), "text/plain; version=0.0.4", 200
+                elif self.path.startswith("/health"):
+                    ok, reasons = worker.health()
+                    body = json.dumps({"status": "ok" if ok else "unhealthy", "reasons": reasons}).encode()
+                    ctype, code = "application/json", 200 if ok else 503
+                elif self.path.startswith("/ready"):
+                    code = 200 if worker._ready else 503
+                    body, ctype = json.dumps({"ready": worker._ready}).encode(), "application/json"
+                elif self.path.startswith("/status"):
+                    body, ctype, code = json.dumps(worker.snapshot(), default=str).encode(), "application/json", 200
+                else:
+                    body, ctype, code = b"not found", "text/plain", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        try:
+            self._http = ThreadingHTTPServer((self.metrics_host, self.metrics_port), Handler)
+        except OSError as exc:
+            log.warning("metrics port %s:%s unavailable (%s); running without /health and /metrics",
+                        self.metrics_host, self.metrics_port, exc)
+            return
+        self.metrics_port = self._http.server_address[1]
+        threading.Thread(target=self._http.serve_forever, name="worker-http", daemon=True).start()
+
+    # ------------------------------------------------------------ the run
+
+    def stop(self, reason: str = "stop requested") -> None:
+        self.summary.stopped_by = reason
+        self._stop.set()
+
+    def run(self) -> WorkerSummary:
+        started = self.clock.monotonic()
+        deadline = started + self.run_seconds
+        self._serve_http()
+        threading.Thread(target=self._lag_loop, name="worker-lag", daemon=True).start()
+        if self.mode in ("real_time", "continuous_streaming"):
+            self._fetch_thread = threading.Thread(target=self._fetch_main, name="worker-fetch", daemon=True)
+            self._fetch_thread.start()
+            self._start_mqtt()
+        self._ready = True
+        next_status = 0.0
+        next_config = started + self.config.worker.config_reload_s
+        log.info("stream worker %s: mode %s, sources %s, window %.0f s", self.worker_id, self.mode,
+                 ",".join(self.sources), self.run_seconds)
+        try:
+            while not self._stop.is_set():
+                now = self.clock.monotonic()
+                self._loop_beat = now
+                if now >= deadline:
+                    self.summary.stopped_by = "deadline"
+                    break
+                if now >= next_status:
+                    self._write_status()
+                    next_status = now + min(5.0, self.config.worker.config_reload_s)
+                if now >= next_config:
+                    self._check_config_file()
+                    next_config = now + self.config.worker.config_reload_s
+                self._critical_only = not self._send_allowed(now)
+                if self._critical_only and self.spool.depth(priority=Priority.CRITICAL) == 0:
+                    # Throttled and nothing CRITICAL waiting: only serve delivery reports until the window.
+                    self.producer.poll(min(0.05, max(0.0, self._next_send_at - now)))
+                    self.publisher.flush(0)
+                    continue
+                stats = self.publisher.run_once()
+                if stats.produced and not self._critical_only and self.throttle.throttled:
+                    self._next_send_at = now + self.throttle.delay_s()
+                if stats.produced or stats.delivered:
+                    continue
+                if self.mode == "batch" and stats.in_flight == 0 and self.spool.depth() == 0:
+                    self.summary.stopped_by = "spool empty"
+                    break
+                self.producer.poll(0.05)
+        finally:
+            self._shutdown(started)
+        return self.summary
+
+    def _shutdown(self, started: float) -> None:
+        self._stop.set()
+        if self._mqtt is not None:
+            self._mqtt.stop()
+        if self._fetch_thread is not None:
+            self._fetch_thread.join(timeout=10)
+        left = self.publisher.flush(self.config.worker.shutdown_flush_s)
+        totals = self.publisher.totals
+        self.summary.seconds = round(self.clock.monotonic() - started, 3)
+        self.summary.published = totals.delivered
+        self.summary.dead_lettered = totals.dead_lettered
+        self.summary.retried = totals.retried
+        self.summary.left_in_spool = self.spool.depth()
+        self.summary.breaker_transitions = [f"{a.name}->{b.name}" for _, a, b in self.breaker.transitions]
+        if left:
+            log.warning("%d deliveries unconfirmed at shutdown; their records stay in the spool", left)
+        self._write_status()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        self.spool.close()
+
+
+def _apply(config: StreamConfig, overrides: dict[str, Any]) -> StreamConfig:
+    from wildfire.config import build_config
+
+    return build_config(config.model_dump(mode="json"), overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wildfire.worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--mode", choices=MODES, default="continuous_streaming")
+    parser.add_argument("--sources", default="", help="comma-separated; default: every enabled source")
+    parser.add_argument("--minutes", type=float, default=None, help="run window (default: worker.run_minutes)")
+    parser.add_argument("--fire-season", choices=("auto", "on", "off"), default=None)
+    parser.add_argument("--metrics-port", type=int, default=None)
+    parser.add_argument("--metrics-host", default="127.0.0.1")
+    parser.add_argument("--no-status-db", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}")
+        return 2
+    path = args.config or os.environ.get("WILDFIRE_CONFIG") or None
+    worker = StreamWorker(cfg, mode=args.mode, sources=[s for s in args.sources.split(",") if s] or None,
+                          run_minutes=args.minutes, fire_season=args.fire_season,
+                          config_path=path or resolve_path("config/stream_config.yaml"),
+                          metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                          status_db=not args.no_status_db)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: worker.stop(signal.Signals(s).name))
+    summary = worker.run()
+    print(json.dumps(summary.as_dict(), default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
