@@ -1,0 +1,270 @@
+"""deploy/: Kubernetes manifests validated offline against the Kubernetes schemas, and held to the
+requirements no schema knows (probes, rollout strategy, slide 35 resources, HPA bounds, one source of
+truth for config and topics, shards covering each source once). No cluster runs here."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes_validate import utils as kv
+
+from wildfire.config import build_config, env_overrides, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+HELM_VALUES = ROOT / "deploy" / "helm" / "airflow-values.yaml"
+# A recent release and the newest one the bundled schemas cover.
+K8S_VERSIONS = ("1.33.0", "1.35.0")
+SLIDE_35_RESOURCES = {"requests": {"cpu": "500m", "memory": "500Mi"}, "limits": {"cpu": "1000m", "memory": "1Gi"}}
+
+
+def _render():
+    spec = importlib.util.spec_from_file_location("deploy_render", ROOT / "deploy" / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def manifests() -> list[tuple[str, dict]]:
+    return [(f"{p.name}:{d['kind']}/{d['metadata']['name']}", d) for p in sorted(K8S.glob("*.yaml")) for d in _docs(p)]
+
+
+def of_kind(kind: str) -> list[dict]:
+    return [d for _, d in manifests() if d["kind"] == kind]
+
+
+def workers() -> list[dict]:
+    return [d for d in of_kind("Deployment") if d["metadata"]["labels"].get("app.kubernetes.io/component") == "stream-worker"]
+
+
+def consumer() -> dict:
+    (dep,) = [d for d in of_kind("Deployment") if d["metadata"]["name"] == "wildfire-storage-consumer"]
+    return dep
+
+
+def container(dep: dict) -> dict:
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def container_env(c: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in c.get("env", [])}
+
+
+# ------------------------------------------------------------------ schema validation
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("name,doc", manifests(), ids=[n for n, _ in manifests()])
+def test_manifest_valid_against_kubernetes_schema(name, doc, version):
+    # strict: unknown fields (typos such as `readinesProbe`) are errors, not silently ignored.
+    kv.validate(doc, version, strict=True)
+
+
+def test_validator_rejects_a_broken_manifest():
+    # Guards the test above against passing vacuously (e.g. schemas missing, validator a no-op).
+    bad = yaml.safe_load((K8S / "40-storage-consumer.yaml").read_text().split("\n---\n")[0])
+    bad["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"] = {"nested": 1}
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, K8S_VERSIONS[-1], strict=True)
+    bad = yaml.safe_load((K8S / "40-storage-consumer.yaml").read_text().split("\n---\n")[0])
+    bad["spec"]["strategy"]["rollingUpdat"] = bad["spec"]["strategy"].pop("rollingUpdate")
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, K8S_VERSIONS[-1], strict=True)
+
+
+def test_every_object_is_namespaced_to_wildfire():
+    for name, doc in manifests():
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == "wildfire", name
+
+
+def test_generated_files_are_current():
+    render = _render()
+    assert render.main(["--check"]) == 0, "run: .venv/bin/python deploy/render.py"
+
+
+# ------------------------------------------------------------------ config: one source of truth
+
+
+def test_configmap_embeds_the_shipped_config_verbatim():
+    (cm,) = [d for d in of_kind("ConfigMap") if d["metadata"]["name"] == "wildfire-stream-config"]
+    assert cm["data"]["stream_config.yaml"] == (ROOT / "config/stream_config.yaml").read_text()
+
+
+def test_pods_mount_the_config_directory_and_point_at_it():
+    (env_cm,) = [d for d in of_kind("ConfigMap") if d["metadata"]["name"] == "wildfire-env"]
+    assert env_cm["data"]["WILDFIRE_CONFIG"] == "/opt/wildfire/config/stream_config.yaml"
+    assert env_cm["data"]["PYTHONPATH"] == "/opt/wildfire/plugins"
+    for dep in [*workers(), consumer(), *of_kind("Job")]:
+        spec = dep["spec"]["template"]["spec"]
+        c = container(dep)
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        vols = {v["name"]: v for v in spec["volumes"]}
+        assert mounts["stream-config"]["mountPath"] == "/opt/wildfire/config"
+        # Not subPath: subPath mounts never see ConfigMap updates, and the worker reloads its config.
+        assert "subPath" not in mounts["stream-config"]
+        assert vols["stream-config"]["configMap"]["name"] == "wildfire-stream-config"
+        assert {"configMapRef": {"name": "wildfire-env"}} in c["envFrom"]
+        assert "/opt/wildfire/config/stream_config.yaml" in c["args"] or \
+            "/opt/wildfire/config/stream_config.yaml" in " ".join(c["args"])
+
+
+def test_env_overrides_in_manifests_are_valid_config():
+    # Every WILDFIRE__ variable a pod gets must be accepted by the config loader (no typo'd key).
+    (env_cm,) = [d for d in of_kind("ConfigMap") if d["metadata"]["name"] == "wildfire-env"]
+    for dep in [*workers(), consumer()]:
+        env = {k: v for k, v in env_cm["data"].items() if k.startswith("WILDFIRE__")}
+        env |= {k: (v if v is not None else "postgresql://u:p@db:5432/wildfire")
+                for k, v in container_env(container(dep)).items() if k.startswith("WILDFIRE__")}
+        load_config(ROOT / "config/stream_config.yaml", environ=env)
+
+
+def test_topics_come_from_the_config_through_the_bootstrap_job():
+    (job,) = of_kind("Job")
+    script = " ".join(container(job)["args"])
+    assert "python -m wildfire.topics --config /opt/wildfire/config/stream_config.yaml" in script
+    # --check makes the Job fail when the broker disagrees with the configured partitions.
+    assert "python -m wildfire.topics --config /opt/wildfire/config/stream_config.yaml --check" in script
+    assert "python -m wildfire.storage.migrate upgrade" in script
+    # Partitions are written nowhere else under deploy/k8s, so they cannot drift from the config.
+    for p in K8S.glob("*.yaml"):
+        if p.name != "10-stream-config.yaml":
+            assert not re.search(r"\bpartitions\s*:", p.read_text()), p.name
+
+
+# ------------------------------------------------------------------ stream workers
+
+
+def test_worker_shards_cover_every_source_exactly_once():
+    render = _render()
+    cfg = load_config(ROOT / "config/stream_config.yaml", environ={})
+    run_by = {}
+    for dep in workers():
+        env = {k: v for k, v in container_env(container(dep)).items() if v is not None}
+        shard_cfg = build_config(yaml.safe_load((ROOT / "config/stream_config.yaml").read_text()), env_overrides(env))
+        enabled = {n for n, s in shard_cfg.sources.items() if s.enabled}
+        assert enabled == set(dep["metadata"]["annotations"]["wildfire.io/sources"].split(",")), dep["metadata"]["name"]
+        for name in enabled:
+            assert name not in run_by, f"{name} in two shards: {run_by[name]} and {dep['metadata']['name']}"
+            run_by[name] = dep["metadata"]["name"]
+    assert set(run_by) | set(render.AIRFLOW_ONLY) == set(cfg.sources)
+    assert not set(run_by) & set(render.AIRFLOW_ONLY)
+
+
+def test_worker_is_one_pod_per_spool_with_stop_then_start_rollout():
+    pvcs = {d["metadata"]["name"]: d for d in of_kind("PersistentVolumeClaim")}
+    claims = []
+    for dep in workers():
+        spec = dep["spec"]
+        assert spec["replicas"] == 1
+        assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
+        c = container(dep)
+        assert c["command"] == ["python", "-m", "wildfire.worker"]
+        assert c["args"][c["args"].index("--mode") + 1] == "continuous_streaming"
+        (state,) = [m for m in c["volumeMounts"] if m["name"] == "state"]
+        assert state["mountPath"] == "/opt/wildfire/.local"   # spool.path .local/spool/spool.db under it
+        (vol,) = [v for v in spec["template"]["spec"]["volumes"] if v["name"] == "state"]
+        claim = vol["persistentVolumeClaim"]["claimName"]
+        assert pvcs[claim]["spec"]["accessModes"] == ["ReadWriteOncePod"]
+        claims.append(claim)
+    assert len(claims) == len(set(claims)) == 4, "each shard needs its own spool volume"
+    cfg = load_config(ROOT / "config/stream_config.yaml", environ={})
+    assert cfg.spool.path.startswith(".local/"), "the spool must live on the mounted state volume"
+
+
+def test_no_autoscaler_targets_a_worker():
+    worker_names = {d["metadata"]["name"] for d in workers()}
+    for hpa in of_kind("HorizontalPodAutoscaler"):
+        assert hpa["spec"]["scaleTargetRef"]["name"] not in worker_names
+
+
+def test_worker_grace_period_covers_shutdown_flush():
+    cfg = load_config(ROOT / "config/stream_config.yaml", environ={})
+    for dep in workers():
+        assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > cfg.worker.shutdown_flush_s
+
+
+# ------------------------------------------------------------------ probes, resources, strategy
+
+
+def _probe_port(dep: dict, probe: dict) -> int:
+    port = probe["httpGet"]["port"]
+    if isinstance(port, int):
+        return port
+    (p,) = [p for p in container(dep)["ports"] if p["name"] == port]
+    return p["containerPort"]
+
+
+@pytest.mark.parametrize("which", ["worker", "consumer"])
+def test_probes_use_the_process_own_health_endpoint(which):
+    cfg = load_config(ROOT / "config/stream_config.yaml", environ={})
+    deps = workers() if which == "worker" else [consumer()]
+    port = cfg.worker.metrics_port if which == "worker" else 9109
+    for dep in deps:
+        c = container(dep)
+        for kind in ("livenessProbe", "readinessProbe"):
+            assert c[kind]["httpGet"]["path"] == "/health", (dep["metadata"]["name"], kind)
+            assert _probe_port(dep, c[kind]) == port
+        assert c["startupProbe"]["httpGet"]["path"] == "/ready"
+        assert _probe_port(dep, c["startupProbe"]) == port
+        # slide 35: readiness every 5 s, liveness every 10 s
+        assert c["readinessProbe"]["periodSeconds"] == 5
+        assert c["livenessProbe"]["periodSeconds"] == 10
+        ann = dep["spec"]["template"]["metadata"]["annotations"]
+        assert ann["prometheus.io/port"] == str(port) and ann["prometheus.io/scrape"] == "true"
+    if which == "consumer":
+        assert "--metrics-port" in container(deps[0])["args"]
+        assert container(deps[0])["args"][container(deps[0])["args"].index("--metrics-port") + 1] == "9109"
+
+
+def test_resources_are_slide_35():
+    for dep in [*workers(), consumer()]:
+        assert container(dep)["resources"] == SLIDE_35_RESOURCES, dep["metadata"]["name"]
+
+
+def test_every_container_has_requests_and_limits():
+    for name, doc in manifests():
+        if doc["kind"] in ("Deployment", "Job", "StatefulSet"):
+            res = container(doc)["resources"]
+            assert res["requests"]["cpu"] and res["requests"]["memory"] and res["limits"]["memory"], name
+
+
+def test_consumer_rolls_one_at_a_time():
+    strategy = consumer()["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate" and strategy["rollingUpdate"]["maxUnavailable"] == 1
+    # The HPA owns the replica count; a fixed `replicas` would be reset on every `kubectl apply`.
+    assert "replicas" not in consumer()["spec"]
+
+
+def test_consumer_hpa_is_slide_35_and_bounded_by_partitions():
+    (hpa,) = of_kind("HorizontalPodAutoscaler")
+    spec = hpa["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "wildfire-storage-consumer"}
+    assert (spec["minReplicas"], spec["maxReplicas"]) == (2, 10)
+    (metric,) = spec["metrics"]
+    assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["averageUtilization"] == 70
+    assert spec["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 180
+    assert spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 600
+    cfg = load_config(ROOT / "config/stream_config.yaml", environ={})
+    consumed = [t for name, t in cfg.topics.items() if name != cfg.kafka.dlq_topic]
+    # Consumers beyond the largest partition count would get no partition at all.
+    assert spec["maxReplicas"] <= max(t.partitions for t in consumed)
+    (pdb,) = of_kind("PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] < spec["minReplicas"]
+
+
+def test_secrets_are_references_not_values():
+    for name, doc in manifests():
+        if doc["kind"] in ("Deployment", "Job"):
+            for e in container(doc).get("env", []):
+                if re.search(r"URL|KEY|PASSWORD|TOKEN", e["name"]) and e["name"] != "WILDFIRE__KAFKA__BOOTSTRAP_SERVERS":
+                    assert "valueFrom" in e and "secretKeyRef" in e["valueFrom"], (name, e["name"])
