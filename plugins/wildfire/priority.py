@@ -16,7 +16,7 @@ class Priority(IntEnum):
     LOW = 3  # backfill and analytics
 
     @classmethod
-    def parse(cls, value: "Priority | str | int") -> "Priority":
+    def parse(cls, value: Priority | str | int) -> Priority:
         """Accept a Priority, its name (any case) or its value; raise ValueError naming the input."""
         if isinstance(value, Priority):
             return value

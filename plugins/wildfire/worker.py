@@ -278,10 +278,10 @@ class StreamWorker:
             bytes_total += sum(stats.bytes.get(source, {}).values())
         q = self.queue.stats()
         dropped: dict[str, int] = {}
-        for source, by_reason in stats.drops.items():
+        for by_reason in stats.drops.values():
             for reason, n in by_reason.items():
                 dropped[f"{reason}/spool"] = dropped.get(f"{reason}/spool", 0) + n
-        for name, agg in self.summary.fetched.items():
+        for agg in self.summary.fetched.values():
             for prio, n in agg["shed"].items():
                 dropped[f"backpressure/{prio}"] = dropped.get(f"backpressure/{prio}", 0) + n
         return {

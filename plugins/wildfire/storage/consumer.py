@@ -23,8 +23,6 @@ From the shell::
 
 from __future__ import annotations
 
-import orjson
-
 import argparse
 import logging
 import os
@@ -32,8 +30,10 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+import orjson
 
 from wildfire.clock import SYSTEM_CLOCK, Clock
 from wildfire.config import StreamConfig, load_config
@@ -66,6 +66,11 @@ class ConsumerStats:
     """Offset commits that failed (retried on the next batch or at revoke)."""
     write_failures: int = 0
     """Batches the database refused as a whole (retried after rewinding)."""
+    stored_by_kind: dict[str, int] = field(default_factory=dict)
+    """Records offered to the database per record kind (what downstream Asset events announce)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def source_topics(config: StreamConfig) -> list[str]:
@@ -237,6 +242,8 @@ class StorageConsumer:
         self.stats.records += result.records
         self.stats.changed += result.changed
         self.stats.dead_letters += result.dead_letters
+        for kind, rows in batch.rows.items():
+            self.stats.stored_by_kind[kind] = self.stats.stored_by_kind.get(kind, 0) + len(rows)
         self._pending.update(nxt)
         if self._crash:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,40 @@
+"""ERA5 backfill: one mapped task per day of the chosen range, LOW priority (shed first under load)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+
+from airflow.sdk import DAG, Param, task
+from wildfire.airflow.operators.era5 import Era5DayToSpoolOperator
+
+with DAG(
+    dag_id="era5_backfill",
+    schedule=None,
+    start_date=datetime(2025, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    tags=["wildfire", "backfill", "era5"],
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
+    doc_md=__doc__,
+    params={
+        "start_date": Param("2017-01-01", type="string", format="date", title="First day"),
+        "end_date": Param("2017-01-01", type="string", format="date", title="Last day (inclusive)"),
+        "data_dir": Param("include/era5", type="string", title="Folder with era5_YYYY-MM-DD.grib files"),
+        "download": Param(False, type="boolean", title="Download missing days with cdsapi"),
+    },
+) as dag:
+
+    @task(retries=2)
+    def days(params: dict | None = None) -> list[str]:
+        start = date.fromisoformat(params["start_date"])
+        end = date.fromisoformat(params["end_date"])
+        if end < start:
+            raise ValueError(f"end_date {end} is before start_date {start}")
+        if (end - start).days > 366:
+            raise ValueError(f"{(end - start).days + 1} days requested; split backfills into at most a year")
+        return [(start + timedelta(days=i)).isoformat() for i in range((end - start).days + 1)]
+
+    Era5DayToSpoolOperator.partial(
+        task_id="load_day", data_dir="{{ params.data_dir }}", download="{{ params.download }}",
+        max_active_tis_per_dag=2,
+    ).expand(day=days())

@@ -1,0 +1,31 @@
+"""Daily fire-activity summary for California, run when new fire detections land (Asset-scheduled)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG, task
+from wildfire.airflow.assets import FIRE_DETECTIONS
+
+with DAG(
+    dag_id="fire_activity_summary",
+    schedule=[FIRE_DETECTIONS],
+    start_date=datetime(2025, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    tags=["wildfire", "reporting"],
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
+    doc_md=__doc__,
+) as dag:
+
+    @task(retries=2)
+    def summarize() -> dict:
+        import sqlalchemy as sa
+        from wildfire.airflow.hooks.database import WildfireDbHook
+        from wildfire.reports import california_fire_activity
+        from wildfire.storage.migrate import sqlalchemy_url
+
+        engine = sa.create_engine(sqlalchemy_url(WildfireDbHook().database_url()))
+        return california_fire_activity(engine)
+
+    summarize()

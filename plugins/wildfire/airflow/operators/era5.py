@@ -1,0 +1,51 @@
+"""One day of ERA5 into the spool (LOW priority): the ``era5_backfill`` DAG's mapped task."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+
+class Era5DayToSpoolOperator(BaseOperator):
+    """Load ``{data_dir}/era5_{day}.grib``; if absent and ``download`` is true, fetch it with cdsapi first.
+
+    Without CDS credentials and without a file the day fails with a message saying both options.
+    """
+
+    template_fields: Sequence[str] = ("day", "data_dir")
+
+    def __init__(self, *, day: str, data_dir: str = "include/era5", download: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.day = day
+        self.data_dir = data_dir
+        self.download = download
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from datetime import date
+
+        from wildfire.airflow.operators.fetch import open_pipeline
+        from wildfire.config import load_config, resolve_path
+        from wildfire.connectors.era5 import download_era5, load_era5_file
+
+        config = load_config()
+        day = date.fromisoformat(str(self.day)[:10])
+        folder = resolve_path(self.data_dir)
+        path = folder / f"era5_{day.isoformat()}.grib"
+        if not path.exists():
+            if not self.download:
+                raise FileNotFoundError(
+                    f"no ERA5 file {path}: put one there, or set the DAG param download=true with CDS credentials "
+                    "(~/.cdsapirc or CDSAPI_URL/CDSAPI_KEY)")
+            folder.mkdir(parents=True, exist_ok=True)
+            download_era5(path, day)
+        src = config.source("era5")
+        result = load_era5_file(path, "era5", priority=src.record_priority)
+        spool, ingestor = open_pipeline(config)
+        try:
+            report = ingestor.accept("era5", result.batch, dead_letters=result.dead_letters)
+        finally:
+            spool.close()
+        self.log.info("ERA5 %s: %s; admission %s", day, result.summary.as_dict(), report.as_dict())
+        return {"day": day.isoformat(), "summary": result.summary.as_dict(), "admission": report.as_dict()}
