@@ -75,6 +75,11 @@ class _Layout:
 SRC = 'source=~"$source"'
 
 
+def _q(expr: str) -> str:
+    """PromQL with ``{SRC}`` replaced by the $source selector (f-strings would fight PromQL's braces)."""
+    return expr.replace("{SRC}", "{" + SRC + "}")
+
+
 def build() -> dict[str, Any]:
     d = _Layout()
     d.row("Flow")
@@ -84,16 +89,16 @@ def build() -> dict[str, Any]:
             unit="ops", stack=True,
             description="Records acknowledged by Kafka (acks=all) and deleted from the spool.")
     d.panel("Drops and rejections by reason (records/s)",
-            [("sum by (reason) (rate(wildfire_records_dropped_total{%s}[$__rate_interval]))" % SRC, "queue: {{reason}}"),
-             ("sum by (reason) (rate(wildfire_spool_dropped_records_total{%s}[$__rate_interval]))" % SRC,
+            [(_q("sum by (reason) (rate(wildfire_records_dropped_total{SRC}[$__rate_interval]))"), "queue: {{reason}}"),
+             (_q("sum by (reason) (rate(wildfire_spool_dropped_records_total{SRC}[$__rate_interval]))"),
               "spool: {{reason}}")],
             unit="ops", description="Every record not delivered is counted here with its reason; "
                                     "CRITICAL is never shed by backpressure.")
     d.panel("Admission decisions (records/s)",
-            [("sum by (decision, priority) (rate(wildfire_admission_decisions_total{%s}[$__rate_interval]))" % SRC,
+            [(_q("sum by (decision, priority) (rate(wildfire_admission_decisions_total{SRC}[$__rate_interval]))"),
               "{{decision}} {{priority}}")], unit="ops")
     d.panel("Dequeued per source (records/s)",
-            [("sum by (source) (rate(wildfire_queue_dequeued_total{%s}[$__rate_interval]))" % SRC, "{{source}}")],
+            [(_q("sum by (source) (rate(wildfire_queue_dequeued_total{SRC}[$__rate_interval]))"), "{{source}}")],
             unit="ops", stack=True)
 
     d.row("Buffers")
@@ -101,13 +106,13 @@ def build() -> dict[str, Any]:
             [("sum by (priority) (wildfire_queue_depth)", "{{priority}}"),
              ("sum(wildfire_queue_capacity)", "capacity")], unit="short")
     d.panel("Spool depth per priority",
-            [("sum by (priority) (wildfire_spool_depth_records{%s})" % SRC, "{{priority}}")], unit="short", stack=True)
+            [(_q("sum by (priority) (wildfire_spool_depth_records{SRC})"), "{{priority}}")], unit="short", stack=True)
     d.panel("Spool utilization per source",
-            [("max by (source) (wildfire_spool_utilization{%s})" % SRC, "{{source}}")],
+            [(_q("max by (source) (wildfire_spool_utilization{SRC})"), "{{source}}")],
             unit="percentunit", max_value=1.0,
             description="records / capacity; spool.utilization_alert is 0.8")
     d.panel("Oldest spooled record per source",
-            [("max by (source) (wildfire_spool_oldest_age_seconds{%s})" % SRC, "{{source}}")], unit="s",
+            [(_q("max by (source) (wildfire_spool_oldest_age_seconds{SRC})"), "{{source}}")], unit="s",
             description="Records older than spool.ttl_seconds (24 h) are expired and archived.")
     d.panel("Queue wait p95 per priority",
             [("histogram_quantile(0.95, sum by (le, priority) (rate(wildfire_queue_wait_seconds_bucket[$__rate_interval])))",
@@ -132,7 +137,7 @@ def build() -> dict[str, Any]:
             [("max by (instance) (wildfire_throttle_level)", "level {{instance}}"),
              ("max by (instance) (wildfire_throttle_delay_seconds)", "delay s {{instance}}")])
     d.panel("Allowed send rate per source (records/s)",
-            [("min by (source) (wildfire_send_rate_limit{%s})" % SRC, "{{source}}")], unit="ops")
+            [(_q("min by (source) (wildfire_send_rate_limit{SRC})"), "{{source}}")], unit="ops")
 
     d.row("Kafka and storage")
     d.panel("Consumer lag per group",
@@ -147,10 +152,10 @@ def build() -> dict[str, Any]:
     d.panel("In flight, retries and dead letters",
             [("sum(wildfire_publish_in_flight_records)", "in flight"),
              ("sum by (reason) (rate(wildfire_publish_retries_total[$__rate_interval]))", "retries/s {{reason}}"),
-             ("sum by (source) (rate(wildfire_publish_dead_letters_total{%s}[$__rate_interval]))" % SRC,
+             (_q("sum by (source) (rate(wildfire_publish_dead_letters_total{SRC}[$__rate_interval]))"),
               "dead letters/s {{source}}"),
              ("max(wildfire_spool_dead_letters)", "spool dead_letters rows")])
-    d.panel("Scrape targets up", [('up{job=~"wildfire.*"}', "{{job}} {{instance}}")], kind="stat",
+    d.panel("Scrape targets up", [('up{job=~"wildfire-(worker|consumer)"}', "{{job}} {{instance}}")], kind="stat",
             mappings=_mappings({0: ("DOWN", "red"), 1: ("UP", "green")}))
 
     return {

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 from kubernetes_validate import utils as kv
-
 from wildfire.config import build_config, env_overrides, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -268,3 +267,56 @@ def test_secrets_are_references_not_values():
             for e in container(doc).get("env", []):
                 if re.search(r"URL|KEY|PASSWORD|TOKEN", e["name"]) and e["name"] != "WILDFIRE__KAFKA__BOOTSTRAP_SERVERS":
                     assert "valueFrom" in e and "secretKeyRef" in e["valueFrom"], (name, e["name"])
+
+
+# ------------------------------------------------------------------ Airflow Helm values, image
+
+
+# Documented top-level keys of the official chart (parameters reference, chart 1.2x). An allow-list,
+# not the chart's values.schema.json, which cannot be fetched here: it catches typos, not wrong nesting.
+HELM_TOP_LEVEL_KEYS = {
+    "airflowVersion", "images", "executor", "dags", "env", "secret", "extraEnv", "extraEnvFrom", "extraSecrets",
+    "extraConfigMaps", "config", "postgresql", "data", "redis", "scheduler", "dagProcessor", "triggerer",
+    "apiServer", "workers", "statsd", "pgbouncer", "logs", "defaultAirflowRepository", "defaultAirflowTag",
+    "fernetKeySecretName", "migrateDatabaseJob", "createUserJob", "ingress", "airflowLocalSettings",
+}
+
+
+def helm_values() -> dict:
+    return yaml.safe_load(HELM_VALUES.read_text())
+
+
+def test_helm_values_use_known_chart_keys():
+    unknown = set(helm_values()) - HELM_TOP_LEVEL_KEYS
+    assert not unknown, f"not a documented top-level key of the Airflow chart: {sorted(unknown)}"
+
+
+def test_helm_values_pass_every_connection_from_a_secret():
+    local = set(re.findall(r"export (AIRFLOW_CONN_[A-Z_]+)=", (ROOT / "scripts/airflow_env.sh").read_text()))
+    secret_env = {s["envName"] for s in helm_values()["secret"]}
+    assert local and local <= secret_env, local - secret_env
+    assert "WILDFIRE__STORAGE__DATABASE_URL" in secret_env
+    for s in helm_values()["secret"]:
+        assert set(s) == {"envName", "secretName", "secretKey"}, s
+
+
+def test_helm_values_executor_image_and_dags():
+    v = helm_values()
+    assert v["executor"] in {"KubernetesExecutor", "CeleryExecutor", "LocalExecutor"}
+    assert v["airflowVersion"] == "3.3.2"
+    assert v["dags"]["gitSync"]["enabled"] is True and v["dags"]["gitSync"]["subPath"] == "dags"
+    for component in ("scheduler", "dagProcessor", "triggerer", "apiServer", "workers"):
+        res = v[component]["resources"]
+        assert res["requests"] and res["limits"], component
+
+
+def test_dockerfile_matches_the_manifest_paths():
+    text = (ROOT / "deploy/docker/Dockerfile").read_text()
+    assert "FROM python:3.11-slim AS worker" in text
+    assert "PYTHONPATH=/opt/wildfire/plugins" in text
+    assert "FROM apache/airflow:3.3.2-python3.11 AS airflow" in text
+    images = {container(d)["image"] for d in [*workers(), consumer(), *of_kind("Job")]}
+    assert images == {"wildfire-ingestion:0.1.0"}
+    for dep in [*workers(), consumer(), *of_kind("Job")]:
+        uid = dep["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+        assert f"--uid {uid}" in text and f"USER {uid}" in text
