@@ -1,0 +1,77 @@
+"""A PRIVATE Apache Kafka broker for fault tests: started, stopped and killed without touching the shared 9092.
+
+    broker = PrivateKafka(tmp_path / "kafka")     # free ports picked at random
+    broker.start()                                  # ~10 s; data kept under the directory
+    broker.stop()                                   # graceful; broker.start() again resumes the same log
+    broker.kill()                                   # SIGKILL of the broker's process group
+
+It drives ``scripts/services.sh kafka-start|kafka-stop`` with KAFKA_DIR / KAFKA_PORT / KAFKA_CONTROLLER_PORT
+overrides, so it is the same broker build and configuration as the shared one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES = ROOT / "scripts" / "services.sh"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_pair() -> int:
+    for _ in range(200):
+        port = random.randrange(20_000, 40_000, 2)
+        if _port_free(port) and _port_free(port + 1):
+            return port
+    raise RuntimeError("no free pair of TCP ports found for a private Kafka broker")
+
+
+class PrivateKafka:
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        self.directory = Path(directory)
+        self.port = port or free_port_pair()
+        if self.port == 9092:
+            raise ValueError("port 9092 is the shared broker: fault tests must never stop it")
+        self.bootstrap = f"127.0.0.1:{self.port}"
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "KAFKA_DIR": str(self.directory), "KAFKA_PORT": str(self.port),
+                "KAFKA_CONTROLLER_PORT": str(self.port + 1)}
+
+    def _run(self, action: str, timeout: float) -> None:
+        proc = subprocess.run(["bash", str(SERVICES), action], env=self._env(), capture_output=True, text=True,
+                              timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"services.sh {action} on port {self.port} failed:\n{proc.stderr[-3000:]}")
+
+    def start(self) -> None:
+        self._run("kafka-start", timeout=180)
+
+    def stop(self) -> None:
+        self._run("kafka-stop", timeout=120)
+
+    def kill(self) -> None:
+        pid_file = self.directory / "kafka.pid"
+        pid = int(pid_file.read_text().strip())
+        os.killpg(pid, signal.SIGKILL)  # its own process group (setsid in services.sh)
+        pid_file.unlink()
+
+    def is_up(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
