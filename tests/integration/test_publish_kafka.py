@@ -1,0 +1,125 @@
+"""SpoolPublisher against the real local Kafka: settings, headers, drain order, dead letters, bad input."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+
+from tests.conftest import create_topic, delete_topic
+from tests.integration.test_spool_crash import consume_keys
+from wildfire.config import CircuitBreakerConfig, KafkaConfig, SourceConfig, SpoolConfig
+from wildfire.priority import Priority
+from wildfire.publish import PERMANENT, RETRIABLE, UNKNOWN_TOPIC, ProducerWrapper, SpoolPublisher, classify
+from wildfire.records import EncodedBatch, Record
+from wildfire.spool import BufferManager
+from wildfire.streaming.breaker import CircuitBreaker, CircuitState
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture
+def dlq_topic(kafka_bootstrap):
+    name = create_topic(kafka_bootstrap, partitions=1, prefix="dlq")
+    yield name
+    delete_topic(kafka_bootstrap, name)
+
+
+def setup(tmp_path, bootstrap, topic, dlq, **kafka_kw):
+    sources = {"alerts": SourceConfig(source_type="nws_alerts", topic=topic, priority=10),
+               "iot": SourceConfig(source_type="iot_mqtt", topic=topic, priority=6)}
+    spool = BufferManager(SpoolConfig(archive_expired_path=None), sources, path=tmp_path / "spool.db")
+    kafka = KafkaConfig(bootstrap_servers=bootstrap, dlq_topic=dlq, **kafka_kw)
+    breaker = CircuitBreaker(CircuitBreakerConfig())
+    producer = ProducerWrapper(kafka, breaker=breaker, overrides={"topic.metadata.propagation.max.ms": 1000})
+    return spool, SpoolPublisher(spool, producer), breaker
+
+
+def read_all(bootstrap, topic, n):
+    from confluent_kafka import Consumer
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{time.monotonic_ns()}",
+                  "auto.offset.reset": "earliest"})
+    c.subscribe([topic])
+    out, deadline = [], time.monotonic() + 30
+    while len(out) < n and time.monotonic() < deadline:
+        out += [m for m in c.consume(100, timeout=1) if not m.error()]
+    c.close()
+    return out
+
+
+def test_producer_settings_are_the_issues():
+    p = ProducerWrapper(KafkaConfig(), breaker=CircuitBreaker(), producer_factory=lambda conf: None)
+    s = p.settings()
+    assert (s["enable.idempotence"], s["acks"], s["compression.type"], s["linger.ms"], s["batch.num.messages"]) == \
+        (True, "all", "zstd", 100, 500)
+
+
+def test_classification_of_kafka_errors():
+    from confluent_kafka import KafkaError
+
+    assert classify(None) == "ok"
+    assert classify(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)) == PERMANENT
+    assert classify(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)) == UNKNOWN_TOPIC
+    assert classify(KafkaError(KafkaError._MSG_TIMED_OUT)) == RETRIABLE
+    assert classify(KafkaError(KafkaError._TRANSPORT)) == RETRIABLE
+
+
+def test_records_reach_kafka_with_key_headers_and_leave_the_spool(tmp_path, kafka_bootstrap, kafka_topic, dlq_topic):
+    spool, publisher, _ = setup(tmp_path, kafka_bootstrap, kafka_topic, dlq_topic)
+    rec = Record(source="alerts", kind="alert", key="urn:oid:2.49.0.1.840.0.abc", priority=Priority.CRITICAL,
+                 event_time=datetime(2025, 7, 1, 12, tzinfo=UTC), payload={"event": "Fire Warning"},
+                 ingest_time=datetime(2025, 7, 1, 12, 0, 5, tzinfo=UTC))
+    spool.put(rec)
+    spool.put_batch(EncodedBatch("iot", ["s1", "s2"], [Priority.NORMAL] * 2, [b'{"a":1}', b'{"a":2}']))
+    totals = publisher.run(threading.Event(), deadline=time.monotonic() + 60, until_empty=True)
+    assert totals.delivered == 3 and spool.depth() == 0
+    msgs = {m.key().decode(): m for m in read_all(kafka_bootstrap, kafka_topic, 3)}
+    alert = msgs["urn:oid:2.49.0.1.840.0.abc"]
+    assert Record.from_json(alert.value()) == rec
+    assert dict(alert.headers()) == {"source": b"alerts", "priority": b"CRITICAL", "schema_version": b"1",
+                                     "ingest_time": b"2025-07-01T12:00:05.000000Z"}
+    assert dict(msgs["s2"].headers())["priority"] == b"NORMAL"
+
+
+def test_poison_records_are_dead_lettered_and_never_block_the_rest(tmp_path, kafka_bootstrap, kafka_topic, dlq_topic):
+    spool, publisher, breaker = setup(tmp_path, kafka_bootstrap, kafka_topic, dlq_topic,
+                                      retry_backoff_initial_s=0.1, message_max_bytes=10_000)
+    huge = orjson.dumps({"blob": "x" * 50_000})
+    spool.put_batch(EncodedBatch("iot", ["before", "too-big", "after"], [Priority.NORMAL] * 3, [b"{}", huge, b"{}"]))
+    spool.put_batch(EncodedBatch("iot", ["lost-topic"], [Priority.NORMAL], [b'{"x":1}']), topic="no-such-topic-4x")
+    totals = publisher.run(threading.Event(), deadline=time.monotonic() + 90, until_empty=True)
+    assert spool.depth() == 0 and totals.delivered == 2 and totals.dead_lettered == 2
+    dead = {d["key"]: d for d in spool.dead_letters()}
+    assert "MSG_SIZE_TOO_LARGE" in dead["too-big"]["error"].upper().replace(" ", "_") or \
+        "too large" in dead["too-big"]["error"]
+    assert dead["too-big"]["value"] == huge  # the original payload is kept
+    assert "unknown topic 'no-such-topic-4x'" in dead["lost-topic"]["error"]
+    assert dead["lost-topic"]["attempts"] == 4  # first try + max_retries (3) retries
+    assert breaker.state is CircuitState.CLOSED  # an unknown topic is not a broker outage
+    keys = consume_keys(kafka_bootstrap, kafka_topic, expect_at_least=2)
+    assert set(keys) == {"before", "after"}
+    dlq = read_all(kafka_bootstrap, dlq_topic, 2)
+    assert sorted(m.key().decode() for m in dlq) == ["lost-topic", "too-big"]
+    assert {dict(m.headers())["original_topic"] for m in dlq} == {kafka_topic.encode(), b"no-such-topic-4x"}
+    assert spool.stats().drops["iot"] == {"dead_letter": 2}
+
+
+def test_drain_follows_priority_order_and_hook_can_hold_rows(tmp_path, kafka_bootstrap, kafka_topic, dlq_topic):
+    spool, publisher, _ = setup(tmp_path, kafka_bootstrap, kafka_topic, dlq_topic)
+    spool.put_batch(EncodedBatch("iot", ["i-low", "i-crit"], [Priority.LOW, Priority.CRITICAL], [b"{}", b"{}"]))
+    spool.put_batch(EncodedBatch("alerts", ["a-norm"], [Priority.NORMAL], [b"{}"]))
+    seen: list[list[str]] = []
+
+    def hold_low(rows):
+        seen.append([r.key for r in rows])
+        return [r for r in rows if r.priority != Priority.LOW] if len(seen) == 1 else rows
+
+    publisher.before_send = hold_low
+    publisher.run(threading.Event(), deadline=time.monotonic() + 60, until_empty=True)
+    assert seen[0] == ["a-norm", "i-crit", "i-low"]
+    assert any(keys == ["i-low"] for keys in seen[1:])  # the held row was offered again
+    assert spool.depth() == 0
