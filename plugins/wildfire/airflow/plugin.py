@@ -1,4 +1,9 @@
-"""The operations plugin: a FastAPI app under /wildfire and a link in the Airflow navigation."""
+"""The operations plugin: a FastAPI app under /wildfire and a link in the Airflow navigation.
+
+With ``url_route`` set, the Airflow 3.3 UI links the nav entry (Browse menu, from ``category``) to
+``/plugin/wildfire-ops`` and shows ``href`` in an iframe there, so the page stays inside the UI; the
+iframe is same-origin, so the UI's ``_token`` cookie authenticates the page's own API calls.
+"""
 
 from __future__ import annotations
 
