@@ -93,7 +93,12 @@ class ReplayServer:
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet test output
                 pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        class _Server(ThreadingHTTPServer):
+            # The default listen backlog (5) drops simultaneous connects and the client retries a
+            # second later: a real API front end accepts many at once, and so must this.
+            request_queue_size = 256
+
+        self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
