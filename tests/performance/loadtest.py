@@ -1,0 +1,1125 @@
+"""Load and fault validation of the real pipeline (issue 8): spool -> stream worker -> Kafka -> storage -> PostgreSQL.
+
+Every scenario runs the shipped components as separate processes (``python -m wildfire.worker``,
+``python -m wildfire.storage.consumer``) against fresh topics and a throwaway PostgreSQL database; the
+harness process offers records through :class:`wildfire.ingest.Ingestor` (admission + spool) with the
+guide's traffic mix, reads every topic back to time acknowledgements, samples the worker's ``/status``
+and CPU per process, then waits for the spool to drain and the database to hold every record.
+
+What each number means:
+
+* **offered / accepted**: records handed to admission / records admission put in the spool.
+* **ack latency** (accepted -> acknowledged by Kafka): broker ``LogAppendTime`` of the message minus the
+  wall-clock time the record was accepted (carried in its key); the producer's ack follows the append
+  on this single-replica broker. Measured by a harness consumer reading all topics.
+* **stored latency** (accepted -> stored): ``stored_at - ingest_time`` of each row in PostgreSQL.
+* **lost**: accepted minus stored minus what is counted with a reason (spool drops by reason, dead
+  letters). The invariant asserted is ``lost == 0`` for every priority and ``shed == 0`` for CRITICAL/HIGH.
+
+Guaranteed: no scenario reuses the shared broker's topics or the shared database; private brokers,
+proxies and child processes are stopped on exit (including on errors). Not guaranteed: repeatable
+figures on a shared 2-core host; each run states its host load next to its numbers.
+
+::
+
+    python tests/performance/loadtest.py --scenario all --out docs/loadtest
+    python tests/performance/loadtest.py --scenario 10x --seconds 30      # shorter load phase
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from array import array
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "plugins"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import orjson  # noqa: E402
+from wildfire.config import StreamConfig, build_config  # noqa: E402
+from wildfire.ingest import Ingestor  # noqa: E402
+from wildfire.priority import Priority  # noqa: E402
+from wildfire.records import EncodedBatch  # noqa: E402
+from wildfire.spool import BufferManager  # noqa: E402
+
+PY = sys.executable
+SHARED_KAFKA = os.environ.get("WILDFIRE_TEST_KAFKA", "127.0.0.1:9092")
+PG_URL = os.environ.get("WILDFIRE_TEST_DATABASE_URL", "postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire")
+PG_ADMIN_URL = os.environ.get("WILDFIRE_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+BASELINE_RATE = 1_000.0  # the guide's per-instance events/s (slides 29 and 37): "1x"
+
+# The guide's traffic mix (slide 37 Q&A): 40 % FIRMS, 35 % weather, 20 % IoT, 5 % other; plus a trickle
+# of CRITICAL alerts. (source, kind, priority, share)
+MIX: tuple[tuple[str, str, Priority, float], ...] = (
+    ("nasa_firms", "fire_detection", Priority.HIGH, 0.40),
+    ("nws_observations", "weather_observation", Priority.NORMAL, 0.35),
+    ("iot_mqtt", "iot_reading", Priority.NORMAL, 0.20),
+    ("purpleair", "air_quality", Priority.NORMAL, 0.03),
+    ("era5", "era5_grid", Priority.LOW, 0.02),
+)
+ALERT = ("nws_alerts", "alert", Priority.CRITICAL)
+PRIOS = [p.name for p in Priority]
+TABLES = ("fire_detections", "weather_observations", "alerts", "air_quality", "iot_readings", "era5_grid")
+
+
+class HarnessError(Exception):
+    """The harness could not set up or observe a run (not a pipeline failure)."""
+
+    retriable: ClassVar[bool] = False
+
+
+# ---------------------------------------------------------------- scenario definitions
+
+
+@dataclass(slots=True, frozen=True)
+class Scenario:
+    """One load-test run. ``Scenario("10x", multiplier=10, seconds=60)``."""
+
+    name: str
+    """Scenario name in the report."""
+    multiplier: float = 1.0
+    """Offered rate as a multiple of :data:`BASELINE_RATE`; 0 = as fast as admission takes them."""
+    seconds: float = 60.0
+    """Length of the load phase (time-compressed: the guide's runs were 7 days)."""
+    critical_per_s: float = 5.0
+    """CRITICAL alerts per second, on top of the mix."""
+    burst_every_s: float = 20.0
+    """A burst starts every this many seconds (0: no bursts)."""
+    burst_s: float = 3.0
+    """Burst length."""
+    burst_factor: float = 3.0
+    """Rate multiplier during a burst."""
+    fault: str = "none"
+    """none | broker-outage | worker-kill | latency-proxy | consumer-pause."""
+    fault_at_s: float = 15.0
+    """When the fault starts, seconds into the load phase."""
+    fault_s: float = 60.0
+    """How long the fault lasts (broker down, consumer paused; the worker restarts after 2 s)."""
+    proxy_ms: float = 200.0
+    """Added latency of the proxy (client -> broker) for latency-proxy."""
+    consumers: int = 1
+    """Storage consumers in the group."""
+    drain_timeout_s: float = 180.0
+    """How long to wait after the load for the spool to empty and the database to hold everything."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Config overrides on top of the run's own (deep-merged)."""
+
+
+def full_scenarios(seconds: float = 60.0) -> dict[str, Scenario]:
+    return {
+        "1x": Scenario("1x", 1, seconds),
+        "5x": Scenario("5x", 5, seconds),
+        "10x": Scenario("10x", 10, seconds),
+        "broker-outage": Scenario("broker-outage", 1, 100, fault="broker-outage", fault_at_s=15, fault_s=60),
+        "worker-kill": Scenario("worker-kill", 5, seconds, fault="worker-kill", fault_at_s=seconds / 2),
+        "latency-proxy": Scenario("latency-proxy", 1, seconds, fault="latency-proxy", proxy_ms=200),
+        "consumer-pause": Scenario("consumer-pause", 5, seconds, fault="consumer-pause", fault_at_s=10,
+                                   fault_s=min(30, seconds / 2)),
+        "saturation": Scenario("saturation", 0, min(seconds, 45), critical_per_s=5, burst_every_s=0,
+                               consumers=2),
+    }
+
+
+# ---------------------------------------------------------------- infrastructure helpers
+
+
+def free_port_pair() -> int:
+    """A port p with p and p+1 free on loopback (broker + controller)."""
+    rng = random.Random()
+    for _ in range(200):
+        p = rng.randrange(20_000, 40_000)
+        ok = True
+        for q in (p, p + 1, p + 2):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", q))
+                except OSError:
+                    ok = False
+        if ok:
+            return p
+    raise HarnessError("no free loopback port pair found")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateBroker:
+    """A Kafka broker this run may stop and kill (never the shared one on 9092)."""
+
+    def __init__(self, advertised_port: int | None = None) -> None:
+        self.port = free_port_pair()
+        self.controller_port = self.port + 1
+        self.advertised_port = advertised_port
+        self.dir = Path(tempfile.mkdtemp(prefix="wf-lt-kafka-"))
+        self.running = False
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.advertised_port or self.port}"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ, KAFKA_DIR=str(self.dir), KAFKA_PORT=str(self.port),
+                   KAFKA_CONTROLLER_PORT=str(self.controller_port))
+        if self.advertised_port:
+            env["KAFKA_ADVERTISED_PORT"] = str(self.advertised_port)
+        return env
+
+    def start(self) -> None:
+        r = subprocess.run(["bash", str(ROOT / "scripts/services.sh"), "kafka-start"], env=self._env(),
+                           capture_output=True, text=True, timeout=180)
+        if r.returncode != 0:
+            raise HarnessError(f"private broker did not start on {self.port}: {r.stderr[-800:]}")
+        self.running = True
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(ROOT / "scripts/services.sh"), "kafka-stop"], env=self._env(),
+                       capture_output=True, text=True, timeout=120)
+        self.running = False
+
+    def pid(self) -> int | None:
+        try:
+            return int((self.dir / "kafka.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def create_topics(bootstrap: str, names: dict[str, int]) -> None:
+    """Topics with broker ``LogAppendTime`` timestamps, so the append time is readable per message."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    new = [NewTopic(n, num_partitions=p, replication_factor=1,
+                    config={"message.timestamp.type": "LogAppendTime"}) for n, p in names.items()]
+    for name, fut in admin.create_topics(new, operation_timeout=30).items():
+        try:
+            fut.result(timeout=60)
+        except Exception as exc:  # noqa: BLE001 - rethrown with the topic named
+            raise HarnessError(f"cannot create topic {name} on {bootstrap}: {exc}") from None
+
+
+def delete_topics(bootstrap: str, names: list[str]) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for fut in admin.delete_topics(names, operation_timeout=30).values():
+        with contextlib.suppress(Exception):  # cleanup only; the run's results are already taken
+            fut.result(timeout=30)
+
+
+def create_database() -> tuple[str, str]:
+    """A throwaway PostgreSQL database owned by the ``wildfire`` role; returns (name, url)."""
+    import psycopg
+
+    name = f"wf_loadtest_{uuid.uuid4().hex[:10]}"
+    owner = PG_URL.split("//", 1)[1].split(":", 1)[0]
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name} OWNER {owner}")
+    url = PG_URL.rsplit("/", 1)[0] + "/" + name
+    from wildfire.storage.migrate import upgrade
+
+    upgrade(url)
+    return name, url
+
+
+def drop_database(name: str) -> None:
+    import psycopg
+
+    for attempt in range(10):
+        try:
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+                admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            return
+        except psycopg.Error:
+            time.sleep(0.5 * (attempt + 1))
+
+
+class Child:
+    """A child process in its own session; stopped by its pid only."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+        self.name, self.argv, self.log_path = name, argv, log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> Child:
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "plugins"))
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                     start_new_session=True)
+        log.close()
+        self.starts += 1
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 40.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.alive():
+            os.kill(self.proc.pid, signal.SIGCONT)  # a paused child cannot handle SIGTERM
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+# ---------------------------------------------------------------- record generation
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _payload(kind: str, seq: int) -> dict[str, Any]:
+    if kind == "fire_detection":
+        return {"satellite": "N21", "instrument": "VIIRS", "confidence": "n", "frp": 1.5 + seq % 50,
+                "brightness": 330.0}
+    if kind == "weather_observation":
+        return {"station_id": f"K{seq % 900:03d}", "temperature": 301.2, "relative_humidity": 12.0,
+                "wind_speed": 9.1}
+    if kind == "iot_reading":
+        return {"device_id": f"dev-{seq % 5000}", "metric": "pm2_5", "value": 35.0}
+    if kind == "air_quality":
+        return {"sensor_id": f"pa-{seq % 3000}", "pm2_5": 48.0}
+    if kind == "era5_grid":
+        return {"variable": "t2m", "value": 295.4}
+    return {"event": "Red Flag Warning", "severity": "Extreme", "expires": "2030-01-01T00:00:00Z"}
+
+
+def make_batch(source: str, kind: str, prio: Priority, n: int, seq0: int, now: float) -> EncodedBatch:
+    """``n`` wire records accepted at ``now``; the key carries priority and accept time (microseconds)."""
+    iso = _iso(now)
+    us = int(now * 1_000_000)
+    keys, values = [], []
+    dumps = orjson.dumps
+    for i in range(seq0, seq0 + n):
+        key = f"lt|{prio.name}|{us}|{source}|{i}"
+        keys.append(key)
+        values.append(dumps({"source": source, "kind": kind, "key": key, "event_time": iso, "ingest_time": iso,
+                             "priority": prio.name, "lat": 34.0 + (i % 1000) * 1e-3, "lon": -118.0,
+                             "quality": 1.0, "payload": _payload(kind, i), "schema_version": 1}))
+    return EncodedBatch(source, keys, [prio] * n, values)
+
+
+@dataclass(slots=True)
+class Sample:
+    """One sampler reading (once per second)."""
+
+    t: float
+    offered: int
+    accepted: int
+    spool_depth: dict[str, int]
+    backpressure: str
+    breaker: str | None
+    throttle_level: int | None
+    lag: int | None
+    cpu: dict[str, float]
+
+
+class LatencyReader:
+    """Reads every topic of the run and times each record: broker append time minus accept time."""
+
+    def __init__(self, bootstrap: str, topics: list[str], t0: float) -> None:
+        self.bootstrap, self.topics, self.t0 = bootstrap, topics, t0
+        self.by_prio: dict[str, array] = {p: array("d") for p in PRIOS}
+        self.at: dict[str, array] = {p: array("d") for p in PRIOS}
+        self.messages = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="latency-reader", daemon=True)
+
+    def start(self) -> LatencyReader:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, Consumer
+
+        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"lt-reader-{uuid.uuid4().hex[:8]}",
+                      "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                      "fetch.wait.max.ms": 20})
+        c.subscribe(self.topics)
+        try:
+            while not self._stop.is_set():
+                for m in c.consume(2000, 0.2):
+                    if m.error() is not None:
+                        continue
+                    key = m.key()
+                    ts_type, ts_ms = m.timestamp()
+                    if key is None or not key.startswith(b"lt|") or ts_type != TIMESTAMP_LOG_APPEND_TIME:
+                        continue
+                    _, prio, us, _rest = key.split(b"|", 3)
+                    accepted = int(us) / 1e6
+                    p = prio.decode()
+                    self.by_prio[p].append(ts_ms / 1000.0 - accepted)
+                    self.at[p].append(accepted - self.t0)
+                    self.messages += 1
+        finally:
+            c.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+# ---------------------------------------------------------------- one run
+
+
+def _pct(values: Any) -> dict[str, float | int | None]:
+    import numpy as np
+
+    a = np.asarray(values, dtype=float)
+    if a.size == 0:
+        return {"n": 0, "p50": None, "p95": None, "p99": None, "max": None}
+    p50, p95, p99 = np.percentile(a, [50, 95, 99])
+    return {"n": int(a.size), "p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(a.max())}
+
+
+class LoadRun:
+    """Set up, drive, fault, drain and verify one :class:`Scenario`; ``result`` holds the figures."""
+
+    def __init__(self, scenario: Scenario, work_dir: Path, *, log: Any = print) -> None:
+        self.sc = scenario
+        self.dir = work_dir / f"{scenario.name}-{uuid.uuid4().hex[:6]}"
+        self.dir.mkdir(parents=True)
+        self.log = log
+        self.broker: PrivateBroker | None = None
+        self.proxy: Any = None
+        self.db_name: str | None = None
+        self.db_url = ""
+        self.bootstrap = SHARED_KAFKA
+        self.topics: dict[str, int] = {}
+        self.worker: Child | None = None
+        self.consumers: list[Child] = []
+        self.samples: list[Sample] = []
+        self.events: list[tuple[float, str]] = []
+        self.result: dict[str, Any] = {"scenario": scenario.name, "settings": asdict(scenario)}
+        self._stop_sampler = threading.Event()
+        self.offered: dict[str, int] = dict.fromkeys(PRIOS, 0)
+        self.t0 = 0.0
+        self.metrics_port = 0
+
+    # ------------------------------------------------------------ set-up
+
+    def _config(self) -> StreamConfig:
+        run = uuid.uuid4().hex[:8]
+        base = StreamConfig().model_dump(mode="json")
+        topics: dict[str, Any] = {}
+        sources: dict[str, Any] = {}
+        for name, src in base["sources"].items():
+            t = f"lt-{run}-{src['topic'].removeprefix('wildfire-')}"
+            parts = base["topics"][src["topic"]]["partitions"]
+            topics[t] = {"partitions": parts}
+            sources[name] = {"topic": t}
+        dlq = f"lt-{run}-dlq"
+        topics[dlq] = {"partitions": 1}
+        self.topics = {n: v["partitions"] for n, v in topics.items()}
+        overrides = {
+            "kafka": {"bootstrap_servers": self.bootstrap, "consumer_group": f"lt-{run}-storage", "dlq_topic": dlq,
+                      # The shipped 100 ms linger alone would exceed the 100 ms CRITICAL goal; see the report.
+                      "linger_ms": 5},
+            "spool": {"path": str(self.dir / "spool" / "spool.db"), "capacity_per_source": 200_000,
+                      "archive_expired_path": str(self.dir / "spool" / "expired.jsonl")},
+            "backpressure": {"fire_season": {"mode": "off"}},
+            "storage": {"database_url": self.db_url},
+            "topics": topics,
+            "sources": sources,
+        }
+        from wildfire.config import deep_merge
+
+        return build_config(base, deep_merge(overrides, self.sc.overrides))
+
+    def setup(self) -> None:
+        sc = self.sc
+        if sc.fault == "latency-proxy":
+            from tcp_proxy import LatencyProxy, ProxySettings
+
+            proxy_port = free_port()
+            self.broker = PrivateBroker(advertised_port=proxy_port)
+            # The proxy must listen before the broker starts: clients are sent to the advertised port.
+            self.proxy = LatencyProxy(ProxySettings(proxy_port, self.broker.port, upstream_ms=sc.proxy_ms)).start()
+            self.broker.start()
+        elif sc.fault == "broker-outage":
+            self.broker = PrivateBroker()
+            self.broker.start()
+        if self.broker is not None:
+            self.bootstrap = self.broker.bootstrap
+        self.db_name, self.db_url = create_database()
+        self.config = self._config()
+        create_topics(self.bootstrap, self.topics)
+        self.config_path = self.dir / "config.yaml"
+        import yaml
+
+        self.config_path.write_text(yaml.safe_dump(self.config.model_dump(mode="json")))
+        self.spool = BufferManager(self.config.spool, self.config.sources)
+        self.ingestor = Ingestor(self.spool, self.config, rng=random.Random(8))
+        self.metrics_port = free_port()
+        self.worker = Child("worker", [PY, "-m", "wildfire.worker", "--config", str(self.config_path),
+                                       "--mode", "real_time", "--sources", "era5", "--minutes", "60",
+                                       "--metrics-port", str(self.metrics_port), "--no-status-db"],
+                            self.dir / "worker.log")
+        for i in range(sc.consumers):
+            self.consumers.append(Child(f"consumer{i}", [
+                PY, "-m", "wildfire.storage.consumer", "--config", str(self.config_path), "--url", self.db_url,
+                "--group", self.config.kafka.consumer_group], self.dir / f"consumer{i}.log"))
+
+    def _wait_worker_ready(self, timeout: float = 60.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if not self.worker.alive():
+                raise HarnessError(f"worker exited at start; see {self.worker.log_path}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise HarnessError("worker not ready within 60 s")
+
+    # ------------------------------------------------------------ observing
+
+    def _status(self) -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/status", timeout=2) as r:
+                return json.loads(r.read())
+        except (OSError, ValueError):
+            return None
+
+    def _sampler(self) -> None:
+        import psutil
+
+        procs: dict[str, Any] = {}
+        system = psutil.cpu_percent(None)
+        while not self._stop_sampler.wait(1.0):
+            wanted = {"harness": os.getpid()}
+            if self.worker and self.worker.alive():
+                wanted["worker"] = self.worker.pid
+            for c in self.consumers:
+                if c.alive():
+                    wanted[c.name] = c.pid
+            if self.broker and self.broker.pid():
+                wanted["broker"] = self.broker.pid()
+            cpu: dict[str, float] = {}
+            for name, pid in wanted.items():
+                p = procs.get(name)
+                if p is None or p.pid != pid:
+                    try:
+                        p = psutil.Process(pid)
+                        p.cpu_percent(None)
+                        procs[name] = p
+                    except psutil.Error:
+                        continue
+                    continue
+                try:
+                    cpu[name] = p.cpu_percent(None)
+                except psutil.Error:
+                    procs.pop(name, None)
+            system = psutil.cpu_percent(None)
+            cpu["host"] = system * psutil.cpu_count()  # percent of one core, like the per-process figures
+            st = self._status() or {}
+            depth = {p: 0 for p in PRIOS}
+            try:
+                for by_p in self.spool.stats().depth.values():
+                    for p, n in by_p.items():
+                        depth[p] = depth.get(p, 0) + n
+            except Exception:  # noqa: BLE001 - a busy spool skips one sample
+                pass
+            acc = sum(sum(v for v in t.accepted.values()) for t in self.ingestor.totals.values())
+            self.samples.append(Sample(
+                t=time.time() - self.t0, offered=sum(self.offered.values()), accepted=acc, spool_depth=depth,
+                backpressure=self.ingestor.backpressure.state.name,
+                breaker=(st.get("breaker") or {}).get("state"), throttle_level=(st.get("throttle") or {}).get("level"),
+                lag=(st.get("throttle") or {}).get("lag"), cpu=cpu))
+
+    def _event(self, what: str) -> None:
+        self.events.append((round(time.time() - self.t0, 2), what))
+        self.log(f"  [{self.sc.name}] t={time.time() - self.t0:6.1f}s {what}")
+
+    # ------------------------------------------------------------ load
+
+    def _offer(self, source: str, kind: str, prio: Priority, n: int, seq: int) -> None:
+        if n <= 0:
+            return
+        now = time.time()
+        batch = make_batch(source, kind, prio, n, seq, now)
+        self.offered[prio.name] += n
+        self.ingestor.accept(source, batch)
+
+    def _generate(self) -> None:
+        sc = self.sc
+        rate = sc.multiplier * BASELINE_RATE
+        start = time.monotonic()
+        end = start + sc.seconds
+        owed = {m[0]: 0.0 for m in MIX}
+        owed_alert = 0.0
+        seq = 0
+        last = start
+        fault_started = fault_ended = False
+        while (now := time.monotonic()) < end:
+            el = now - start
+            if sc.fault != "none" and not fault_started and el >= sc.fault_at_s:
+                fault_started = True
+                self._fault_start()
+            if fault_started and not fault_ended and el >= sc.fault_at_s + self._fault_len():
+                fault_ended = True
+                self._fault_end()
+            dt = now - last
+            last = now
+            if rate <= 0:  # saturation: offer as fast as admission and the spool accept
+                for source, kind, prio, share in MIX:
+                    n = int(10_000 * share)
+                    self._offer(source, kind, prio, n, seq)
+                    seq += n
+                owed_alert += sc.critical_per_s * dt
+            else:
+                burst = sc.burst_every_s > 0 and (el % sc.burst_every_s) >= sc.burst_every_s - sc.burst_s
+                r = rate * (sc.burst_factor if burst else 1.0)
+                for source, kind, prio, share in MIX:
+                    owed[source] += r * share * dt
+                    n = int(owed[source])
+                    owed[source] -= n
+                    self._offer(source, kind, prio, n, seq)
+                    seq += n
+                owed_alert += sc.critical_per_s * (sc.burst_factor if burst else 1.0) * dt
+            n = int(owed_alert)
+            owed_alert -= n
+            self._offer(ALERT[0], ALERT[1], ALERT[2], n, seq)
+            seq += n
+            if rate > 0:
+                time.sleep(max(0.0, 0.02 - (time.monotonic() - now)))
+        if fault_started and not fault_ended:
+            self._fault_end()
+
+    def _fault_len(self) -> float:
+        return {"worker-kill": 2.0, "latency-proxy": self.sc.seconds}.get(self.sc.fault, self.sc.fault_s)
+
+    def _fault_start(self) -> None:
+        f = self.sc.fault
+        if f == "broker-outage":
+            self._event("broker stopping")
+            self.broker.stop()
+            self._event("broker stopped")
+        elif f == "worker-kill":
+            self.worker.signal(signal.SIGKILL)
+            self._event("worker SIGKILL")
+        elif f == "consumer-pause":
+            for c in self.consumers:
+                c.signal(signal.SIGSTOP)
+            self._event("consumers paused (SIGSTOP)")
+
+    def _fault_end(self) -> None:
+        f = self.sc.fault
+        if f == "broker-outage":
+            self._event("broker starting")
+            self.broker.start()
+            self._event("broker up")
+        elif f == "worker-kill":
+            if self.worker.proc is not None:
+                self.worker.proc.wait(10)
+            self.worker.start()
+            self._wait_worker_ready()
+            self._event("worker restarted")
+        elif f == "consumer-pause":
+            for c in self.consumers:
+                c.signal(signal.SIGCONT)
+            self._event("consumers resumed (SIGCONT)")
+
+    # ------------------------------------------------------------ verification
+
+    def _db(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(self.db_url, autocommit=True)
+
+    def stored_by_prio(self) -> dict[str, int]:
+        union = " UNION ALL ".join(f"SELECT priority FROM {t}" for t in TABLES)
+        with self._db() as db:
+            rows = db.execute(f"SELECT priority, count(*) FROM ({union}) u GROUP BY priority").fetchall()
+        return {Priority(int(p)).name: int(n) for p, n in rows}
+
+    def _stored_latency(self) -> dict[str, Any]:
+        union = " UNION ALL ".join(
+            f"SELECT priority, extract(epoch FROM stored_at - ingest_time) AS s FROM {t}" for t in TABLES)
+        sql = (f"SELECT priority, count(*), percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY s), "
+               f"max(s) FROM ({union}) u GROUP BY priority")
+        with self._db() as db:
+            rows = db.execute(sql).fetchall()
+        out = {}
+        for p, n, (p50, p95, p99), mx in rows:
+            out[Priority(int(p)).name] = {"n": int(n), "p50": float(p50), "p95": float(p95), "p99": float(p99),
+                                          "max": float(mx)}
+        return out
+
+    def _stored_window(self) -> tuple[float, float, int]:
+        union = " UNION ALL ".join(f"SELECT stored_at, ingest_time FROM {t}" for t in TABLES)
+        with self._db() as db:
+            lo_in, hi_st, n = db.execute(
+                f"SELECT extract(epoch FROM min(ingest_time)), extract(epoch FROM max(stored_at)), count(*) "
+                f"FROM ({union}) u").fetchone()
+        return float(lo_in or 0), float(hi_st or 0), int(n)
+
+    def _db_dead_letters(self) -> int:
+        with self._db() as db:
+            return int(db.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
+
+    def _spool_drops(self) -> dict[str, dict[str, int]]:
+        import sqlite3
+
+        out: dict[str, dict[str, int]] = {}
+        con = sqlite3.connect(self.config.spool.path)
+        try:
+            for _source, prio, reason, n in con.execute("SELECT source, priority, reason, records FROM drops"):
+                out.setdefault(Priority(prio).name, {})
+                out[Priority(prio).name][reason] = out[Priority(prio).name].get(reason, 0) + n
+            dl = con.execute("SELECT priority, count(*) FROM dead_letters GROUP BY priority").fetchall()
+        finally:
+            con.close()
+        for prio, n in dl:
+            name = Priority(prio).name if prio is not None else "UNKNOWN"
+            out.setdefault(name, {})
+            out[name]["spool_dead_letter"] = out[name].get("spool_dead_letter", 0) + n
+        return out
+
+    def _accepted(self) -> tuple[dict[str, int], dict[str, int]]:
+        acc: dict[str, int] = dict.fromkeys(PRIOS, 0)
+        shed: dict[str, int] = dict.fromkeys(PRIOS, 0)
+        for t in self.ingestor.totals.values():
+            for p, n in t.accepted.items():
+                acc[p] = acc.get(p, 0) + n
+            for p, n in t.shed.items():
+                shed[p] = shed.get(p, 0) + n
+        return acc, shed
+
+    def _drain(self) -> float:
+        """Wait until the spool is empty and the database holds every accepted record; seconds waited."""
+        started = time.monotonic()
+        end = started + self.sc.drain_timeout_s
+        expected = sum(self._accepted()[0].values())
+        while time.monotonic() < end:
+            if self.spool.depth() == 0 and sum(self.stored_by_prio().values()) >= expected:
+                break
+            time.sleep(0.5)
+        return time.monotonic() - started
+
+    # ------------------------------------------------------------ the run
+
+    def run(self) -> dict[str, Any]:
+        sc = self.sc
+        self.setup()
+        self.t0 = time.time()
+        reader = LatencyReader(self.bootstrap, sorted(self.topics), self.t0).start()
+        for c in self.consumers:
+            c.start()
+        self.worker.start()
+        self._wait_worker_ready()
+        sampler = threading.Thread(target=self._sampler, name="sampler", daemon=True)
+        sampler.start()
+        self._event(f"load start: {sc.multiplier:g}x for {sc.seconds:g} s")
+        load_start = time.time()
+        self._generate()
+        load_s = time.time() - load_start
+        self._event("load end")
+        drain_s = self._drain()
+        self._event(f"drained in {drain_s:.1f} s")
+        time.sleep(1.0)  # one more sampler reading after the drain
+        self._stop_sampler.set()
+        sampler.join(5)
+        reader.stop()
+        self.result.update(self._figures(reader, load_s, drain_s))
+        return self.result
+
+    def _figures(self, reader: LatencyReader, load_s: float, drain_s: float) -> dict[str, Any]:
+        accepted, shed = self._accepted()
+        stored = self.stored_by_prio()
+        drops = self._spool_drops()
+        counted = {p: sum(drops.get(p, {}).values()) for p in PRIOS}
+        lost = {p: max(0, accepted.get(p, 0) - stored.get(p, 0) - counted[p]) for p in PRIOS}
+        lo_in, hi_st, n_stored = self._stored_window()
+        cpu: dict[str, dict[str, float]] = {}
+        for s in self.samples:
+            for name, v in s.cpu.items():
+                cpu.setdefault(name, []).append(v)  # type: ignore[arg-type]
+        cpu_summary = {k: {"avg": round(sum(v) / len(v), 1), "max": round(max(v), 1)} for k, v in cpu.items() if v}
+        depth = [sum(s.spool_depth.values()) for s in self.samples]
+        levels = [s.throttle_level for s in self.samples if s.throttle_level is not None]
+
+        def transitions(attr: str) -> list[str]:
+            out, prev = [], None
+            for s in self.samples:
+                v = getattr(s, attr)
+                if v is not None and v != prev:
+                    if prev is not None:
+                        out.append(f"{s.t:.0f}s {prev}->{v}")
+                    prev = v
+            return out
+
+        total_acc = sum(accepted.values())
+        return {
+            "load_s": round(load_s, 2), "drain_s": round(drain_s, 2),
+            "offered": dict(self.offered), "accepted": accepted, "shed": shed, "stored": stored,
+            "counted_drops": drops, "lost": lost, "db_dead_letters": self._db_dead_letters(),
+            "offered_per_s": round(sum(self.offered.values()) / load_s, 1),
+            "accepted_per_s": round(total_acc / load_s, 1),
+            "stored_per_s": round(n_stored / max(1e-9, hi_st - lo_in), 1) if n_stored else 0.0,
+            "ack_latency_s": {p: _pct(reader.by_prio[p]) for p in PRIOS},
+            "stored_latency_s": self._stored_latency(),
+            "spool_depth": {"max": max(depth, default=0), "avg": round(sum(depth) / max(1, len(depth)), 1)},
+            "throttle": {"max_level": max(levels, default=0), "samples_throttled": sum(1 for x in levels if x),
+                         "transitions": transitions("throttle_level")},
+            "backpressure_transitions": transitions("backpressure"),
+            "breaker_transitions": transitions("breaker"),
+            "cpu_percent_of_one_core": cpu_summary,
+            "events": self.events,
+            "worker_starts": self.worker.starts,
+            "invariants": {
+                "critical_high_shed": shed.get("CRITICAL", 0) + shed.get("HIGH", 0),
+                "critical_high_lost_or_dropped": sum(lost[p] + counted[p] for p in ("CRITICAL", "HIGH")),
+                "lost_any_priority": sum(lost.values()),
+            },
+            "series": {
+                "t": [round(s.t, 2) for s in self.samples],
+                "spool_depth": {p: [s.spool_depth.get(p, 0) for s in self.samples] for p in PRIOS},
+                "backpressure": [s.backpressure for s in self.samples],
+                "breaker": [s.breaker for s in self.samples],
+                "throttle_level": [s.throttle_level for s in self.samples],
+                "lag": [s.lag for s in self.samples],
+                "ack_p99_per_s": _per_second_p99(reader),
+            },
+            "config": {"linger_ms": self.config.kafka.linger_ms,
+                       "capacity_per_source": self.config.spool.capacity_per_source,
+                       "fire_season": self.config.backpressure.fire_season.mode,
+                       "breaker_recovery_s": self.config.circuit_breaker.recovery_timeout_s,
+                       "bootstrap": self.bootstrap},
+        }
+
+    def close(self) -> None:
+        self._stop_sampler.set()
+        for child in [self.worker, *self.consumers]:
+            if child is not None:
+                with contextlib.suppress(Exception):
+                    child.stop()
+        if self.broker is not None and not self.broker.running:
+            with contextlib.suppress(Exception):
+                self.broker.start()  # topics are deleted below only if the broker answers
+        if self.topics and self.broker is None:
+            delete_topics(self.bootstrap, list(self.topics))
+        if self.broker is not None:
+            self.broker.close()
+        if self.proxy is not None:
+            self.proxy.stop()
+        with contextlib.suppress(Exception):
+            self.spool.close()
+        if self.db_name:
+            drop_database(self.db_name)
+
+    def __enter__(self) -> LoadRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _per_second_p99(reader: LatencyReader) -> dict[str, list[tuple[int, float]]]:
+    import numpy as np
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for p in PRIOS:
+        lat = np.asarray(reader.by_prio[p])
+        at = np.asarray(reader.at[p])
+        if lat.size == 0:
+            out[p] = []
+            continue
+        sec = at.astype(int)
+        rows = []
+        for s in np.unique(sec):
+            rows.append((int(s), float(np.percentile(lat[sec == s], 99))))
+        out[p] = rows
+    return out
+
+
+def run_scenario(scenario: Scenario, work_dir: Path, *, log: Any = print) -> dict[str, Any]:
+    with LoadRun(scenario, work_dir, log=log) as run:
+        return run.run()
+
+
+# ---------------------------------------------------------------- scaling: 1, 2, 4 storage consumers
+
+
+def run_scaling(counts: tuple[int, ...] = (1, 2, 4), records: int = 200_000, partitions: int = 12,
+                log: Any = print) -> dict[str, Any]:
+    """Preload one topic, then time ``k`` storage consumers of one group storing it (per k, fresh DB)."""
+    from confluent_kafka import Producer
+
+    results: dict[str, Any] = {"scenario": "scaling", "records": records, "partitions": partitions, "runs": []}
+    base_cfg = StreamConfig()
+    for k in counts:
+        topic = f"lt-scale-{uuid.uuid4().hex[:8]}"
+        create_topics(SHARED_KAFKA, {topic: partitions})
+        db_name, url = create_database()
+        work = Path(tempfile.mkdtemp(prefix="wf-lt-scale-"))
+        children: list[Child] = []
+        try:
+            prod = Producer({"bootstrap.servers": SHARED_KAFKA, "linger.ms": 20, "compression.type": "zstd",
+                             "batch.num.messages": 10_000, "queue.buffering.max.messages": 500_000})
+            now = time.time()
+            for i0 in range(0, records, 10_000):
+                b = make_batch("iot_mqtt", "iot_reading", Priority.NORMAL, min(10_000, records - i0), i0, now)
+                for key, value in zip(b.keys, b.values, strict=True):
+                    prod.produce(topic, value, key)
+                prod.poll(0)
+            prod.flush(120)
+            cfg = build_config(base_cfg.model_dump(mode="json"), {"kafka": {"bootstrap_servers": SHARED_KAFKA}})
+            cfg_path = work / "config.yaml"
+            import yaml
+
+            cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+            group = f"lt-scale-{uuid.uuid4().hex[:8]}"
+            started = time.time()
+            for i in range(k):
+                children.append(Child(f"consumer{i}", [PY, "-m", "wildfire.storage.consumer", "--config", str(cfg_path),
+                                                      "--url", url, "--topic", topic, "--group", group],
+                                      work / f"c{i}.log").start())
+            import psycopg
+
+            n = 0
+            with psycopg.connect(url, autocommit=True) as db:
+                while time.time() - started < 300:
+                    n = int(db.execute("SELECT count(*) FROM iot_readings").fetchone()[0])
+                    if n >= records:
+                        break
+                    time.sleep(0.5)
+                first, last = db.execute("SELECT extract(epoch FROM min(stored_at)), "
+                                         "extract(epoch FROM max(stored_at)) FROM iot_readings").fetchone()
+            span = max(1e-6, float(last) - float(first))
+            rate = n / span
+            results["runs"].append({"consumers": k, "stored": n, "seconds": round(span, 2),
+                                    "rows_per_s": round(rate, 1)})
+            log(f"  [scaling] {k} consumer(s): {n} rows in {span:.1f} s = {rate:,.0f} rows/s")
+        finally:
+            for c in children:
+                c.stop()
+            delete_topics(SHARED_KAFKA, [topic])
+            drop_database(db_name)
+            shutil.rmtree(work, ignore_errors=True)
+    r1 = results["runs"][0]["rows_per_s"] if results["runs"] else 0
+    for r in results["runs"]:
+        r["speedup"] = round(r["rows_per_s"] / r1, 2) if r1 else None
+        r["efficiency"] = round(r["rows_per_s"] / (r1 * r["consumers"]), 2) if r1 else None
+    return results
+
+
+# ---------------------------------------------------------------- report
+
+
+GUIDE = {  # slide 37, quoted
+    "1x": {"rate": "1,000 events/s", "p50": "234ms", "p95": "870ms", "p99": "1.85s", "max": "4.2s",
+           "queue": "150-300 (avg 225)", "throttles": "0", "cpu": "15-25%"},
+    "5x": {"rate": "5,000 events/s", "p50": "1.2s", "p95": "1.8s", "p99": "3.4s", "max": "8.9s",
+           "queue": "2,100-4,500 (avg 3,200)", "throttles": "234, backoff level 1-2", "cpu": "45-65%"},
+    "10x": {"rate": "10,000 events/s", "p50": "3.1s", "p95": "5.2s", "p99": "12.5s", "max": "45.3s",
+            "queue": "7,800-9,500 (avg 8,600)", "throttles": "1,892, backoff level 3-5; breaker tripped 2x",
+            "cpu": "85-95%"},
+}
+
+
+def _fmt(v: float | None, unit: str = "s") -> str:
+    if v is None:
+        return "-"
+    return f"{v * 1000:.0f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def write_chart(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = res["series"]
+    fig, ax = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
+    for p, rows in s["ack_p99_per_s"].items():
+        if rows:
+            ax[0].plot([r[0] for r in rows], [r[1] * 1000 for r in rows], label=p)
+    ax[0].set_yscale("log")
+    ax[0].set_ylabel("ack latency p99 per second (ms)")
+    ax[0].legend(fontsize=8)
+    for p, vals in s["spool_depth"].items():
+        if any(vals):
+            ax[1].plot(s["t"], vals, label=p)
+    ax[1].set_ylabel("spool depth (records)")
+    ax[1].legend(fontsize=8)
+    bp_levels = {"NORMAL": 0, "WARNING": 1, "CRITICAL": 2, "LOAD_SHEDDING": 3}
+    br_levels = {"CLOSED": 0, "HALF_OPEN": 1, "OPEN": 2}
+    ax[2].step(s["t"], [bp_levels.get(v, 0) for v in s["backpressure"]], where="post", label="backpressure (0-3)")
+    ax[2].step(s["t"], [br_levels.get(v, 0) if v else 0 for v in s["breaker"]], where="post",
+               label="breaker (0 closed, 1 half-open, 2 open)")
+    ax[2].step(s["t"], [v or 0 for v in s["throttle_level"]], where="post", label="throttle level")
+    for t, what in res.get("events", []):
+        for a in ax:
+            a.axvline(t, color="grey", lw=0.5, ls=":")
+        ax[2].annotate(what, (t, 3.2), fontsize=6, rotation=90, va="top")
+    ax[2].set_ylabel("state")
+    ax[2].set_xlabel("seconds since start")
+    ax[2].legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"load test: {res['scenario']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(out: Path) -> Path:
+    """Regenerate ``report.md`` from every ``results/*.json`` in ``out`` (runs may be done one by one)."""
+    res_dir = out / "results"
+    results = {p.stem: json.loads(p.read_text()) for p in sorted(res_dir.glob("*.json"))}
+    order = ["1x", "5x", "10x", "broker-outage", "worker-kill", "latency-proxy", "consumer-pause", "saturation",
+             "scaling"]
+    lines = ["# Load and fault validation", "",
+             "Generated by `python tests/performance/loadtest.py` (do not edit by hand). Each scenario drives the",
+             "real pipeline: admission + SQLite spool (harness process) -> `python -m wildfire.worker` -> Kafka ->",
+             "`python -m wildfire.storage.consumer` -> PostgreSQL, on one 2-core host shared with the broker, the",
+             "database and other engineers' work. Load phases are time-compressed (seconds to minutes, the guide",
+             "ran 7 days).", "",
+             "Latencies: **ack** = accepted by admission -> appended by the broker (LogAppendTime), per record;",
+             "**stored** = accepted -> row committed in PostgreSQL (`stored_at - ingest_time`). The guide's",
+             "latency column does not say what it measures; it is quoted as is.", ""]
+    for name in order:
+        r = results.get(name)
+        if r is None or name == "scaling":
+            continue
+        st = r["settings"]
+        lines += [f"## {name}", "",
+                  f"Run {r.get('run_at', '?')}: {st['multiplier']:g}x ({'max' if not st['multiplier'] else int(st['multiplier'] * BASELINE_RATE)} events/s"
+                  f" offered), {st['seconds']:g} s load, fault `{st['fault']}`, {st['consumers']} storage consumer(s); "
+                  f"linger {r['config']['linger_ms']} ms, spool capacity {r['config']['capacity_per_source']:,}/source, "
+                  f"fire season {r['config']['fire_season']}.", "",
+                  "| measure | ours | guide (slide 37) |", "|---|---|---|"]
+        g = GUIDE.get(name, {})
+        lines.append(f"| events/s offered / accepted | {r['offered_per_s']:,.0f} / {r['accepted_per_s']:,.0f} | "
+                     f"{g.get('rate', '-')} |")
+        lines.append(f"| end-to-end stored/s (first accept -> last row) | {r['stored_per_s']:,.0f} | - |")
+        lines.append(f"| spool depth max / avg | {r['spool_depth']['max']:,} / {r['spool_depth']['avg']:,} | "
+                     f"{g.get('queue', '-')} |")
+        th = r["throttle"]
+        lines.append(f"| throttle: max level, seconds throttled | {th['max_level']}, {th['samples_throttled']} | "
+                     f"{g.get('throttles', '-')} |")
+        lines.append(f"| backpressure transitions | {'; '.join(r['backpressure_transitions']) or 'none'} | - |")
+        lines.append(f"| breaker transitions | {'; '.join(r['breaker_transitions']) or 'none'} | - |")
+        cpu = r["cpu_percent_of_one_core"]
+        lines.append("| CPU % of one core, avg/max | " + ", ".join(
+            f"{k} {v['avg']:.0f}/{v['max']:.0f}" for k, v in sorted(cpu.items())) + f" | {g.get('cpu', '-')} |")
+        lines.append(f"| drain after load | {r['drain_s']:.1f} s | - |")
+        lines += ["", "| priority | offered | accepted | shed | stored | counted drops | lost | ack p50 | ack p95 | "
+                  "ack p99 | ack max | stored p95 | stored p99 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for p in PRIOS:
+            a = r["ack_latency_s"].get(p, {})
+            s = r["stored_latency_s"].get(p, {})
+            lines.append(f"| {p} | {r['offered'].get(p, 0):,} | {r['accepted'].get(p, 0):,} | {r['shed'].get(p, 0):,} | "
+                         f"{r['stored'].get(p, 0):,} | {r['counted_drops'].get(p, {}) or 0} | {r['lost'].get(p, 0)} | "
+                         f"{_fmt(a.get('p50'))} | {_fmt(a.get('p95'))} | {_fmt(a.get('p99'))} | {_fmt(a.get('max'))} | "
+                         f"{_fmt(s.get('p95'))} | {_fmt(s.get('p99'))} |")
+        if g:
+            lines += ["", f"Guide's latency row for {name}: p50 {g['p50']}, p95 {g['p95']}, p99 {g['p99']}, "
+                          f"max {g['max']} (all traffic)."]
+        inv = r["invariants"]
+        ok = inv["critical_high_shed"] == 0 and inv["critical_high_lost_or_dropped"] == 0 and inv["lost_any_priority"] == 0
+        lines += ["", f"Invariants: CRITICAL/HIGH shed {inv['critical_high_shed']}, CRITICAL/HIGH lost or dropped "
+                      f"{inv['critical_high_lost_or_dropped']}, lost (any priority, uncounted) "
+                      f"{inv['lost_any_priority']} -> **{'met' if ok else 'NOT met'}**.", "",
+                  f"Events: {'; '.join(f'{t:.0f}s {w}' for t, w in r['events'])}", "",
+                  f"![{name}]({name}.png)", ""]
+    sc = results.get("scaling")
+    if sc:
+        lines += ["## scaling (storage consumers in one group)", "",
+                  f"{sc['records']:,} records preloaded into one {sc['partitions']}-partition topic; k consumer "
+                  "processes of one group store them into a fresh database; rate = rows / (last stored_at - "
+                  "first stored_at).", "", "| consumers | rows/s | speedup | efficiency |", "|---|---|---|---|"]
+        for x in sc["runs"]:
+            lines.append(f"| {x['consumers']} | {x['rows_per_s']:,.0f} | {x['speedup']} | {x['efficiency']} |")
+        lines += ["", "What 2 cores can and cannot show: the consumers, the broker and PostgreSQL share two cores, so",
+                  "adding consumers beyond ~2 cannot add CPU; the group's partition hand-over and that nothing is lost",
+                  "or duplicated into extra rows are shown, linear scaling (the guide's 4 pods = 3,600 events/s) is",
+                  "not measurable here.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def save_result(out: Path, res: dict[str, Any]) -> None:
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    res["run_at"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    (out / "results" / f"{res['scenario']}.json").write_text(json.dumps(res, indent=1, default=str))
+    if "series" in res:
+        write_chart(res, out / f"{res['scenario']}.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = ["1x", "5x", "10x", "broker-outage", "worker-kill", "latency-proxy", "consumer-pause", "scaling",
+             "saturation"]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scenario", choices=["all", *names], default="all")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "loadtest"))
+    parser.add_argument("--seconds", type=float, default=60.0, help="load phase of the rate scenarios")
+    parser.add_argument("--scaling-records", type=int, default=200_000)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = names if args.scenario == "all" else [args.scenario]
+    scenarios = full_scenarios(args.seconds)
+    work = Path(tempfile.mkdtemp(prefix="wf-loadtest-"))
+    failed = []
+    try:
+        for name in todo:
+            print(f"== {name}", flush=True)
+            t = time.time()
+            res = run_scaling(records=args.scaling_records) if name == "scaling" else run_scenario(scenarios[name], work)
+            save_result(out, res)
+            inv = res.get("invariants")
+            if inv and any(inv.values()):
+                failed.append(name)
+            print(f"   done in {time.time() - t:.0f} s: " + (json.dumps(inv) if inv else ""), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"report: {write_report(out)}")
+    if failed:
+        print(f"invariants NOT met in: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
