@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from fastapi.testclient import TestClient
-
 from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
 from airflow.api_fastapi.core_api.security import get_user
-from tests.plugin.conftest import write_ops_config
+from fastapi.testclient import TestClient
 from wildfire import ops_state
 from wildfire.airflow import api
 from wildfire.clock import ManualClock
 from wildfire.storage.schema import dead_letters
+
+from tests.plugin.conftest import write_ops_config
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
 

@@ -34,14 +34,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import Body, Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-
 from airflow.api_fastapi.core_api.security import (
     GetUserDep,
     requires_access_configuration,
     requires_authenticated,
 )
+from fastapi import Body, Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+
 from wildfire import ops_state
 from wildfire.clock import Clock, SystemClock
 from wildfire.config import (
