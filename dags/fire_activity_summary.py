@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import DAG, task
+from airflow.sdk import DAG, Param, task
 from wildfire.airflow.assets import FIRE_DETECTIONS
 
 with DAG(
@@ -16,16 +16,17 @@ with DAG(
     tags=["wildfire", "reporting"],
     default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
     doc_md=__doc__,
+    params={"hours": Param(24, type="integer", minimum=1, maximum=24 * 366 * 20, title="Window (hours)")},
 ) as dag:
 
     @task(retries=2)
-    def summarize() -> dict:
+    def summarize(params: dict | None = None) -> dict:
         import sqlalchemy as sa
         from wildfire.airflow.hooks.database import WildfireDbHook
         from wildfire.reports import california_fire_activity
         from wildfire.storage.migrate import sqlalchemy_url
 
         engine = sa.create_engine(sqlalchemy_url(WildfireDbHook().database_url()))
-        return california_fire_activity(engine)
+        return california_fire_activity(engine, hours=int(params["hours"]))
 
     summarize()

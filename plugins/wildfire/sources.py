@@ -5,8 +5,8 @@ and from environment variables elsewhere (``Endpoints.from_env()``: ``WILDFIRE_F
 ``WILDFIRE_FIRMS_MAP_KEY``, ``WILDFIRE_NWS_URL``, ``WILDFIRE_PURPLEAIR_URL``, ``WILDFIRE_PURPLEAIR_KEY``,
 ``WILDFIRE_MQTT_HOST``, ``WILDFIRE_MQTT_PORT``), so the same code fetches live data or a local replay.
 
-Cursors (FIRMS keys already seen, PurpleAir ``modified_since``, NWS alert hashes) are JSON files under
-``.local/cursors`` written atomically; a lost cursor only means duplicates, which storage upserts away.
+Cursors (FIRMS keys already seen, PurpleAir ``modified_since``, NWS alert hashes) are JSON files in a
+``cursors`` folder beside the spool file, written atomically; a lost cursor only means duplicates, which storage upserts away.
 """
 
 from __future__ import annotations
@@ -112,8 +112,13 @@ def build_connector(name: str, config: StreamConfig, endpoints: Endpoints, *, cl
 class CursorStore:
     """One JSON file per source; writes are atomic (temp file + rename), reads tolerate a bad file."""
 
-    def __init__(self, directory: str | os.PathLike[str] = ".local/cursors") -> None:
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = resolve_path(directory)
+
+    @classmethod
+    def for_config(cls, config: StreamConfig) -> CursorStore:
+        """Cursors live beside the spool: they describe what the spool was already given."""
+        return cls(resolve_path(config.spool.path).parent / "cursors")
 
     def _path(self, source: str) -> Path:
         return self.directory / f"{source}.json"

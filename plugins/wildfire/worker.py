@@ -131,7 +131,7 @@ class StreamWorker:
         self.producer = ProducerWrapper(config.kafka, breaker=self.breaker, clock=clock,
                                         metrics=PublishMetrics(self.registry))
         self.publisher = SpoolPublisher(self.spool, self.producer, clock=clock, before_send=self._order)
-        self.cursors = CursorStore(resolve_path(config.spool.path).parent.parent / "cursors")
+        self.cursors = CursorStore.for_config(config)
         self._lag_source = lag_source
         self._lag: int | None = None
         self._lag_error: str | None = None

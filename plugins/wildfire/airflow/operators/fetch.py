@@ -47,7 +47,7 @@ class FetchToSpoolOperator(BaseOperator):
         if not src.enabled:
             self.log.info("source %s is disabled in the config; nothing to do", self.source)
             return {"source": self.source, "skipped": "disabled"}
-        cursors = CursorStore()
+        cursors = CursorStore.for_config(config)
         result = asyncio.run(fetch_once(self.source, config, Endpoints.from_airflow(), cursor=cursors.load(self.source)))
         spool, ingestor = open_pipeline(config)
         try:
