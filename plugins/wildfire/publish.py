@@ -62,10 +62,10 @@ OK, RETRIABLE, UNKNOWN_TOPIC, PERMANENT = "ok", "retriable", "unknown_topic", "p
 
 def classify(err: Any) -> str:
     """Map a confluent-kafka ``KafkaError`` (or None) to what the publisher does with the record."""
-    from confluent_kafka import KafkaError as E
-
     if err is None:
         return OK
+    from confluent_kafka import KafkaError as E
+
     code = err.code()
     if code in (E.MSG_SIZE_TOO_LARGE, E.INVALID_RECORD, E.RECORD_LIST_TOO_LARGE, E.INVALID_MSG,
                 E.INVALID_MSG_SIZE, E._INVALID_ARG, E._INVALID_TYPE, E.TOPIC_AUTHORIZATION_FAILED,
@@ -133,7 +133,11 @@ class ProducerWrapper:
         self.metrics = metrics
         self._factory = producer_factory
         self._overrides = dict(overrides or {})
-        self._iso_cache: tuple[float, bytes] = (-1.0, b"")
+        self._headers_cache: dict[tuple[str, int, int, float], list[tuple[str, bytes]]] = {}
+        self._succeeded = False
+        from confluent_kafka import KafkaException
+
+        self._kafka_exception = KafkaException
         self._producer = self._make()
 
     def settings(self) -> dict[str, Any]:
@@ -178,26 +182,28 @@ class ProducerWrapper:
         self.fatal = False
 
     def headers(self, row: SpoolRow) -> list[tuple[str, bytes]]:
-        t, iso = self._iso_cache
-        if t != row.ingest_time:
-            iso = _iso(row.ingest_time)
-            self._iso_cache = (row.ingest_time, iso)
-        try:
-            prio = Priority(row.priority).name.encode()
-        except ValueError:
-            prio = str(row.priority).encode()
-        return [("source", row.source.encode()), ("priority", prio),
-                ("schema_version", str(row.schema_version).encode()), ("ingest_time", iso)]
+        # Rows of one batch share all four values: build the list once per distinct tuple.
+        cache_key = (row.source, row.priority, row.schema_version, row.ingest_time)
+        headers = self._headers_cache.get(cache_key)
+        if headers is None:
+            try:
+                prio = Priority(row.priority).name.encode()
+            except ValueError:
+                prio = str(row.priority).encode()
+            headers = [("source", row.source.encode()), ("priority", prio),
+                       ("schema_version", str(row.schema_version).encode()), ("ingest_time", _iso(row.ingest_time))]
+            if len(self._headers_cache) > 4096:
+                self._headers_cache.clear()
+            self._headers_cache[cache_key] = headers
+        return headers
 
     def send(self, row: SpoolRow, on_delivery: Callable[[Delivery], None]) -> None:
         """Produce one row. Raises ``BufferError`` (local queue full) or ``PermanentPublishError``."""
-        from confluent_kafka import KafkaException
-
         started = self.clock.monotonic()
         try:
             self._producer.produce(row.topic, value=row.value, key=row.key, headers=self.headers(row),
                                    on_delivery=functools.partial(self._report, row, started, on_delivery))
-        except KafkaException as exc:
+        except self._kafka_exception as exc:
             err = exc.args[0]
             outcome = classify(err)
             if outcome == PERMANENT:
@@ -211,7 +217,8 @@ class ProducerWrapper:
         outcome = classify(err)
         latency = self.clock.monotonic() - started
         if outcome == OK:
-            self.breaker.record_success()
+            # One breaker success per poll is enough to close it and reset the failure count.
+            self._succeeded = True
             if self.metrics:
                 self.metrics.latency.observe(latency)
         elif outcome == RETRIABLE:
@@ -237,10 +244,19 @@ class ProducerWrapper:
             log.error("dead letter %s/%s not sent to %s: %s", row.topic, row.key, self.kafka.dlq_topic, exc)
 
     def poll(self, timeout: float = 0.0) -> int:
-        return self._producer.poll(timeout)
+        n = self._producer.poll(timeout)
+        self._breaker_success()
+        return n
 
     def flush(self, timeout: float) -> int:
-        return self._producer.flush(timeout)
+        n = self._producer.flush(timeout)
+        self._breaker_success()
+        return n
+
+    def _breaker_success(self) -> None:
+        if self._succeeded:
+            self._succeeded = False
+            self.breaker.record_success()
 
     def __len__(self) -> int:
         return len(self._producer)
@@ -280,7 +296,7 @@ class SpoolPublisher:
     """
 
     def __init__(self, spool: BufferManager, producer: ProducerWrapper, *, clock: Clock = SYSTEM_CLOCK,
-                 batch_size: int | None = None, max_in_flight: int = 20_000,
+                 batch_size: int | None = None, peek_size: int = 2_000, max_in_flight: int = 20_000,
                  before_send: Callable[[list[SpoolRow]], list[SpoolRow]] | None = None,
                  expire_every_s: float = 60.0, metrics: PublishMetrics | None = None) -> None:
         self.spool = spool
@@ -289,6 +305,8 @@ class SpoolPublisher:
         self.clock = clock
         self.kafka = producer.kafka
         self.batch_size = batch_size or spool.config.drain_batch_size
+        # Rows read from the spool per step; Kafka batches (batch.num.messages) stay at batch_size.
+        self.peek_size = max(peek_size, self.batch_size)
         self.max_in_flight = max_in_flight
         self.before_send = before_send
         self.expire_every_s = expire_every_s
@@ -333,7 +351,7 @@ class SpoolPublisher:
         if probing and self._in_flight:
             stats.held = True
             return self._done(stats)
-        limit = min(max_records or self.batch_size, room)
+        limit = min(max_records or self.peek_size, room)
         rows = self.spool.peek_batch(1 if probing else limit, after=self._cursor)
         if not rows:
             return self._done(stats)
