@@ -23,7 +23,7 @@ from wildfire.connectors.base import PayloadError, RateLimiter, UpstreamRejected
 from wildfire.connectors.firms import FirmsConnector, MapKeyExhausted
 from wildfire.connectors.nws import NwsAlertsConnector, NwsObservationsConnector
 from wildfire.connectors.purpleair import PurpleAirConnector, PurpleAirError
-from wildfire.connectors.replay import Reply, ReplayServer
+from wildfire.connectors.replay import ReplayServer, Reply
 from wildfire.priority import Priority
 from wildfire.records import Record
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import orjson
 import paho.mqtt.client as mqtt
 import pytest
+
 from wildfire.config import SourceConfig
 from wildfire.connectors.base import DeadLetter
 from wildfire.connectors.mqtt import MqttConnector

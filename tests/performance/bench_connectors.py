@@ -189,6 +189,7 @@ def guide_triple_loop(ds, hours: int) -> list[bytes]:
 def bench_era5(loop_hours: int, repeat: int) -> dict:
     import numpy as np
     import xarray as xr
+
     from wildfire.connectors.era5 import load_era5_file, open_era5
     from wildfire.connectors.synthetic import write_era5_like_grib
 
@@ -237,6 +238,7 @@ def bench_era5(loop_hours: int, repeat: int) -> dict:
 
 def bench_nws(stations: int, delay_s: float, concurrency: int) -> dict:
     import httpx
+
     from wildfire.config import SourceConfig
     from wildfire.connectors.nws import NwsObservationsConnector
     from wildfire.connectors.replay import ReplayServer, Reply

@@ -127,12 +127,13 @@ class RunSummary:
         self.requests += other.requests
 
     def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``rejected`` is by reason, ``rejected_total`` their sum."""
         return {
             "source": self.source,
             "accepted": self.accepted,
             "deduplicated": self.deduplicated,
-            "rejected": self.rejected_total,
-            "rejected_by_reason": dict(sorted(self.rejected.items())),
+            "rejected": dict(sorted(self.rejected.items())),
+            "rejected_total": self.rejected_total,
             "requests": self.requests,
         }
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from wildfire.clock import ManualClock
 from wildfire.connectors.base import (
     MAX_RETRY_AFTER_S,
@@ -85,7 +86,7 @@ def test_run_summary_counts_and_merges() -> None:
     b.reject("missing_value")
     a.merge(b)
     assert a.as_dict() == {
-        "source": "s", "accepted": 3, "deduplicated": 4, "rejected": 4,
-        "rejected_by_reason": {"bad_latitude": 3, "missing_value": 1}, "requests": 0,
+        "source": "s", "accepted": 3, "deduplicated": 4, "rejected": {"bad_latitude": 3, "missing_value": 1},
+        "rejected_total": 4, "requests": 0,
     }
     assert "bad_latitude=3" in str(a)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from wildfire.connectors.era5 import (
     CDS_DATASET,
     build_cds_request,

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+
 from wildfire.connectors.firms import family_of, parse_firms_csv, prune_seen
 from wildfire.priority import Priority
 from wildfire.records import Record

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+
 from wildfire.connectors.base import DeadLetter
 from wildfire.connectors.mqtt import parse_iot_payload
 from wildfire.connectors.nws import alert_hash, alert_priority, convert_quantity, parse_alert, parse_observation
