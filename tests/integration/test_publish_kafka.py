@@ -123,3 +123,10 @@ def test_drain_follows_priority_order_and_hook_can_hold_rows(tmp_path, kafka_boo
     assert seen[0] == ["a-norm", "i-crit", "i-low"]
     assert any(keys == ["i-low"] for keys in seen[1:])  # the held row was offered again
     assert spool.depth() == 0
+
+
+def test_retry_backoff_is_1_2_4_seconds_then_stays(tmp_path):
+    spool = BufferManager(SpoolConfig(archive_expired_path=None), {}, path=tmp_path / "spool.db")
+    producer = ProducerWrapper(KafkaConfig(), breaker=CircuitBreaker(), producer_factory=lambda conf: None)
+    publisher = SpoolPublisher(spool, producer)
+    assert [publisher.backoff_s(n) for n in (1, 2, 3, 4, 10)] == [1.0, 2.0, 4.0, 4.0, 4.0]
