@@ -40,11 +40,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from wildfire.clock import SYSTEM_CLOCK, Clock
 from wildfire.config import ConfigError, StreamConfig, load_config, resolve_path
@@ -142,7 +141,7 @@ class StreamWorker:
         self._mqtt: Any = None
         self._status_engine: Any = None
         self._status_db = status_db
-        self._http: ThreadingHTTPServer | None = None
+        self._http: Any = None
         self._loop_beat = clock.monotonic()
         self._ready = False
         self._config_error: str | None = None
@@ -241,7 +240,7 @@ class StreamWorker:
         agg["polls"] += 1
         agg["accepted"] += sum(report["accepted"].values())
         agg["deduplicated"] += int(summary.get("deduplicated", 0))
-        agg["rejected"] += int(summary.get("rejected_total", sum((summary.get("rejected") or {}).values())))
+        agg["rejected"] += int(summary.get("rejected_total", 0))
         agg["dead_letters"] += report["dead_letters"]
         for prio, n in report["shed"].items():
             agg["shed"][prio] = agg["shed"].get(prio, 0) + n
@@ -309,13 +308,17 @@ class StreamWorker:
             "metrics_url": f"http://{self.metrics_host}:{self.metrics_port}/metrics" if self._http else None,
         }
 
-    def health(self) -> tuple[bool, list[str]]:
-        reasons = []
-        if self.breaker.state is CircuitState.OPEN:
-            reasons.append("circuit breaker OPEN: Kafka unreachable, records held in the spool")
+    def health(self) -> tuple[bool, list[str], list[str]]:
+        """(alive, reasons it is not, warnings). Only a stalled drain loop makes the worker unhealthy:
+        an open breaker is a Kafka outage the spool is absorbing, and restarting the worker would not help."""
+        reasons, warnings = [], []
         if self.clock.monotonic() - self._loop_beat > 30:
             reasons.append("drain loop stalled for more than 30 s")
-        return not reasons, reasons
+        if self.breaker.state is CircuitState.OPEN:
+            warnings.append("circuit breaker OPEN: Kafka unreachable, records held in the spool")
+        if self._config_error:
+            warnings.append(self._config_error)
+        return not reasons, reasons, warnings
 
     def _write_status(self) -> None:
         if not self._status_db:
@@ -381,42 +384,18 @@ class StreamWorker:
         log.info("applied config %s", _config_version(new))
 
     def _serve_http(self) -> None:
-        if not self.metrics_port:
+        if self.metrics_port < 0:  # disabled (port 0 picks a free port)
             return
-        worker = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
-                if self.path.startswith("/metrics"):
-                    body, ctype, code = generate_latest(worker.registry), "text/plain; version=0.0.4", 200
-                elif self.path.startswith("/health"):
-                    ok, reasons = worker.health()
-                    body = json.dumps({"status": "ok" if ok else "unhealthy", "reasons": reasons}).encode()
-                    ctype, code = "application/json", 200 if ok else 503
-                elif self.path.startswith("/ready"):
-                    code = 200 if worker._ready else 503
-                    body, ctype = json.dumps({"ready": worker._ready}).encode(), "application/json"
-                elif self.path.startswith("/status"):
-                    body, ctype, code = json.dumps(worker.snapshot(), default=str).encode(), "application/json", 200
-                else:
-                    body, ctype, code = b"not found", "text/plain", 404
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
+        from wildfire.probes import ProbeServer
 
         try:
-            self._http = ThreadingHTTPServer((self.metrics_host, self.metrics_port), Handler)
+            self._http = ProbeServer(self.registry, self.health, ready=lambda: self._ready, status=self.snapshot,
+                                     host=self.metrics_host, port=self.metrics_port).start()
         except OSError as exc:
             log.warning("metrics port %s:%s unavailable (%s); running without /health and /metrics",
                         self.metrics_host, self.metrics_port, exc)
             return
-        self.metrics_port = self._http.server_address[1]
-        threading.Thread(target=self._http.serve_forever, name="worker-http", daemon=True).start()
+        self.metrics_port = self._http.port
 
     # ------------------------------------------------------------ the run
 
@@ -488,8 +467,7 @@ class StreamWorker:
             log.warning("%d deliveries unconfirmed at shutdown; their records stay in the spool", left)
         self._write_status()
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.stop()
         self.spool.close()
 
 

@@ -29,6 +29,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -140,6 +141,7 @@ class StorageConsumer:
         self.config = config
         self.topics = list(topics) if topics is not None else source_topics(config)
         self.group_id = group_id or config.kafka.consumer_group
+        self.last_poll_monotonic = time.monotonic()  # liveness for /health
         self.dlq_topic = config.kafka.dlq_topic if config.kafka.enable_dlq else None
         self.batch_size = config.storage.batch_size
         self.poll_timeout_s = config.storage.poll_timeout_s
@@ -193,6 +195,7 @@ class StorageConsumer:
 
     def poll_once(self, timeout: float | None = None) -> WriteResult | None:
         """Consume up to ``storage.batch_size`` messages, write them, commit offsets. None if idle."""
+        self.last_poll_monotonic = time.monotonic()
         messages = self._consumer.consume(self.batch_size, self.poll_timeout_s if timeout is None else timeout)
         if not messages:
             self._commit_pending()
@@ -320,6 +323,45 @@ class StorageConsumer:
         self.close()
 
 
+def _probes(consumer: StorageConsumer, cfg: StreamConfig, host: str, port: int) -> Any:
+    """/health (alive while batches keep being polled), /ready, /metrics (stats and consumer lag)."""
+    import time as _time
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily
+
+    from wildfire.probes import ProbeServer
+    from wildfire.storage.lag import ConsumerLag
+
+    registry = CollectorRegistry()
+    lag = ConsumerLag(cfg.kafka.bootstrap_servers, consumer.group_id, consumer.topics, registry=registry)
+    started = _time.monotonic()
+
+    class StatsCollector:
+        def collect(self):  # noqa: ANN202 - prometheus collector protocol
+            s = consumer.stats
+            for name, doc in (("messages", "messages consumed"), ("records", "records offered to the database"),
+                              ("changed", "rows inserted or replaced"), ("dead_letters", "dead letters stored"),
+                              ("batches", "batches committed"), ("write_failures", "batches refused by the database")):
+                fam = CounterMetricFamily(f"wildfire_storage_{name}", doc)
+                fam.add_metric([], getattr(s, name))
+                yield fam
+            try:
+                lag.snapshot()  # refreshes the lag gauges registered above
+            except Exception:  # noqa: BLE001 - a broker blip shows as stale lag, not a failed scrape
+                pass
+
+    registry.register(StatsCollector())
+
+    def health() -> tuple[bool, list[str], list[str]]:
+        # A consumer that has not committed a batch for long is fine when idle; a dead poll loop is not.
+        if _time.monotonic() - consumer.last_poll_monotonic > 60:
+            return False, ["poll loop silent for more than 60 s"], []
+        return True, [], []
+
+    return ProbeServer(registry, health, ready=lambda: _time.monotonic() - started > 0, host=host, port=port).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wildfire.storage.consumer", description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=None, help="stop after this many seconds (default: forever)")
@@ -328,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topic", action="append", default=None, help="topic to consume (repeatable)")
     parser.add_argument("--group", default=None)
     parser.add_argument("--migrate", action="store_true", help="apply the schema before consuming")
+    parser.add_argument("--metrics-port", type=int, default=-1,
+                        help="serve /health, /ready and /metrics on this port (default: off; 9109 in deploy/)")
+    parser.add_argument("--metrics-host", default="127.0.0.1")
     parser.add_argument("--consumer-option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra librdkafka consumer setting, e.g. session.timeout.ms=6000 (repeatable)")
     args = parser.parse_args(argv)
@@ -349,7 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     with StorageConsumer(cfg, topics=args.topic, url=url, group_id=args.group,
                          consumer_overrides=overrides) as consumer:
-        stats = consumer.run(stop, args.seconds)
+        probes = _probes(consumer, cfg, args.metrics_host, args.metrics_port) if args.metrics_port >= 0 else None
+        try:
+            stats = consumer.run(stop, args.seconds)
+        finally:
+            if probes is not None:
+                probes.stop()
     print(f"stored {stats.changed} rows changed / {stats.records} records, {stats.dead_letters} dead letters, "
           f"{stats.messages} messages in {stats.batches} batches")
     return 0
