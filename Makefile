@@ -48,6 +48,7 @@ stop:  ## stop Airflow and every process it started
 	bash scripts/airflow.sh stop
 
 test: services  ## set up everything and run the whole test suite against the real services
+	bash scripts/ensure_chromium.sh
 	$(PY) -m pytest
 
 test-unit: $(STAMP)  ## only the tests that need no service
