@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)/plugins
 export WILDFIRE_TEST_DATABASE_URL ?= postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire
 
-.PHONY: help venv services services-down services-status topics db-upgrade run stop test test-unit lint \
+.PHONY: help venv services services-down services-status topics db-upgrade run stop demo test test-unit lint \
         constraints clean bench
 
 help:  ## list targets
@@ -44,8 +44,12 @@ db-upgrade: $(STAMP)  ## apply the storage schema migrations (storage.database_u
 run: services db-upgrade  ## start Airflow (standalone) with the project's DAGs on http://localhost:8080
 	bash scripts/airflow.sh start
 
-stop:  ## stop Airflow and every process it started
+stop:  ## stop Airflow, the demo replay and every process they started
+	bash scripts/demo.sh stop
 	bash scripts/airflow.sh stop
+
+demo: services db-upgrade  ## the main job: an offline wildfire scenario run by the Airflow DAGs (DEMO_MINUTES=4)
+	bash scripts/demo.sh run
 
 test: services  ## set up everything and run the whole test suite against the real services
 	bash scripts/ensure_chromium.sh

@@ -304,6 +304,8 @@ class StreamWorker:
             "dropped": dropped,
             "recent_drops": list(self._recent_drops),
             "fetch_errors": dict(self._fetch_errors),
+            "fetched": self.summary.fetched,
+            "transitions": {"breaker": [f"{a.name}->{b.name}" for _, a, b in self.breaker.transitions[-20:]]},
             "config": {"version": _config_version(self.config), "error": self._config_error},
             "metrics_url": f"http://{self.metrics_host}:{self.metrics_port}/metrics" if self._http else None,
         }

@@ -53,7 +53,7 @@ Handler = Reply | list[Reply] | Callable[[str, dict[str, list[str]]], Reply]
 
 
 class ReplayServer:
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self._exact: dict[str, Handler] = {}
         self._prefix: list[tuple[str, Handler]] = []
         self._cursor: dict[str, int] = {}
@@ -98,7 +98,7 @@ class ReplayServer:
             # second later: a real API front end accepts many at once, and so must this.
             request_queue_size = 256
 
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._httpd = _Server(("127.0.0.1", port), _Handler)
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 

@@ -31,7 +31,8 @@ JSON = {"Content-Type": "application/json"}
 
 
 class UpstreamReplay:
-    def __init__(self, samples: Path = SAMPLES, *, fresh_every_poll: bool = True, firms_copies: int = 1) -> None:
+    def __init__(self, samples: Path = SAMPLES, *, fresh_every_poll: bool = True, firms_copies: int = 1,
+                 port: int = 0) -> None:
         self.samples = samples
         self.fresh_every_poll = fresh_every_poll
         self.firms_copies = max(1, firms_copies)
@@ -43,7 +44,7 @@ class UpstreamReplay:
         self._lock = threading.Lock()
         self._polls: dict[str, int] = {}
         self._alerts: list[dict[str, Any]] = []
-        self.server = ReplayServer()
+        self.server = ReplayServer(port)
         s = self.server
         s.route_prefix("/api/area/csv/", self._firms)
         s.route("/mapserver/mapkey_status/", Reply(200, orjson.dumps(
