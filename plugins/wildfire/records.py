@@ -24,7 +24,7 @@ from wildfire.priority import Priority
 
 SCHEMA_VERSION = 1
 
-# Record kinds and their Kafka-facing meaning; payload fields per kind are documented in docs/records.md.
+# Record kinds; the payload fields of each kind (SI units) are documented in docs/connectors.md.
 KINDS = (
     "fire_detection",
     "weather_observation",
