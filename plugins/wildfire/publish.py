@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -110,6 +112,10 @@ class PublishMetrics:
                                    registry=registry)
 
 
+_row_id = operator.attrgetter("id")
+_row_source = operator.attrgetter("source")
+
+
 def _iso(ts: float) -> bytes:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
 
@@ -135,6 +141,7 @@ class ProducerWrapper:
         self._overrides = dict(overrides or {})
         self._headers_cache: dict[tuple[str, int, int, float], list[tuple[str, bytes]]] = {}
         self._succeeded = False
+        self._ok_started: list[float] = []
         from confluent_kafka import KafkaException
 
         self._kafka_exception = KafkaException
@@ -212,6 +219,52 @@ class ProducerWrapper:
         except (TypeError, ValueError) as exc:
             raise PermanentPublishError(f"{row.topic}/{row.key}: cannot produce: {exc}") from None
 
+    def send_rows(self, rows: Sequence[SpoolRow], delivered: list[SpoolRow],
+                  on_delivery: Callable[[Delivery], None]) -> SendResult:
+        """Produce ``rows`` in order: the drain loop's fast path.
+
+        A successful delivery appends the row to ``delivered`` (no ``Delivery`` object: successes are the
+        bulk); every failure goes to ``on_delivery`` as a ``Delivery``, as with :meth:`send`. Stops at the
+        first ``BufferError`` (local queue full): ``SendResult.sent`` rows were consumed, the rest were not
+        produced. Rows that can never be produced are listed in ``SendResult.permanent``, not raised.
+        """
+        produce = self._producer.produce
+        headers = self.headers
+        report = self._report_fast
+        started = self.clock.monotonic()  # one timestamp per call: all rows are produced within it
+        partial = functools.partial
+        permanent: list[tuple[SpoolRow, str]] = []
+        consumed = 0
+        full = False
+        for row in rows:
+            try:
+                produce(row.topic, row.value, row.key, headers=headers(row),
+                        on_delivery=partial(report, row, started, delivered, on_delivery))
+            except BufferError:
+                full = True
+                break
+            except self._kafka_exception as exc:
+                err = exc.args[0]
+                outcome = classify(err)
+                if outcome == PERMANENT:
+                    permanent.append((row, f"{row.topic}/{row.key}: {err.str()}"))
+                else:
+                    on_delivery(Delivery(row, outcome, err.str(), 0.0))
+            except (TypeError, ValueError) as exc:
+                permanent.append((row, f"{row.topic}/{row.key}: cannot produce: {exc}"))
+            consumed += 1
+        return SendResult(consumed, permanent, full)
+
+    def _report_fast(self, row: SpoolRow, started: float, delivered: list[SpoolRow],
+                     on_delivery: Callable[[Delivery], None], err: Any, msg: Any) -> None:
+        if err is None:
+            delivered.append(row)
+            self._succeeded = True
+            if self.metrics:
+                self._ok_started.append(started)
+            return
+        self._report(row, started, on_delivery, err, msg)
+
     def _report(self, row: SpoolRow, started: float, on_delivery: Callable[[Delivery], None],
                 err: Any, _msg: Any) -> None:
         outcome = classify(err)
@@ -254,12 +307,32 @@ class ProducerWrapper:
         return n
 
     def _breaker_success(self) -> None:
+        if self._ok_started:
+            # Latency of send_rows deliveries, observed once per poll (the callbacks ran inside it).
+            now = self.clock.monotonic()
+            observe = self.metrics.latency.observe if self.metrics else None
+            for started in self._ok_started:
+                if observe:
+                    observe(now - started)
+            self._ok_started.clear()
         if self._succeeded:
             self._succeeded = False
             self.breaker.record_success()
 
     def __len__(self) -> int:
         return len(self._producer)
+
+
+@dataclass(slots=True, frozen=True)
+class SendResult:
+    """What one :meth:`ProducerWrapper.send_rows` did."""
+
+    sent: int
+    """rows consumed from the front of the list (produced, failed at once, or permanent)."""
+    permanent: list[tuple[SpoolRow, str]]
+    """rows that can never be produced as they are, with the reason: for the dead-letter path."""
+    full: bool
+    """stopped early because librdkafka's local queue is full."""
 
 
 @dataclass(slots=True)
@@ -314,6 +387,9 @@ class SpoolPublisher:
         self._cursor: DrainCursor = {}
         self._in_flight: dict[int, SpoolRow] = {}
         self._reports: list[Delivery] = []
+        # Successful deliveries (send_rows appends here from callbacks); emptied in place by _settle,
+        # never replaced, because callbacks created earlier hold this very list.
+        self._delivered: list[SpoolRow] = []
         self._rewind = False
         self._failed_rounds = 0
         self._not_before = 0.0
@@ -358,31 +434,28 @@ class SpoolPublisher:
         if not self.breaker.allow():
             stats.held = True
             return self._done(stats)
-        for row in rows:
-            level = (row.source_priority, row.priority)
-            if row.id > self._cursor.get(level, 0):
-                self._cursor[level] = row.id
+        # peek_batch returns each level's rows in ascending id order above the cursor, so the last row
+        # seen per level is its new high mark (the cursor never moves back except by a rewind).
+        self._cursor.update(((r.source_priority, r.priority), r.id) for r in rows)
         if self.before_send is not None:
             chosen = self.before_send(rows)
             if len(chosen) != len(rows):
                 self._rewind = True
             rows = chosen
-        for i, row in enumerate(rows):
-            try:
-                self._in_flight[row.id] = row
-                self.producer.send(row, self._report)
-                stats.produced += 1
-            except BufferError:
-                # librdkafka's local queue is full: serve callbacks and offer the rest again later.
-                del self._in_flight[row.id]
-                self._rewind = True
-                self.producer.poll(0.05)
-                break
-            except PermanentPublishError as exc:
-                del self._in_flight[row.id]
-                self._dead_letter(row, str(exc), stats)
-            if probing and i == 0:
-                break
+        if probing:
+            rows = rows[:1]
+        result = self.producer.send_rows(rows, self._delivered, self._report)
+        sent = rows[: result.sent]
+        self._in_flight.update(zip(map(_row_id, sent), sent))
+        bad = {r.id for r, _ in result.permanent}
+        for row, error in result.permanent:
+            del self._in_flight[row.id]
+            self._dead_letter(row, error, stats)
+        stats.produced += len(sent) - len(bad)
+        if result.full:
+            # librdkafka's local queue is full: serve callbacks and offer the rest again later.
+            self._rewind = True
+            self.producer.poll(0.05)
         self.producer.poll(0)
         self._settle(stats)
         return self._done(stats)
@@ -402,10 +475,18 @@ class SpoolPublisher:
 
     def _settle(self, stats: PublishStats) -> None:
         """Apply delivery reports: ack successes in one transaction, retry or dead-letter failures."""
-        if not self._reports:
+        if not self._reports and not self._delivered:
             return
         reports, self._reports = self._reports, []
-        ok: list[int] = []
+        delivered = self._delivered[:]
+        self._delivered.clear()
+        in_flight = self._in_flight
+        ok: list[int] = list(map(_row_id, delivered))
+        for rid in ok:
+            in_flight.pop(rid, None)
+        if self.metrics and delivered:
+            for source, n in Counter(map(_row_source, delivered)).items():
+                self.metrics.delivered.labels(source).inc(n)
         retry: list[SpoolRow] = []
         for d in reports:
             self._in_flight.pop(d.row.id, None)
@@ -427,8 +508,9 @@ class SpoolPublisher:
                     self.metrics.retries.labels(d.outcome).inc()
         if ok:
             stats.delivered += self.spool.ack(ok)
-            for rid in ok:
-                self._attempts.pop(rid, None)
+            if self._attempts:
+                for rid in ok:
+                    self._attempts.pop(rid, None)
         if retry:
             stats.retried += len(retry)
             self.spool.record_attempt(r.id for r in retry)
@@ -455,6 +537,7 @@ class SpoolPublisher:
         self.producer.reset()
         self._in_flight.clear()
         self._reports.clear()
+        self._delivered.clear()
         self._rewind = True
 
     # ------------------------------------------------------------ loop

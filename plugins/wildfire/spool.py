@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import operator
 import os
 import sqlite3
 import threading
@@ -38,7 +39,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import orjson
 
@@ -69,7 +70,9 @@ CREATE TABLE IF NOT EXISTS spool (
     attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS spool_drain ON spool (source_priority, priority, id);
-CREATE INDEX IF NOT EXISTS spool_source ON spool (source, priority, id);
+-- One index only: each index costs about a third of the insert rate. Eviction and stats() use the
+-- drain index or a scan (rare paths), and a store made by an older version loses its second index on open.
+DROP INDEX IF EXISTS spool_source;
 CREATE TABLE IF NOT EXISTS depth (
     source TEXT NOT NULL, priority INTEGER NOT NULL,
     records INTEGER NOT NULL, bytes INTEGER NOT NULL,
@@ -114,9 +117,13 @@ class UnknownSourceError(SpoolError):
     """The record names a source that is not configured."""
 
 
-@dataclass(slots=True, frozen=True)
-class SpoolRow:
-    """One spooled record, as the publisher sees it."""
+class SpoolRow(NamedTuple):
+    """One spooled record, as the publisher sees it.
+
+    A NamedTuple, not a dataclass: ``peek_batch`` builds one per row straight from SQLite's tuple
+    (``SpoolRow._make``, no Python ``__init__``), which matters at tens of thousands of rows/s.
+    Immutable and hashable like the frozen dataclass it replaced; compare rows by ``id``.
+    """
 
     id: int
     """Row id: FIFO order within a (source priority, priority) level; what ``ack`` takes."""
@@ -345,21 +352,22 @@ class BufferManager:
         if not isinstance(record, Record):
             raise RecordError(f"expected a Record, got {type(record).__name__}")
         value = record.to_json()  # RecordError naming the key when the payload does not serialize
-        rows = [(record.key, int(record.priority), value)]
+        rows = [(int(record.priority), record.key, value)]
         return self._put_rows(record.source, rows, topic, record.ingest_time.timestamp(), record.schema_version)
 
     def put_batch(self, batch: EncodedBatch, *, topic: str | None = None) -> PutOutcome:
         """Spool a pre-serialized batch. Rows with no key, an unknown priority or a non-bytes value go to
         ``dead_letters`` (counted as ``invalid``); the rest are accepted."""
         self._source(batch.source)
-        rows: list[tuple[str, int, bytes]] = []
+        rows: list[tuple[int, str, bytes]] = []  # (priority, key, value): the INSERT's parameter order
         invalid: list[tuple[Any, Any, Any, str]] = []
         valid_prios = {0, 1, 2, 3}
         prios = batch.priorities
         # The fast path: a batch with only known priorities, non-empty keys and bytes values.
+        # Whole-column checks run at C speed (set/map), no Python code per row.
         if set(map(type, prios)) <= {Priority, int} and set(prios) <= valid_prios and all(batch.keys) \
-                and all(type(v) is bytes for v in batch.values):
-            rows = list(zip(batch.keys, map(int, prios), batch.values, strict=True))
+                and set(map(type, batch.keys)) <= {str} and set(map(type, batch.values)) <= {bytes}:
+            rows = list(zip(map(int, prios), batch.keys, batch.values, strict=True))
         else:
             for key, prio, value in zip(batch.keys, prios, batch.values, strict=True):
                 error = None
@@ -375,7 +383,7 @@ class BufferManager:
                 if error:
                     invalid.append((key, prio, value, error))
                 else:
-                    rows.append((key, prio, bytes(value)))
+                    rows.append((prio, key, bytes(value)))
         now = self.clock.time()
         outcome = self._put_rows(batch.source, rows, topic, now, SCHEMA_VERSION) if rows else PutOutcome()
         if invalid:
@@ -383,13 +391,13 @@ class BufferManager:
             outcome._drop(REASON_INVALID, len(invalid))
         return outcome
 
-    def _put_rows(self, source: str, rows: list[tuple[str, int, bytes]], topic: str | None,
+    def _put_rows(self, source: str, rows: list[tuple[int, str, bytes]], topic: str | None,
                   ingest_time: float, schema_version: int) -> PutOutcome:
         cfg = self._source(source)
         topic = topic or cfg.topic
         capacity = self.capacity(source)
         strategy = self.overflow_strategy(source)
-        sync = any(r[1] in self._sync for r in rows)
+        sync = not self._sync.isdisjoint(set(map(_first, rows)))
         outcome = PutOutcome()
         conn = self._conn()
         if strategy == "block":
@@ -399,8 +407,8 @@ class BufferManager:
                 with self._write(conn, sync=sync):
                     # CRITICAL is never held back: it goes in even above capacity.
                     free = capacity - self._depth(conn, source)
-                    take = [r for r in pending if r[1] == Priority.CRITICAL]
-                    rest = [r for r in pending if r[1] != Priority.CRITICAL]
+                    take = [r for r in pending if r[0] == Priority.CRITICAL]
+                    rest = [r for r in pending if r[0] != Priority.CRITICAL]
                     take += rest[: max(0, free - len(take))]
                     if take:
                         self._insert(conn, source, cfg.priority, topic, take, ingest_time, schema_version)
@@ -434,19 +442,24 @@ class BufferManager:
         return outcome
 
     def _insert(self, conn: sqlite3.Connection, source: str, source_priority: int, topic: str,
-                rows: Sequence[tuple[str, int, bytes]], ingest_time: float, schema_version: int) -> int:
+                rows: Sequence[tuple[int, str, bytes]], ingest_time: float, schema_version: int) -> int:
         first = conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM sqlite_sequence WHERE name = 'spool'").fetchone()
         conn.executemany(
             "INSERT INTO spool (source, source_priority, priority, topic, key, value, ingest_time, schema_version)"
             f" VALUES ('{_sql_str(source)}', {int(source_priority)}, ?, '{_sql_str(topic)}', ?, ?,"
             f" {float(ingest_time)!r}, {int(schema_version)})",
-            ((prio, key, value) for key, prio, value in rows),
+            rows,
         )
+        # depth: one UPDATE per priority present, counted without Python code per row.
+        prios = set(map(_first, rows))
         added: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-        for _key, prio, value in rows:
-            a = added[prio]
-            a[0] += 1
-            a[1] += len(value)
+        if len(prios) == 1:
+            added[prios.pop()] = [len(rows), sum(map(len, map(_third, rows)))]
+        else:
+            for prio, _key, value in rows:
+                a = added[prio]
+                a[0] += 1
+                a[1] += len(value)
         self._adjust_depth(conn, ((source, p, n, b) for p, (n, b) in added.items()))
         return int(first[0]) if first else 1
 
@@ -470,27 +483,47 @@ class BufferManager:
     def _depth(conn: sqlite3.Connection, source: str) -> int:
         return conn.execute("SELECT coalesce(sum(records), 0) FROM depth WHERE source = ?", (source,)).fetchone()[0]
 
-    def _delete_returning(self, conn: sqlite3.Connection, where: str, params: Sequence[Any]) -> list[tuple]:
-        """Delete rows, keep ``depth`` in step; returns (id, source, priority, bytes) of each deleted row."""
+    def _delete_returning(self, conn: sqlite3.Connection, where: str, params: Sequence[Any], *,
+                          adjust: bool = True) -> list[tuple]:
+        """Delete rows, keep ``depth`` in step; returns (id, source, priority, bytes) of each deleted row.
+
+        ``adjust=False`` leaves ``depth`` to the caller (``_adjust_removed``), which must run in the same
+        transaction: several deletes then cost one ``depth`` update.
+        """
         deleted = conn.execute(
             f"DELETE FROM spool WHERE {where} RETURNING id, source, priority, length(value)", params
         ).fetchall()
+        if adjust:
+            self._adjust_removed(conn, deleted)
+        return deleted
+
+    def _adjust_removed(self, conn: sqlite3.Connection, deleted: Sequence[tuple]) -> None:
+        if not deleted:
+            return
         removed: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
         for _id, source, prio, size in deleted:
             r = removed[(source, prio)]
             r[0] += 1
             r[1] += size
         self._adjust_depth(conn, ((s, p, -n, -b) for (s, p), (n, b) in removed.items()))
-        return deleted
 
     def _evict(self, conn: sqlite3.Connection, source: str, n: int, strategy: str) -> list[int]:
         # Never CRITICAL: if only CRITICAL rows remain, the source stays above capacity instead.
-        order = "id" if strategy == "drop_oldest" else "priority DESC, id"
-        deleted = self._delete_returning(
-            conn,
-            f"id IN (SELECT id FROM spool WHERE source = ? AND priority > 0 ORDER BY {order} LIMIT ?)",
-            (source, n),
-        )
+        # The drain index is (source priority, priority, id): the n oldest rows of each non-CRITICAL
+        # level of this source are seeks there (every source priority, since a reload may have changed
+        # the source's), then merged in Python in the strategy's order.
+        candidates: list[tuple[int, int]] = []
+        for sp in range(1, 11):
+            for prio in (1, 2, 3):
+                candidates += conn.execute(
+                    "SELECT priority, id FROM spool WHERE source_priority = ? AND priority = ? AND source = ?"
+                    " ORDER BY id LIMIT ?", (sp, prio, source, n)).fetchall()
+        if strategy == "drop_oldest":
+            candidates.sort(key=lambda c: c[1])
+        else:
+            candidates.sort(key=lambda c: (-c[0], c[1]))
+        deleted = self._delete_returning(conn, "id IN (SELECT value FROM json_each(?))",
+                                         (orjson.dumps([c[1] for c in candidates[:n]]),))
         counts: dict[tuple[str, int], int] = defaultdict(int)
         for _id, s, p, _size in deleted:
             counts[(s, p)] += 1
@@ -520,7 +553,7 @@ class BufferManager:
                 " attempts FROM spool WHERE source_priority = ? AND priority = ? AND id > ? ORDER BY id LIMIT ?",
                 (sp, prio, after.get((sp, prio), 0), limit - len(out)),
             ).fetchall()
-            out.extend(SpoolRow(*r) for r in rows)
+            out.extend(map(_make_row, rows))
         return out
 
     @staticmethod
@@ -535,9 +568,18 @@ class BufferManager:
         ids = list(row_ids)
         if not ids:
             return 0
+        runs = _id_runs(ids)
         conn = self._conn()
         with self._write(conn, sync=False):
-            deleted = self._delete_returning(conn, "id IN (SELECT value FROM json_each(?))", (orjson.dumps(ids),))
+            if len(runs) <= _MAX_RANGE_DELETES:
+                # Delivered ids are mostly consecutive: a rowid range is one seek + a sequential walk
+                # instead of one lookup per id. Only ids inside a run of acked ids are in a range.
+                deleted = []
+                for lo, hi in runs:
+                    deleted += self._delete_returning(conn, "id BETWEEN ? AND ?", (lo, hi), adjust=False)
+                self._adjust_removed(conn, deleted)
+            else:
+                deleted = self._delete_returning(conn, "id IN (SELECT value FROM json_each(?))", (orjson.dumps(ids),))
         return len(deleted)
 
     def record_attempt(self, row_ids: Iterable[int]) -> None:
@@ -646,10 +688,11 @@ class BufferManager:
             size[source][Priority(prio).name] = b
         now = self.clock.time()
         oldest = {}
-        for source in depth:
-            t = conn.execute("SELECT min(ingest_time) FROM spool WHERE source = ?", (source,)).fetchone()[0]
-            if t is not None:
-                oldest[source] = max(0.0, now - t)
+        if depth:
+            # One sequential scan (no per-source index: it would slow every insert).
+            for source, t in conn.execute("SELECT source, min(ingest_time) FROM spool GROUP BY source"):
+                if t is not None:
+                    oldest[source] = max(0.0, now - t)
         util = {s: sum(depth.get(s, {}).values()) / self.capacity(s) for s in self.sources}
         drops: dict[str, dict[str, int]] = defaultdict(dict)
         for source, reason, n in conn.execute("SELECT source, reason, sum(records) FROM drops GROUP BY source, reason"):
@@ -657,6 +700,30 @@ class BufferManager:
         dead = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
         quarantined = [r[0] for r in conn.execute("SELECT path FROM quarantine ORDER BY at")]
         return SpoolStats(dict(depth), dict(size), oldest, util, dict(drops), dead, quarantined)
+
+
+_make_row = SpoolRow._make
+_first, _third = operator.itemgetter(0), operator.itemgetter(2)
+
+# Past this many separate id runs one ack uses a single ``IN (json_each)`` delete instead.
+_MAX_RANGE_DELETES = 16
+
+
+def _id_runs(ids: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted, de-duplicated ids as inclusive (first, last) runs of consecutive integers."""
+    ordered = sorted(set(ids))
+    if not ordered:
+        return []
+    runs: list[tuple[int, int]] = []
+    lo = hi = ordered[0]
+    for i in ordered[1:]:
+        if i == hi + 1:
+            hi = i
+        else:
+            runs.append((lo, hi))
+            lo = hi = i
+    runs.append((lo, hi))
+    return runs
 
 
 def _sql_str(s: str) -> str:
