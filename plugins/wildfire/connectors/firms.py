@@ -21,7 +21,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import io
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -131,6 +130,40 @@ def _json_str(value: str | None) -> str:
     return "null" if value is None else orjson.dumps(value).decode()
 
 
+# A plain JSON number as FIRMS writes them (no sign, exponent or leading dot tricks); such CSV text is
+# copied into the wire JSON as is, which saves formatting a float per value. At most 15 integer
+# digits, so the value is always finite.
+_JSON_NUMBER = r"^-?(?:0|[1-9][0-9]{0,14})(?:\.[0-9]{1,17})?$"
+
+
+def _json_number(pl: Any, raw: Any, number: Any) -> Any:
+    """Expression: JSON text of a numeric column (``null`` where empty).
+
+    The CSV text itself where every value of the column is a plain JSON number (the normal case,
+    checked once per column); otherwise the parsed float formatted, row by row where needed.
+    """
+    name = raw.name
+    col = pl.col(name)
+    if raw.str.contains(_JSON_NUMBER).fill_null(True).all():
+        return col.fill_null("null")
+    return pl.when(col.str.contains(_JSON_NUMBER)).then(col).otherwise(number.cast(pl.String)).fill_null("null")
+
+
+def _lookup(pl: Any, df: Any, column: str, **derived: Any) -> dict[str, Any]:
+    """Compute ``derived`` expressions once per distinct value of a low-cardinality column.
+
+    Returns one expression per name mapping the column to the derived value (null for null input).
+    Dates, times, confidence, scan and track take at most a few thousand distinct values per response,
+    so this replaces a parse or cast of a million strings by one hash lookup each.
+    """
+    uniq = df.get_column(column).unique().drop_nulls().to_frame().with_columns(**derived)
+    return {
+        name: pl.col(column).replace_strict(uniq.get_column(column), uniq.get_column(name), default=None,
+                                            return_dtype=uniq.schema[name]).alias(name)
+        for name in derived
+    }
+
+
 def parse_firms_csv(
     data: bytes,
     source_name: str,
@@ -142,9 +175,12 @@ def parse_firms_csv(
 ) -> ParsedFirms:
     """FIRMS area-API CSV bytes -> deduplicated wire-JSON batch, dead letters and counts. Pure.
 
-    The wire JSON is assembled column-wise with ``concat_str``: every string that enters it is
-    either validated as a plain token/date/number or escaped once per distinct value, so no
-    per-row escaping is needed and ``Record.from_json`` decodes every value.
+    Everything stays columnar: values derived once per distinct raw value (dates, times, satellite,
+    confidence, scan/track), validation as one boolean mask (reasons are worked out only for the
+    rejected rows), dedup on a 64-bit hash of the key confirmed on the key string where hashes
+    repeat, and the wire JSON assembled with one ``concat_str``. Every string that enters the JSON
+    is a validated token/date/number or was escaped once per distinct value, so no per-row escaping
+    is needed and ``Record.from_json`` decodes every value.
     """
     import polars as pl
 
@@ -156,9 +192,12 @@ def parse_firms_csv(
     if not data.strip():
         return ParsedFirms(empty, dead, summary)
     ingest = format_time(ingest_time or datetime.now(UTC))
+    family = family_of(satellite_source)
+    if _token(family) != family:
+        raise ValueError(f"satellite source {satellite_source!r} is not a plain FIRMS source name")
 
     try:
-        df = pl.read_csv(io.BytesIO(data), infer_schema=False, truncate_ragged_lines=True)
+        df = pl.read_csv(data, infer_schema=False, truncate_ragged_lines=True)
     except (pl.exceptions.PolarsError, ValueError) as exc:
         summary.reject("unparsable_csv")
         dead.append(DeadLetter(source_name, "unparsable_csv", data[:4096], f"CSV does not parse: {exc}"))
@@ -178,22 +217,47 @@ def parse_firms_csv(
     if df.height == 0:
         return ParsedFirms(empty, dead, summary)
 
+    s = pl.col
     instrument_default = "VIIRS" if "bright_ti4" in df.columns else "MODIS"
     if satellite_source.upper().startswith("LANDSAT"):
         instrument_default = "OLI"
-    s = pl.col
     sat_map = _map_unique(df.get_column("satellite"), _norm_satellite)
     conf_map = _map_unique(df.get_column("confidence"), _norm_confidence)
-    conf_num = s("confidence").cast(pl.Float64, strict=False)
-    conf_class = s("confidence").replace_strict(conf_map, default=None, return_dtype=pl.String)
     if "instrument" in df.columns:
         inst_map = _map_unique(df.get_column("instrument"), lambda v: (_token(v) or "").upper() or None)
-    else:
-        inst_map = {}
-    if "instrument" in df.columns:
         instrument = s("instrument").replace_strict(inst_map, default=None, return_dtype=pl.String)
     else:
         instrument = pl.lit(instrument_default)
+
+    hhmm_int = s("acq_time").cast(pl.Int32, strict=False)
+    hhmm_ok = (
+        hhmm_int.is_not_null() & (hhmm_int >= 0) & (hhmm_int // 100 <= 23) & (hhmm_int % 100 <= 59)
+        & (s("acq_time").str.len_bytes() <= 4)
+    )
+    hhmm = s("acq_time").str.zfill(4)
+    time_of = _lookup(
+        pl, df, "acq_time",
+        _hhmm=pl.when(hhmm_ok).then(hhmm), _hh_mm=pl.concat_str([hhmm.str.slice(0, 2), hhmm.str.slice(2, 2)], separator=":"),
+    )
+    date_ok = s("acq_date").str.to_date("%Y-%m-%d", strict=False).is_not_null() & (s("acq_date").str.len_bytes() == 10)
+    date_of = _lookup(pl, df, "acq_date", _date_ok=date_ok)
+    conf_num = s("confidence").cast(pl.Float64, strict=False)
+    conf_class = s("confidence").replace_strict(conf_map, default=None, return_dtype=pl.String)
+    conf_cls = (
+        pl.when(conf_class.is_not_null()).then(conf_class)
+        .when(conf_num < 30).then(pl.lit("low"))
+        .when(conf_num < 80).then(pl.lit("nominal"))
+        .when(conf_num <= 100).then(pl.lit("high"))
+    )
+    conf_pct = pl.when(conf_class.is_null()).then(conf_num)
+    conf_of = _lookup(
+        pl, df, "confidence",
+        confidence_class=conf_cls,
+        _conf_pct_json=conf_pct.cast(pl.String).fill_null("null"),
+        # Quality from confidence: a class maps to a score, a 0-100 value scales linearly.
+        _conf_score=pl.when(conf_pct.is_not_null()).then((conf_pct / 100.0).clip(0.05, 1.0))
+        .otherwise(conf_cls.replace_strict(CLASS_SCORE, default=0.5, return_dtype=pl.Float64)),
+    )
     # daynight/version never enter the key: escape each distinct value once into a JSON literal.
     optional_json = {}
     for col in ("daynight", "version"):
@@ -202,67 +266,70 @@ def parse_firms_csv(
             optional_json[col] = s(col).replace_strict(m, default="null", return_dtype=pl.String)
         else:
             optional_json[col] = pl.lit("null")
-    hhmm_int = s("acq_time").cast(pl.Int32, strict=False)
+
+    lat = s("latitude").cast(pl.Float64, strict=False)
+    lon = s("longitude").cast(pl.Float64, strict=False)
     exprs: list[pl.Expr] = [
-        s("latitude").cast(pl.Float64, strict=False).alias("lat"),
-        s("longitude").cast(pl.Float64, strict=False).alias("lon"),
-        s("acq_date").alias("_date_s"),
-        s("acq_date").str.to_date("%Y-%m-%d", strict=False).alias("_date"),
-        s("acq_time").str.zfill(4).alias("_hhmm"),
-        hhmm_int.alias("_hhmm_i"),
-        s("acq_time").str.len_bytes().alias("_hhmm_len"),
+        lat.alias("lat"), lon.alias("lon"),
+        _json_number(pl, df.get_column("latitude"), lat).alias("_lat_json"),
+        _json_number(pl, df.get_column("longitude"), lon).alias("_lon_json"),
+        s("acq_date").alias("_date_s"), date_of["_date_ok"], time_of["_hhmm"], time_of["_hh_mm"],
         s("satellite").replace_strict(sat_map, default=None, return_dtype=pl.String).alias("satellite_n"),
-        (
-            pl.when(conf_class.is_not_null()).then(conf_class)
-            .when(conf_num < 30).then(pl.lit("low"))
-            .when(conf_num < 80).then(pl.lit("nominal"))
-            .when(conf_num <= 100).then(pl.lit("high"))
-        ).alias("confidence_class"),
-        pl.when(conf_class.is_null()).then(conf_num).alias("confidence_pct"),
-        instrument.alias("instrument_n"),
-        optional_json["daynight"].alias("_daynight_json"),
-        optional_json["version"].alias("_version_json"),
+        instrument.alias("instrument_n"), *conf_of.values(),
+        optional_json["daynight"].alias("_daynight_json"), optional_json["version"].alias("_version_json"),
     ]
     bad_number = pl.lit(False)
+    number_json: dict[str, pl.Expr] = {}
     for col, (name, scale) in NUMERIC.items():
-        if col in df.columns:
-            num = s(col).cast(pl.Float64, strict=False)
-            exprs.append((num * scale if scale != 1.0 else num).alias(name))
-            bad_number = bad_number | (s(col).is_not_null() & (num.is_null() | ~num.is_finite()))
+        if col not in df.columns:
+            continue
+        num = s(col).cast(pl.Float64, strict=False)
+        if scale == 1.0:
+            # High-cardinality (brightness, FRP): the CSV text is the JSON number; only check it parses.
+            exprs.append(_json_number(pl, df.get_column(col), num).alias(f"_{name}_json"))
+            bad_number = bad_number | (s(col).is_not_null() & ~s(col).str.contains(_JSON_NUMBER) & (num.is_null() | ~num.is_finite()))
+        else:
+            # scan/track: a few dozen distinct values; scale and format each once.
+            scaled = _lookup(pl, df, col, **{f"_{name}": num * scale, f"_{name}_json": (num * scale).cast(pl.String)})
+            exprs.extend(scaled.values())
+            bad_number = bad_number | (s(col).is_not_null() & (scaled[f"_{name}"].is_null() | ~scaled[f"_{name}"].is_finite()))
+        number_json[name] = s(f"_{name}_json").fill_null("null")
     exprs.append(bad_number.alias("_bad_number"))
     # Empty fields read as null; ragged (truncated) lines leave their trailing columns null too.
     exprs.append(pl.all_horizontal([s(c).is_not_null() for c in REQUIRED]).alias("_present"))
     out = df.select(exprs)
-    for name in ("brightness_k", "brightness_2_k", "scan_m", "track_m", "frp_mw"):
-        if name not in out.columns:
-            out = out.with_columns(pl.lit(None, pl.Float64).alias(name))
 
-    hh, mm = s("_hhmm_i") // 100, s("_hhmm_i") % 100
-    reason = (
-        pl.when(~s("_present")).then(pl.lit("missing_value"))
-        .when(s("lat").is_null() | ~(s("lat").abs() <= 90)).then(pl.lit("bad_latitude"))
-        .when(s("lon").is_null() | ~(s("lon").abs() <= 180)).then(pl.lit("bad_longitude"))
-        .when(s("_date").is_null() | (s("_date_s").str.len_bytes() != 10)).then(pl.lit("bad_acq_date"))
-        .when(s("_hhmm_i").is_null() | (s("_hhmm_i") < 0) | (hh > 23) | (mm > 59) | (s("_hhmm_len") > 4))
-        .then(pl.lit("bad_acq_time"))
-        .when(s("confidence_class").is_null()).then(pl.lit("bad_confidence"))
-        .when(s("satellite_n").is_null()).then(pl.lit("bad_satellite"))
-        .when(s("instrument_n").is_null()).then(pl.lit("bad_instrument"))
-        .when(s("_bad_number")).then(pl.lit("bad_number"))
+    bad = (
+        ~s("_present") | s("lat").is_null() | ~(s("lat").abs() <= 90) | s("lon").is_null() | ~(s("lon").abs() <= 180)
+        | ~s("_date_ok").fill_null(False) | s("_hhmm").is_null() | s("confidence_class").is_null()
+        | s("satellite_n").is_null() | s("instrument_n").is_null() | s("_bad_number")
     )
-    out = out.with_columns(reason.alias("_reason"))
-    bad = out.get_column("_reason").is_not_null()
-    if bad.any():
+    bad_mask = out.select(bad.alias("bad")).get_column("bad")
+    if bad_mask.any():
+        # Reasons are worked out only for the rejected rows, in the order a reader would check them.
+        reason = (
+            pl.when(~s("_present")).then(pl.lit("missing_value"))
+            .when(s("lat").is_null() | ~(s("lat").abs() <= 90)).then(pl.lit("bad_latitude"))
+            .when(s("lon").is_null() | ~(s("lon").abs() <= 180)).then(pl.lit("bad_longitude"))
+            .when(~s("_date_ok").fill_null(False)).then(pl.lit("bad_acq_date"))
+            .when(s("_hhmm").is_null()).then(pl.lit("bad_acq_time"))
+            .when(s("confidence_class").is_null()).then(pl.lit("bad_confidence"))
+            .when(s("satellite_n").is_null()).then(pl.lit("bad_satellite"))
+            .when(s("instrument_n").is_null()).then(pl.lit("bad_instrument"))
+            .otherwise(pl.lit("bad_number"))
+        )
+        rejected = out.with_row_index("_row").filter(bad_mask).select("_row", reason.alias("_reason"))
         lines = _raw_lines(data)
-        for row, why in out.with_row_index("_row").filter(bad).select("_row", "_reason").iter_rows():
+        for row, why in rejected.iter_rows():
             raw = lines[row + 1] if row + 1 < len(lines) else b""
             summary.reject(why)
             dead.append(DeadLetter(source_name, why, raw, f"{satellite_source} row {row + 1}: {why.replace('_', ' ')}"))
-        out = out.filter(~bad)
+        out = out.filter(~bad_mask)
+        if out.height == 0:
+            return ParsedFirms(empty, dead, summary)
 
-    family = family_of(satellite_source)
-    if _token(family) != family:
-        raise ValueError(f"satellite source {satellite_source!r} is not a plain FIRMS source name")
+    for name in ("brightness_k", "brightness_2_k", "scan_m", "track_m", "frp_mw"):
+        number_json.setdefault(name, pl.lit("null"))
     key = pl.concat_str(
         [
             pl.lit(family), s("satellite_n"), s("instrument_n"), s("_date_s"), s("_hhmm"),
@@ -270,68 +337,53 @@ def parse_firms_csv(
         ],
         separator="|",
     )
-    # Dedup on one integer per key instead of the key string (several times cheaper). It is a
-    # bijection of the key: lat/lon rounded to 4 decimals are exact integers once scaled by 1e4.
-    sat_codes = {v: i for i, v in enumerate(sorted({v for v in sat_map.values() if v}))}
-    inst_values = (set(inst_map.values()) if "instrument" in df.columns else {instrument_default}) - {None}
-    inst_codes = {v: i for i, v in enumerate(sorted(inst_values))}
-    ident = (
-        (
-            (s("_date").cast(pl.Int32).cast(pl.Int128) * 2400 + s("_hhmm_i"))
-            * 1_800_001 + ((s("lat").round(4) * 1e4).round().cast(pl.Int64) + 900_000)
-        ) * 3_600_001 + ((s("lon").round(4) * 1e4).round().cast(pl.Int64) + 1_800_000)
-    ) * 4096 + (
-        s("satellite_n").replace_strict(sat_codes, return_dtype=pl.Int64) * 64
-        + s("instrument_n").replace_strict(inst_codes, return_dtype=pl.Int64)
-    )
-    keep = ident.is_first_distinct() if len(sat_codes) < 64 and len(inst_codes) < 64 else s("key").is_first_distinct()
-    if seen_keys:
-        keep = keep & ~s("key").is_in(pl.Series(list(seen_keys), dtype=pl.String).implode())
-    # One lazy query from here on: polars computes only the columns the wire JSON needs.
-    lf = out.lazy().with_columns(key.alias("key")).filter(keep)
-    footprint = s("scan_m") * s("track_m") / 1e6
+    footprint = s("_scan_m") * s("_track_m") / 1e6 if {"_scan_m", "_track_m"} <= set(out.columns) else pl.lit(None)
     nadir = pl.when(s("instrument_n") == "MODIS").then(NADIR_FOOTPRINT_KM2["MODIS"]).otherwise(
         NADIR_FOOTPRINT_KM2["VIIRS"]
     )
     # Off-nadir pixels (up to ~4x nadir footprint at VIIRS swath edges) lose up to 30 % of the score.
     penalty = ((footprint / nadir - 1.0) / 10.0).clip(0.0, 0.3).fill_null(0.0)
-    conf_score = (
-        pl.when(s("confidence_pct").is_not_null()).then((s("confidence_pct") / 100.0).clip(0.05, 1.0))
-        .otherwise(s("confidence_class").replace_strict(CLASS_SCORE, default=0.5, return_dtype=pl.Float64))
-    )
-    quality = (conf_score * (1.0 - penalty)).round(3)
-
-    def num(col: str) -> pl.Expr:
-        return s(col).cast(pl.String).fill_null("null")
-
-    head = (
-        f'{{"source":{_json_str(source_name)},"kind":"{KIND}","key":"{_json_str(family)[1:-1]}|'
-    )
+    quality = (s("_conf_score") * (1.0 - penalty)).round(3)
+    head = f'{{"source":{_json_str(source_name)},"kind":"{KIND}","key":"'
     wire = pl.concat_str(
         [
-            pl.lit(head), s("key").str.slice(len(family) + 1),
-            pl.lit('","event_time":"'), s("_date_s"), pl.lit("T"), s("_hhmm").str.slice(0, 2), pl.lit(":"),
-            s("_hhmm").str.slice(2, 2),
-            pl.lit(f':00Z","ingest_time":"{ingest}","priority":"{priority.name}","lat":'), s("lat").cast(pl.String),
-            pl.lit(',"lon":'), s("lon").cast(pl.String),
+            pl.lit(head), s("key"),
+            pl.lit('","event_time":"'), s("_date_s"), pl.lit("T"), s("_hh_mm"),
+            pl.lit(f':00Z","ingest_time":"{ingest}","priority":"{priority.name}","lat":'), s("_lat_json"),
+            pl.lit(',"lon":'), s("_lon_json"),
             pl.lit(',"quality":'), quality.cast(pl.String),
             pl.lit(f',"payload":{{"satellite_source":{_json_str(satellite_source)},"satellite":"'), s("satellite_n"),
             pl.lit('","instrument":"'), s("instrument_n"),
             pl.lit('","acq_date":"'), s("_date_s"),
             pl.lit('","acq_time":"'), s("_hhmm"),
             pl.lit('","confidence_class":"'), s("confidence_class"),
-            pl.lit('","confidence_pct":'), num("confidence_pct"),
-            pl.lit(',"brightness_k":'), num("brightness_k"),
-            pl.lit(',"brightness_2_k":'), num("brightness_2_k"),
-            pl.lit(',"frp_mw":'), num("frp_mw"),
-            pl.lit(',"scan_m":'), num("scan_m"),
-            pl.lit(',"track_m":'), num("track_m"),
+            pl.lit('","confidence_pct":'), s("_conf_pct_json"),
+            pl.lit(',"brightness_k":'), number_json["brightness_k"],
+            pl.lit(',"brightness_2_k":'), number_json["brightness_2_k"],
+            pl.lit(',"frp_mw":'), number_json["frp_mw"],
+            pl.lit(',"scan_m":'), number_json["scan_m"],
+            pl.lit(',"track_m":'), number_json["track_m"],
             pl.lit(',"daynight":'), s("_daynight_json"),
             pl.lit(',"version":'), s("_version_json"),
             pl.lit(f'}},"schema_version":{SCHEMA_VERSION}}}'),
         ]
     )
-    wired = lf.select(s("key"), wire.cast(pl.Binary).alias("json")).collect()
+    wired = out.lazy().with_columns(key.alias("key")).select(s("key"), wire.cast(pl.Binary).alias("json")).collect()
+
+    # Dedup: first occurrence wins. A 64-bit hash per key finds candidates in one cheap pass; only
+    # rows whose hash repeats are compared on the key string, so a hash collision never drops a row.
+    key_col = wired.get_column("key")
+    repeated = key_col.hash(seed=0).is_duplicated()
+    keep = None
+    if repeated.any():
+        candidates = repeated.arg_true()
+        later = candidates.filter(~key_col.gather(candidates).is_first_distinct())
+        keep = ~pl.zeros(len(key_col), dtype=pl.Boolean, eager=True).scatter(later, True)
+    if seen_keys:
+        fresh = ~key_col.is_in(pl.Series(list(seen_keys), dtype=pl.String).implode())
+        keep = fresh if keep is None else keep & fresh
+    if keep is not None:
+        wired = wired.filter(keep)
     summary.deduplicated += out.height - wired.height
     if wired.height == 0:
         return ParsedFirms(empty, dead, summary)
