@@ -30,9 +30,10 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -361,6 +362,53 @@ class PublishStats:
         self.in_flight = other.in_flight
 
 
+class _Acker:
+    """Deletes delivered rows on its own thread and SQLite connection, so the drain loop keeps producing
+    while SQLite works (sqlite3 releases the GIL inside each statement).
+
+    Only the owning (drain) thread calls ``submit``/``results``/``stop``. A failed delete is reported
+    back (count None) and the owner submits the ids again: a delivered row is never forgotten, at worst
+    it is sent again after a crash (at least once).
+    """
+
+    def __init__(self, spool: BufferManager) -> None:
+        self.spool = spool
+        self._jobs: queue.SimpleQueue[list[int] | None] = queue.SimpleQueue()
+        self._results: deque[tuple[list[int], int | None]] = deque()  # appended by the thread, popped by the owner
+        self._thread: threading.Thread | None = None
+
+    def submit(self, ids: list[int]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._main, name="spool-acker", daemon=True)
+            self._thread.start()
+        self._jobs.put(ids)
+
+    def results(self) -> list[tuple[list[int], int | None]]:
+        out = []
+        while self._results:
+            out.append(self._results.popleft())
+        return out
+
+    def stop(self) -> None:
+        """Wait until every submitted ack is done, then end the thread (``submit`` starts a new one)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _main(self) -> None:
+        try:
+            while (ids := self._jobs.get()) is not None:
+                try:
+                    n: int | None = self.spool.ack(ids)
+                except Exception as exc:  # noqa: BLE001 - reported back and retried by the owner
+                    log.error("deleting %d delivered rows from the spool failed: %s (will retry)", len(ids), exc)
+                    n = None
+                self._results.append((ids, n))
+        finally:
+            self.spool.close()  # this thread's connection only
+
+
 class SpoolPublisher:
     """Moves spool rows to Kafka in drain order; deletes a row only on a successful delivery report.
 
@@ -371,7 +419,8 @@ class SpoolPublisher:
     def __init__(self, spool: BufferManager, producer: ProducerWrapper, *, clock: Clock = SYSTEM_CLOCK,
                  batch_size: int | None = None, peek_size: int = 2_000, max_in_flight: int = 20_000,
                  before_send: Callable[[list[SpoolRow]], list[SpoolRow]] | None = None,
-                 expire_every_s: float = 60.0, metrics: PublishMetrics | None = None) -> None:
+                 expire_every_s: float = 60.0, metrics: PublishMetrics | None = None,
+                 background_ack: bool = True) -> None:
         self.spool = spool
         self.producer = producer
         self.breaker = producer.breaker
@@ -394,6 +443,10 @@ class SpoolPublisher:
         self._failed_rounds = 0
         self._not_before = 0.0
         self._attempts: dict[int, int] = {}
+        # background_ack: delivered rows are deleted on a second thread (``_Acker``); until that is done
+        # their ids stay in ``_acking`` so a rewound peek does not send them again.
+        self._acker = _Acker(spool) if background_ack else None
+        self._acking: set[int] = set()
         self._next_expire = clock.monotonic()
         self.totals = PublishStats()
 
@@ -410,6 +463,7 @@ class SpoolPublisher:
         stats = PublishStats()
         self.producer.poll(0)
         self._settle(stats)
+        self._collect_acks(stats)
         if self.producer.fatal:
             self._recover_from_fatal()
         now = self.clock.monotonic()
@@ -437,6 +491,10 @@ class SpoolPublisher:
         # peek_batch returns each level's rows in ascending id order above the cursor, so the last row
         # seen per level is its new high mark (the cursor never moves back except by a rewind).
         self._cursor.update(((r.source_priority, r.priority), r.id) for r in rows)
+        if self._acking:
+            rows = [r for r in rows if r.id not in self._acking]
+            if not rows:
+                return self._done(stats)
         if self.before_send is not None:
             chosen = self.before_send(rows)
             if len(chosen) != len(rows):
@@ -446,7 +504,7 @@ class SpoolPublisher:
             rows = rows[:1]
         result = self.producer.send_rows(rows, self._delivered, self._report)
         sent = rows[: result.sent]
-        self._in_flight.update(zip(map(_row_id, sent), sent))
+        self._in_flight.update(zip(map(_row_id, sent), sent, strict=True))
         bad = {r.id for r, _ in result.permanent}
         for row, error in result.permanent:
             del self._in_flight[row.id]
@@ -507,7 +565,11 @@ class SpoolPublisher:
                 if self.metrics:
                     self.metrics.retries.labels(d.outcome).inc()
         if ok:
-            stats.delivered += self.spool.ack(ok)
+            if self._acker is not None:
+                self._acking.update(ok)
+                self._acker.submit(ok)
+            else:
+                stats.delivered += self.spool.ack(ok)
             if self._attempts:
                 for rid in ok:
                     self._attempts.pop(rid, None)
@@ -522,6 +584,16 @@ class SpoolPublisher:
                         len(retry), next(d.error for d in reports if d.outcome != OK), delay, self.breaker.state.name)
         elif ok:
             self._failed_rounds = 0
+
+    def _collect_acks(self, stats: PublishStats) -> None:
+        if self._acker is None:
+            return
+        for ids, n in self._acker.results():
+            if n is None:
+                self._acker.submit(ids)  # still delivered: delete them on the next try
+            else:
+                self._acking.difference_update(ids)
+                stats.delivered += n
 
     def _dead_letter(self, row: SpoolRow, error: str, stats: PublishStats, attempts: int | None = None) -> None:
         attempts = row.attempts + 1 if attempts is None else attempts
@@ -571,6 +643,13 @@ class SpoolPublisher:
         self.producer.flush(timeout)
         stats = PublishStats()
         self._settle(stats)
+        if self._acker is not None:
+            self._acker.stop()  # every delivered row deleted before flush returns
+            self._collect_acks(stats)
+            if self._acking:  # a delete failed: one synchronous try, then they wait for the next call
+                self._acker.submit(sorted(self._acking))
+                self._acker.stop()
+                self._collect_acks(stats)
         self._done(stats)
         return len(self._in_flight)
 

@@ -322,10 +322,11 @@ class BufferManager:
         conn.execute("COMMIT")
 
     def close(self) -> None:
+        """Close the calling thread's connection (other threads keep theirs; the next call reopens)."""
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == os.getpid():
             conn.close()
-        self._local = threading.local()
+        self._local.conn = None
 
     # ------------------------------------------------------------ capacity
 

@@ -67,6 +67,34 @@ def test_put_peek_ack_round_trip(tmp_path):
     assert spool.depth() == 1 and spool.stats().bytes["iot"]["NORMAL"] == len(rows[2].value)
 
 
+def test_ack_deletes_only_the_given_ids_when_they_have_gaps(tmp_path):
+    # ack deletes consecutive ids as ranges: an id between two acked runs must survive, and
+    # depth/bytes must follow exactly what was deleted (including ids interleaved with another level).
+    spool = make(tmp_path)
+    spool.put_batch(batch("iot", [f"k{i}" for i in range(10)], [N, N, H, N, N, N, L, N, N, N]))
+    rows = sorted(spool.peek_batch(100), key=lambda r: r.id)
+    acked = [rows[i].id for i in (0, 1, 2, 4, 5, 8, 9)] + [rows[0].id, 10**9]  # duplicate and unknown id
+    assert spool.ack(acked) == 7
+    assert sorted(keys_in(spool)) == ["k3", "k6", "k7"]
+    assert spool.depth() == 3 and spool.depth(priority=L) == 1 and spool.depth(priority=H) == 0
+    assert spool.stats().bytes["iot"] == {"NORMAL": len(rows[3].value) + len(rows[7].value),
+                                          "LOW": len(rows[6].value)}
+    spool.put_batch(batch("iot", [f"m{i:02d}" for i in range(40)]))
+    fresh = sorted(spool.peek_batch(100), key=lambda r: r.id)[-40:]
+    # every other id: 20 separate runs, more than ack deletes as ranges, so the IN path is used
+    assert spool.ack([r.id for r in fresh[::2]]) == 20
+    assert sorted(keys_in(spool)) == sorted(["k3", "k6", "k7", *(r.key for r in fresh[1::2])])
+    assert spool.depth() == 23
+
+
+def test_put_batch_rejects_non_string_keys_into_dead_letters(tmp_path):
+    spool = make(tmp_path)
+    out = spool.put_batch(EncodedBatch("iot", ["ok", 7], [N, N], [b"{}", b"{}"]))
+    assert out.accepted == 1 and out.dropped == {"invalid": 1}
+    assert keys_in(spool) == ["ok"]
+    assert spool.dead_letters()[0]["key"] == "7"
+
+
 def test_drain_order_source_priority_then_record_priority_then_fifo(tmp_path):
     spool = make(tmp_path)
     spool.put_batch(batch("era5", ["e1", "e2"], L))
