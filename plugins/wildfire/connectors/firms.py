@@ -131,37 +131,107 @@ def _json_str(value: str | None) -> str:
 
 
 # A plain JSON number as FIRMS writes them (no sign, exponent or leading dot tricks); such CSV text is
-# copied into the wire JSON as is, which saves formatting a float per value. At most 15 integer
-# digits, so the value is always finite.
+# copied into the wire JSON as is, which saves parsing and re-formatting a float per value. At most
+# 15 integer digits, so the value is always finite.
 _JSON_NUMBER = r"^-?(?:0|[1-9][0-9]{0,14})(?:\.[0-9]{1,17})?$"
+# Columns with few distinct values per response (days, minutes, satellites, confidence, pixel sizes):
+# everything derived from them is computed once per distinct combination, not once per row.
+_LOW_CARDINALITY = ("acq_date", "acq_time", "satellite", "confidence", "instrument", "scan", "track", "daynight", "version")
 
 
-def _json_number(pl: Any, raw: Any, number: Any) -> Any:
-    """Expression: JSON text of a numeric column (``null`` where empty).
+def _json_number(pl: Any, raw: Any) -> tuple[Any, Any]:
+    """(JSON text, is-bad) expressions for a high-cardinality numeric column (empty -> ``null``).
 
-    The CSV text itself where every value of the column is a plain JSON number (the normal case,
-    checked once per column); otherwise the parsed float formatted, row by row where needed.
+    Where every value of the column is a plain JSON number (the normal case, one regex pass) the CSV
+    text is the JSON text and nothing is bad; otherwise the others are parsed, formatted, and
+    rejected if unparsable or not finite.
     """
-    name = raw.name
-    col = pl.col(name)
+    col = pl.col(raw.name)
     if raw.str.contains(_JSON_NUMBER).fill_null(True).all():
-        return col.fill_null("null")
-    return pl.when(col.str.contains(_JSON_NUMBER)).then(col).otherwise(number.cast(pl.String)).fill_null("null")
+        return col.fill_null("null"), pl.lit(False)
+    plain = col.str.contains(_JSON_NUMBER)
+    num = col.cast(pl.Float64, strict=False)
+    text = pl.when(plain).then(col).otherwise(num.cast(pl.String)).fill_null("null")
+    return text, col.is_not_null() & ~plain & (num.is_null() | ~num.is_finite())
 
 
-def _lookup(pl: Any, df: Any, column: str, **derived: Any) -> dict[str, Any]:
-    """Compute ``derived`` expressions once per distinct value of a low-cardinality column.
+def _derive(pl: Any, frame: Any, instrument_default: str) -> Any:
+    """Standardized low-cardinality fields of ``frame`` (raw CSV strings), one row per input row.
 
-    Returns one expression per name mapping the column to the derived value (null for null input).
-    Dates, times, confidence, scan and track take at most a few thousand distinct values per response,
-    so this replaces a parse or cast of a million strings by one hash lookup each.
+    Applied to one representative row per distinct combination, and to rejected rows to name why.
     """
-    uniq = df.get_column(column).unique().drop_nulls().to_frame().with_columns(**derived)
-    return {
-        name: pl.col(column).replace_strict(uniq.get_column(column), uniq.get_column(name), default=None,
-                                            return_dtype=uniq.schema[name]).alias(name)
-        for name in derived
-    }
+    s = pl.col
+    sat_map = _map_unique(frame.get_column("satellite"), _norm_satellite)
+    conf_map = _map_unique(frame.get_column("confidence"), _norm_confidence)
+    if "instrument" in frame.columns:
+        inst_map = _map_unique(frame.get_column("instrument"), lambda v: (_token(v) or "").upper() or None)
+        instrument = s("instrument").replace_strict(inst_map, default=None, return_dtype=pl.String)
+    else:
+        instrument = pl.lit(instrument_default)
+    hhmm_int = s("acq_time").cast(pl.Int32, strict=False)
+    hhmm_ok = (
+        hhmm_int.is_not_null() & (hhmm_int >= 0) & (hhmm_int // 100 <= 23) & (hhmm_int % 100 <= 59)
+        & (s("acq_time").str.len_bytes() <= 4)
+    )
+    hhmm = s("acq_time").str.zfill(4)
+    conf_num = s("confidence").cast(pl.Float64, strict=False)
+    conf_class = s("confidence").replace_strict(conf_map, default=None, return_dtype=pl.String)
+    exprs = [
+        pl.when(hhmm_ok).then(hhmm).alias("_hhmm"),
+        pl.concat_str([hhmm.str.slice(0, 2), hhmm.str.slice(2, 2)], separator=":").alias("_hh_mm"),
+        (
+            s("acq_date").str.to_date("%Y-%m-%d", strict=False).is_not_null() & (s("acq_date").str.len_bytes() == 10)
+        ).fill_null(False).alias("_date_ok"),
+        s("satellite").replace_strict(sat_map, default=None, return_dtype=pl.String).alias("satellite_n"),
+        instrument.alias("instrument_n"),
+        (
+            pl.when(conf_class.is_not_null()).then(conf_class)
+            .when(conf_num < 30).then(pl.lit("low"))
+            .when(conf_num < 80).then(pl.lit("nominal"))
+            .when(conf_num <= 100).then(pl.lit("high"))
+        ).alias("confidence_class"),
+        pl.when(conf_class.is_null()).then(conf_num).alias("_conf_pct"),
+        pl.all_horizontal([s(c).is_not_null() for c in REQUIRED if c in frame.columns]).alias("_present"),
+    ]
+    bad_number = pl.lit(False)
+    for col in ("scan", "track"):
+        name = NUMERIC[col][0]
+        if col in frame.columns:
+            num = s(col).cast(pl.Float64, strict=False)
+            exprs.append((num * NUMERIC[col][1]).alias(name))
+            bad_number = bad_number | (s(col).is_not_null() & (num.is_null() | ~num.is_finite()))
+        else:
+            exprs.append(pl.lit(None, pl.Float64).alias(name))
+    exprs.append(bad_number.alias("_bad_number"))
+    # daynight/version never enter the key: escape each distinct value once into a JSON literal.
+    for col in ("daynight", "version"):
+        if col in frame.columns:
+            m = {raw: _json_str(raw.strip()) for raw in frame.get_column(col).unique().drop_nulls().to_list()}
+            exprs.append(s(col).replace_strict(m, default="null", return_dtype=pl.String).alias(f"_{col}_json"))
+        else:
+            exprs.append(pl.lit("null").alias(f"_{col}_json"))
+    return frame.with_columns(exprs)
+
+
+def _combination_codes(pl: Any, df: Any, columns: list[str]) -> Any:
+    """One integer per row, equal exactly when the rows agree on every column in ``columns``."""
+    codes = df.select(
+        pl.col(c).cast(pl.Enum(df.get_column(c).unique().drop_nulls().to_list())).to_physical().cast(pl.UInt64)
+        for c in columns
+    )
+    combo = None
+    bound = 1
+    for c in columns:
+        code = codes.get_column(c)
+        size = (code.max() or 0) + 2  # one more for null
+        if bound * size >= 2**63:
+            # Too many combinations for one integer: renumber the distinct ones 0..n-1 first.
+            combo = combo.rank("dense").cast(pl.UInt64) - 1
+            bound = (combo.max() or 0) + 1
+        code = code.fill_null(size - 1)
+        combo = code if combo is None else combo * size + code
+        bound *= size
+    return combo
 
 
 def parse_firms_csv(
@@ -175,12 +245,15 @@ def parse_firms_csv(
 ) -> ParsedFirms:
     """FIRMS area-API CSV bytes -> deduplicated wire-JSON batch, dead letters and counts. Pure.
 
-    Everything stays columnar: values derived once per distinct raw value (dates, times, satellite,
-    confidence, scan/track), validation as one boolean mask (reasons are worked out only for the
-    rejected rows), dedup on a 64-bit hash of the key confirmed on the key string where hashes
-    repeat, and the wire JSON assembled with one ``concat_str``. Every string that enters the JSON
-    is a validated token/date/number or was escaped once per distinct value, so no per-row escaping
-    is needed and ``Record.from_json`` decodes every value.
+    Everything stays columnar. Rows are grouped by their combination of low-cardinality columns
+    (day, minute, satellite, confidence, pixel size, ...): normalization, validation, the quality
+    score and the JSON text of those fields are computed once per combination and gathered back.
+    Per row only the coordinates and measurements are handled: the CSV text of a plain number is
+    copied into the JSON as is. Validation is one boolean mask (reasons are worked out only for
+    rejected rows); dedup uses a 64-bit hash of the key, confirmed on the key string where hashes
+    repeat; the wire JSON is one ``concat_str``. Every string that enters the JSON is a validated
+    token/date/number or was escaped once per distinct value, so ``Record.from_json`` decodes every
+    value.
     """
     import polars as pl
 
@@ -221,106 +294,94 @@ def parse_firms_csv(
     instrument_default = "VIIRS" if "bright_ti4" in df.columns else "MODIS"
     if satellite_source.upper().startswith("LANDSAT"):
         instrument_default = "OLI"
-    sat_map = _map_unique(df.get_column("satellite"), _norm_satellite)
-    conf_map = _map_unique(df.get_column("confidence"), _norm_confidence)
-    if "instrument" in df.columns:
-        inst_map = _map_unique(df.get_column("instrument"), lambda v: (_token(v) or "").upper() or None)
-        instrument = s("instrument").replace_strict(inst_map, default=None, return_dtype=pl.String)
-    else:
-        instrument = pl.lit(instrument_default)
 
-    hhmm_int = s("acq_time").cast(pl.Int32, strict=False)
-    hhmm_ok = (
-        hhmm_int.is_not_null() & (hhmm_int >= 0) & (hhmm_int // 100 <= 23) & (hhmm_int % 100 <= 59)
-        & (s("acq_time").str.len_bytes() <= 4)
+    # One representative row per combination of low-cardinality columns; per row, an index into them.
+    low = [c for c in _LOW_CARDINALITY if c in df.columns]
+    combo = _combination_codes(pl, df, low)
+    firsts = combo.is_first_distinct().arg_true()
+    combo_ix = combo.replace_strict(combo.gather(firsts), pl.int_range(len(firsts), dtype=pl.UInt32, eager=True))
+    rep = _derive(pl, df.select(low).gather(firsts), instrument_default)
+    footprint = s("scan_m") * s("track_m") / 1e6
+    nadir = pl.when(s("instrument_n") == "MODIS").then(NADIR_FOOTPRINT_KM2["MODIS"]).otherwise(
+        NADIR_FOOTPRINT_KM2["VIIRS"]
     )
-    hhmm = s("acq_time").str.zfill(4)
-    time_of = _lookup(
-        pl, df, "acq_time",
-        _hhmm=pl.when(hhmm_ok).then(hhmm), _hh_mm=pl.concat_str([hhmm.str.slice(0, 2), hhmm.str.slice(2, 2)], separator=":"),
+    # Off-nadir pixels (up to ~4x nadir footprint at VIIRS swath edges) lose up to 30 % of the score.
+    penalty = ((footprint / nadir - 1.0) / 10.0).clip(0.0, 0.3).fill_null(0.0)
+    conf_score = (
+        pl.when(s("_conf_pct").is_not_null()).then((s("_conf_pct") / 100.0).clip(0.05, 1.0))
+        .otherwise(s("confidence_class").replace_strict(CLASS_SCORE, default=0.5, return_dtype=pl.Float64))
     )
-    date_ok = s("acq_date").str.to_date("%Y-%m-%d", strict=False).is_not_null() & (s("acq_date").str.len_bytes() == 10)
-    date_of = _lookup(pl, df, "acq_date", _date_ok=date_ok)
-    conf_num = s("confidence").cast(pl.Float64, strict=False)
-    conf_class = s("confidence").replace_strict(conf_map, default=None, return_dtype=pl.String)
-    conf_cls = (
-        pl.when(conf_class.is_not_null()).then(conf_class)
-        .when(conf_num < 30).then(pl.lit("low"))
-        .when(conf_num < 80).then(pl.lit("nominal"))
-        .when(conf_num <= 100).then(pl.lit("high"))
+    quality = (conf_score * (1.0 - penalty)).round(3)
+
+    def json_num(expr: pl.Expr) -> pl.Expr:
+        return expr.cast(pl.String).fill_null("null")
+
+    per_combo = rep.select(
+        (
+            ~s("_present") | ~s("_date_ok") | s("_hhmm").is_null() | s("confidence_class").is_null()
+            | s("satellite_n").is_null() | s("instrument_n").is_null() | s("_bad_number")
+        ).alias("bad"),
+        pl.concat_str([s("satellite_n"), s("instrument_n"), s("acq_date"), s("_hhmm")], separator="|").alias("key"),
+        # Everything between the coordinates and the first per-row measurement, as one string.
+        pl.concat_str([
+            pl.lit(',"event_time":"'), s("acq_date"), pl.lit("T"), s("_hh_mm"),
+            pl.lit(f':00Z","ingest_time":"{ingest}","priority":"{priority.name}","quality":'), json_num(quality),
+            pl.lit(f',"payload":{{"satellite_source":{_json_str(satellite_source)},"satellite":"'), s("satellite_n"),
+            pl.lit('","instrument":"'), s("instrument_n"),
+            pl.lit('","acq_date":"'), s("acq_date"),
+            pl.lit('","acq_time":"'), s("_hhmm"),
+            pl.lit('","confidence_class":"'), s("confidence_class"),
+            pl.lit('","confidence_pct":'), json_num(s("_conf_pct")),
+            pl.lit(',"scan_m":'), json_num(s("scan_m")),
+            pl.lit(',"track_m":'), json_num(s("track_m")),
+            pl.lit(',"daynight":'), s("_daynight_json"),
+            pl.lit(',"version":'), s("_version_json"),
+            pl.lit(',"brightness_k":'),
+        ]).alias("wire"),
     )
-    conf_pct = pl.when(conf_class.is_null()).then(conf_num)
-    conf_of = _lookup(
-        pl, df, "confidence",
-        confidence_class=conf_cls,
-        _conf_pct_json=conf_pct.cast(pl.String).fill_null("null"),
-        # Quality from confidence: a class maps to a score, a 0-100 value scales linearly.
-        _conf_score=pl.when(conf_pct.is_not_null()).then((conf_pct / 100.0).clip(0.05, 1.0))
-        .otherwise(conf_cls.replace_strict(CLASS_SCORE, default=0.5, return_dtype=pl.Float64)),
-    )
-    # daynight/version never enter the key: escape each distinct value once into a JSON literal.
-    optional_json = {}
-    for col in ("daynight", "version"):
-        if col in df.columns:
-            m = {raw: _json_str(raw.strip()) for raw in df.get_column(col).unique().drop_nulls().to_list()}
-            optional_json[col] = s(col).replace_strict(m, default="null", return_dtype=pl.String)
-        else:
-            optional_json[col] = pl.lit("null")
 
     lat = s("latitude").cast(pl.Float64, strict=False)
     lon = s("longitude").cast(pl.Float64, strict=False)
-    exprs: list[pl.Expr] = [
-        lat.alias("lat"), lon.alias("lon"),
-        _json_number(pl, df.get_column("latitude"), lat).alias("_lat_json"),
-        _json_number(pl, df.get_column("longitude"), lon).alias("_lon_json"),
-        s("acq_date").alias("_date_s"), date_of["_date_ok"], time_of["_hhmm"], time_of["_hh_mm"],
-        s("satellite").replace_strict(sat_map, default=None, return_dtype=pl.String).alias("satellite_n"),
-        instrument.alias("instrument_n"), *conf_of.values(),
-        optional_json["daynight"].alias("_daynight_json"), optional_json["version"].alias("_version_json"),
-    ]
-    bad_number = pl.lit(False)
-    number_json: dict[str, pl.Expr] = {}
-    for col, (name, scale) in NUMERIC.items():
-        if col not in df.columns:
-            continue
-        num = s(col).cast(pl.Float64, strict=False)
-        if scale == 1.0:
-            # High-cardinality (brightness, FRP): the CSV text is the JSON number; only check it parses.
-            exprs.append(_json_number(pl, df.get_column(col), num).alias(f"_{name}_json"))
-            bad_number = bad_number | (s(col).is_not_null() & ~s(col).str.contains(_JSON_NUMBER) & (num.is_null() | ~num.is_finite()))
-        else:
-            # scan/track: a few dozen distinct values; scale and format each once.
-            scaled = _lookup(pl, df, col, **{f"_{name}": num * scale, f"_{name}_json": (num * scale).cast(pl.String)})
-            exprs.extend(scaled.values())
-            bad_number = bad_number | (s(col).is_not_null() & (scaled[f"_{name}"].is_null() | ~scaled[f"_{name}"].is_finite()))
-        number_json[name] = s(f"_{name}_json").fill_null("null")
-    exprs.append(bad_number.alias("_bad_number"))
-    # Empty fields read as null; ragged (truncated) lines leave their trailing columns null too.
-    exprs.append(pl.all_horizontal([s(c).is_not_null() for c in REQUIRED]).alias("_present"))
-    out = df.select(exprs)
-
+    exprs: list[pl.Expr] = [lat.alias("lat"), lon.alias("lon")]
     bad = (
-        ~s("_present") | s("lat").is_null() | ~(s("lat").abs() <= 90) | s("lon").is_null() | ~(s("lon").abs() <= 180)
-        | ~s("_date_ok").fill_null(False) | s("_hhmm").is_null() | s("confidence_class").is_null()
-        | s("satellite_n").is_null() | s("instrument_n").is_null() | s("_bad_number")
+        pl.lit(per_combo.get_column("bad")).gather(s("_combo")) | lat.is_null() | ~(lat.abs() <= 90)
+        | lon.is_null() | ~(lon.abs() <= 180)
     )
-    bad_mask = out.select(bad.alias("bad")).get_column("bad")
+    for col, name in (("latitude", "_lat_json"), ("longitude", "_lon_json")):
+        exprs.append(_json_number(pl, df.get_column(col))[0].alias(name))
+    # Optional measurements, under either column set (VIIRS bright_ti4/5, MODIS brightness/bright_t31).
+    for name in ("brightness_k", "brightness_2_k", "frp_mw"):
+        col = next((c for c, (n, _) in NUMERIC.items() if n == name and c in df.columns), None)
+        if col is None:
+            exprs.append(pl.lit("null").alias(f"_{name}"))
+            continue
+        text, is_bad = _json_number(pl, df.get_column(col))
+        exprs.append(text.alias(f"_{name}"))
+        bad = bad | is_bad
+    exprs.append(pl.lit(per_combo.get_column("key")).gather(s("_combo")).alias("_key_mid"))
+    exprs.append(pl.lit(per_combo.get_column("wire")).gather(s("_combo")).alias("_wire_mid"))
+    exprs.append(bad.alias("_bad"))
+    out = df.with_columns(combo_ix.alias("_combo")).select(exprs)
+
+    bad_mask = out.get_column("_bad")
     if bad_mask.any():
         # Reasons are worked out only for the rejected rows, in the order a reader would check them.
+        rejected = _derive(pl, df.with_row_index("_row").filter(bad_mask), instrument_default)
+        lat_r = s("latitude").cast(pl.Float64, strict=False)
+        lon_r = s("longitude").cast(pl.Float64, strict=False)
         reason = (
             pl.when(~s("_present")).then(pl.lit("missing_value"))
-            .when(s("lat").is_null() | ~(s("lat").abs() <= 90)).then(pl.lit("bad_latitude"))
-            .when(s("lon").is_null() | ~(s("lon").abs() <= 180)).then(pl.lit("bad_longitude"))
-            .when(~s("_date_ok").fill_null(False)).then(pl.lit("bad_acq_date"))
+            .when(lat_r.is_null() | ~(lat_r.abs() <= 90)).then(pl.lit("bad_latitude"))
+            .when(lon_r.is_null() | ~(lon_r.abs() <= 180)).then(pl.lit("bad_longitude"))
+            .when(~s("_date_ok")).then(pl.lit("bad_acq_date"))
             .when(s("_hhmm").is_null()).then(pl.lit("bad_acq_time"))
             .when(s("confidence_class").is_null()).then(pl.lit("bad_confidence"))
             .when(s("satellite_n").is_null()).then(pl.lit("bad_satellite"))
             .when(s("instrument_n").is_null()).then(pl.lit("bad_instrument"))
             .otherwise(pl.lit("bad_number"))
         )
-        rejected = out.with_row_index("_row").filter(bad_mask).select("_row", reason.alias("_reason"))
         lines = _raw_lines(data)
-        for row, why in rejected.iter_rows():
+        for row, why in rejected.select("_row", reason).iter_rows():
             raw = lines[row + 1] if row + 1 < len(lines) else b""
             summary.reject(why)
             dead.append(DeadLetter(source_name, why, raw, f"{satellite_source} row {row + 1}: {why.replace('_', ' ')}"))
@@ -328,57 +389,32 @@ def parse_firms_csv(
         if out.height == 0:
             return ParsedFirms(empty, dead, summary)
 
-    for name in ("brightness_k", "brightness_2_k", "scan_m", "track_m", "frp_mw"):
-        number_json.setdefault(name, pl.lit("null"))
     key = pl.concat_str(
-        [
-            pl.lit(family), s("satellite_n"), s("instrument_n"), s("_date_s"), s("_hhmm"),
-            s("lat").round(4).cast(pl.String), s("lon").round(4).cast(pl.String),
-        ],
-        separator="|",
+        [pl.lit(f"{family}|"), s("_key_mid"), pl.lit("|"), s("lat").round(4).cast(pl.String), pl.lit("|"),
+         s("lon").round(4).cast(pl.String)],
     )
-    footprint = s("_scan_m") * s("_track_m") / 1e6 if {"_scan_m", "_track_m"} <= set(out.columns) else pl.lit(None)
-    nadir = pl.when(s("instrument_n") == "MODIS").then(NADIR_FOOTPRINT_KM2["MODIS"]).otherwise(
-        NADIR_FOOTPRINT_KM2["VIIRS"]
-    )
-    # Off-nadir pixels (up to ~4x nadir footprint at VIIRS swath edges) lose up to 30 % of the score.
-    penalty = ((footprint / nadir - 1.0) / 10.0).clip(0.0, 0.3).fill_null(0.0)
-    quality = (s("_conf_score") * (1.0 - penalty)).round(3)
-    head = f'{{"source":{_json_str(source_name)},"kind":"{KIND}","key":"'
     wire = pl.concat_str(
         [
-            pl.lit(head), s("key"),
-            pl.lit('","event_time":"'), s("_date_s"), pl.lit("T"), s("_hh_mm"),
-            pl.lit(f':00Z","ingest_time":"{ingest}","priority":"{priority.name}","lat":'), s("_lat_json"),
-            pl.lit(',"lon":'), s("_lon_json"),
-            pl.lit(',"quality":'), quality.cast(pl.String),
-            pl.lit(f',"payload":{{"satellite_source":{_json_str(satellite_source)},"satellite":"'), s("satellite_n"),
-            pl.lit('","instrument":"'), s("instrument_n"),
-            pl.lit('","acq_date":"'), s("_date_s"),
-            pl.lit('","acq_time":"'), s("_hhmm"),
-            pl.lit('","confidence_class":"'), s("confidence_class"),
-            pl.lit('","confidence_pct":'), s("_conf_pct_json"),
-            pl.lit(',"brightness_k":'), number_json["brightness_k"],
-            pl.lit(',"brightness_2_k":'), number_json["brightness_2_k"],
-            pl.lit(',"frp_mw":'), number_json["frp_mw"],
-            pl.lit(',"scan_m":'), number_json["scan_m"],
-            pl.lit(',"track_m":'), number_json["track_m"],
-            pl.lit(',"daynight":'), s("_daynight_json"),
-            pl.lit(',"version":'), s("_version_json"),
+            pl.lit(f'{{"source":{_json_str(source_name)},"kind":"{KIND}","key":"'), s("key"),
+            pl.lit('","lat":'), s("_lat_json"), pl.lit(',"lon":'), s("_lon_json"),
+            s("_wire_mid"), s("_brightness_k"),
+            pl.lit(',"brightness_2_k":'), s("_brightness_2_k"),
+            pl.lit(',"frp_mw":'), s("_frp_mw"),
             pl.lit(f'}},"schema_version":{SCHEMA_VERSION}}}'),
         ]
     )
     wired = out.lazy().with_columns(key.alias("key")).select(s("key"), wire.cast(pl.Binary).alias("json")).collect()
 
-    # Dedup: first occurrence wins. A 64-bit hash per key finds candidates in one cheap pass; only
-    # rows whose hash repeats are compared on the key string, so a hash collision never drops a row.
+    # Dedup: first occurrence wins. A 64-bit hash per key finds repeats in one cheap pass; only keys
+    # whose hash repeats are compared as strings, so a hash collision never drops a row.
     key_col = wired.get_column("key")
-    repeated = key_col.hash(seed=0).is_duplicated()
+    hashes = key_col.hash(seed=0)
+    later = ~hashes.is_first_distinct()
     keep = None
-    if repeated.any():
-        candidates = repeated.arg_true()
-        later = candidates.filter(~key_col.gather(candidates).is_first_distinct())
-        keep = ~pl.zeros(len(key_col), dtype=pl.Boolean, eager=True).scatter(later, True)
+    if later.any():
+        candidates = hashes.is_in(hashes.filter(later).implode()).arg_true()
+        drop = candidates.filter(~key_col.gather(candidates).is_first_distinct())
+        keep = ~pl.zeros(len(key_col), dtype=pl.Boolean, eager=True).scatter(drop, True)
     if seen_keys:
         fresh = ~key_col.is_in(pl.Series(list(seen_keys), dtype=pl.String).implode())
         keep = fresh if keep is None else keep & fresh
