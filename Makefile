@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)/plugins
 export WILDFIRE_TEST_DATABASE_URL ?= postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire
 
-.PHONY: help venv services services-down services-status topics db-upgrade run stop demo test test-unit lint \
+.PHONY: help venv services services-down services-status topics db-upgrade run stop demo test test-unit lint loadtest \
         constraints clean bench
 
 help:  ## list targets
@@ -60,6 +60,15 @@ test-unit: $(STAMP)  ## only the tests that need no service
 
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check plugins dags tests
+
+loadtest: services  ## load and fault validation (~15 min): docs/loadtest/report.md + charts, not part of make test
+	$(PY) tests/performance/loadtest.py --scenario all --seconds 40 --out docs/loadtest
+
+bench: services  ## every micro-benchmark (figures recorded in docs/benchmarks.md)
+	$(PY) tests/performance/bench_streaming.py
+	$(PY) tests/performance/bench_connectors.py
+	$(PY) tests/performance/bench_publish.py --records 100000
+	$(PY) tests/performance/bench_storage.py
 
 constraints: $(STAMP)  ## regenerate constraints.txt from the installed venv
 	{ echo "# Resolved constraints for Python 3.11 (pip freeze of a clean install of requirements*.txt)."; \
