@@ -125,6 +125,11 @@ class BackpressureConfig(_Model):
     retry_after_warning_s: float = Field(30, ge=0)
     retry_after_critical_s: float = Field(60, ge=0)
     recovery_readings: int = Field(10, ge=1, le=10_000)
+    protected_priorities: list[PriorityName] = Field(
+        default_factory=lambda: [Priority.CRITICAL, Priority.HIGH],
+        description="never shed by admission; CRITICAL is always protected. The guide protects only CRITICAL; "
+                    "we add HIGH (fire detections, red-flag warnings) so that neither is ever shed",
+    )
     fire_season: FireSeasonConfig = FireSeasonConfig()
 
     @model_validator(mode="after")

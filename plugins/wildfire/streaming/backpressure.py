@@ -109,6 +109,8 @@ class BackpressureManager:
                 f"{fs.critical_threshold} > {config.shedding_threshold}"
             )
         self.config = config
+        # Priorities admission never sheds (CRITICAL always; HIGH too by default, see docs/streaming.md).
+        self._protected = frozenset(config.protected_priorities) | {Priority.CRITICAL}
         self._reject = {
             BackpressureState.NORMAL: config.reject_normal,
             BackpressureState.WARNING: config.reject_warning,
@@ -197,11 +199,12 @@ class BackpressureManager:
 
     # ------------------------------------------------------------------ admission
     def admit(self, priority: Priority | str | int, *, source: str) -> Admission:
-        """Decide for one record. CRITICAL always passes; others are rejected with the state's rate."""
+        """Decide for one record. Protected priorities (CRITICAL, and HIGH by default) always pass; others are
+        rejected with the state's rate."""
         p = priority if priority.__class__ is Priority else _parse_priority(priority)
         state = self._state
         decisions = self.decisions
-        if p is _CRITICAL:
+        if p in self._protected:
             key = (source, p, "admitted")
             decisions[key] = decisions.get(key, 0) + 1
             return _ADMIT_CRITICAL[state]
@@ -224,7 +227,7 @@ class BackpressureManager:
         p = _parse_priority(priority)
         if n == 0:
             return 0
-        rate = 0.0 if p is Priority.CRITICAL else self._reject[self._state]
+        rate = 0.0 if p in self._protected else self._reject[self._state]
         if rate <= 0.0:
             admitted = n
         elif rate >= 1.0:

@@ -58,14 +58,29 @@ def test_slide_31_outbreak_timeline():
     assert metrics.value("wildfire_backpressure_state") == 0
 
 
-def test_full_queue_sheds_everything_but_critical():
-    bp, _, _ = make()
+def test_full_queue_sheds_everything_but_critical_with_the_guides_protection():
+    bp, _, _ = make(protected_priorities=["CRITICAL"])
     assert bp.observe(1.0) is S.LOAD_SHEDDING
     for p in (Priority.HIGH, Priority.NORMAL, Priority.LOW):
         a = bp.admit(p, source="purpleair")
         assert a == Admission(False, S.LOAD_SHEDDING, 60, "rejected_load_shedding")
     assert bp.admit_many(1000, Priority.CRITICAL, "nws_alerts") == 1000
     assert bp.admit_many(1000, Priority.HIGH, "nasa_firms") == 0
+
+
+def test_default_protects_high_as_well_as_critical():
+    bp, _, _ = make()
+    assert bp.observe(1.0) is S.LOAD_SHEDDING
+    assert bp.admit(Priority.HIGH, source="nasa_firms").admitted
+    assert bp.admit_many(1000, Priority.HIGH, "nasa_firms") == 1000
+    assert bp.admit_many(1000, Priority.NORMAL, "purpleair") == 0
+    assert bp.admit_many(1000, Priority.LOW, "era5") == 0
+
+
+def test_critical_cannot_be_unprotected():
+    bp, _, _ = make(protected_priorities=[])
+    bp.observe(1.0)
+    assert bp.admit_many(10, Priority.CRITICAL, "nws_alerts") == 10
 
 
 def test_a_high_reading_during_recovery_restarts_the_count():
