@@ -215,10 +215,9 @@ def _derive(pl: Any, frame: Any, instrument_default: str) -> Any:
 
 def _combination_codes(pl: Any, df: Any, columns: list[str]) -> Any:
     """One integer per row, equal exactly when the rows agree on every column in ``columns``."""
-    codes = df.select(
-        pl.col(c).cast(pl.Enum(df.get_column(c).unique().drop_nulls().to_list())).to_physical().cast(pl.UInt64)
-        for c in columns
-    )
+    # A fresh category namespace per call: one hash pass per column, codes local to this response
+    # (the global string cache would grow with every distinct value ever seen).
+    codes = df.select(pl.col(c).cast(pl.Categorical(pl.Categories.random())).to_physical().cast(pl.UInt64) for c in columns)
     combo = None
     bound = 1
     for c in columns:

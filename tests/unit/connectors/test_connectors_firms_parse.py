@@ -179,3 +179,57 @@ def test_quoting_cannot_break_the_json() -> None:
 def test_prune_seen_drops_old_dates() -> None:
     seen = {"a": "2025-04-01", "b": "2025-04-06", "c": "2025-04-07"}
     assert prune_seen(seen, datetime(2025, 4, 7).date(), 2) == {"b": "2025-04-06", "c": "2025-04-07"}
+
+
+def test_numbers_that_are_not_plain_json_are_reformatted_not_copied() -> None:
+    # Plain CSV number text is copied into the JSON as is; anything a float parser accepts but JSON
+    # does not (sign, bare dot, exponent) must be re-formatted, and garbage rejected.
+    rs = rows(VIIRS)[:7]
+    cols = list(rs[0].keys())
+    texts = ["+320.5", ".5", "5.", "1e3", "-0", "007", "320.62"]
+    data = write([{**r, "bright_ti4": t, "latitude": t if t in ("+320.5",) else r["latitude"]}
+                  for r, t in zip(rs, texts, strict=True)], cols)
+    parsed = parse(data)
+    assert dict(parsed.summary.rejected) == {"bad_latitude": 1}  # +320.5 parses but is out of range
+    got = [Record.from_json(v).payload["brightness_k"] for v in parsed.batch.values]
+    assert got == [0.5, 5.0, 1000.0, 0.0, 7.0, 320.62]
+    plus_lat = write([{**rs[0], "latitude": "+24.25434"}], cols)
+    assert Record.from_json(parse(plus_lat).batch.values[0]).lat == 24.25434
+
+
+def test_every_number_in_the_wire_json_equals_the_csv_value() -> None:
+    # The fast path copies CSV text; check the decoded values against Python's own float parsing.
+    parsed = parse(VIIRS)
+    for raw, value in zip(rows(VIIRS), parsed.batch.values, strict=True):
+        rec = Record.from_json(value)
+        assert (rec.lat, rec.lon) == (float(raw["latitude"]), float(raw["longitude"]))
+        p = rec.payload
+        assert (p["brightness_k"], p["brightness_2_k"], p["frp_mw"]) == (
+            float(raw["bright_ti4"]), float(raw["bright_ti5"]), float(raw["frp"]))
+        assert p["scan_m"] == pytest.approx(float(raw["scan"]) * 1000)
+        assert rec.event_time == datetime.fromisoformat(f"{raw['acq_date']}T{raw['acq_time'][:2]}:{raw['acq_time'][2:]}:00+00:00")
+
+
+def test_combination_codes_are_equal_exactly_for_equal_rows_even_past_64_bits() -> None:
+    import random
+
+    import polars as pl
+
+    from wildfire.connectors.firms import _combination_codes
+
+    rnd = random.Random(5)
+    # 9 columns x 300 values: the product of cardinalities exceeds 2**63, forcing the renumbering step.
+    cols = [f"c{i}" for i in range(9)]
+    distinct = [tuple(rnd.choice([None, *map(str, range(300))]) for _ in cols) for _ in range(1500)]
+    tuples = distinct + [rnd.choice(distinct) for _ in range(1500)]  # every second row repeats one
+    df = pl.DataFrame(tuples, schema={c: pl.String for c in cols}, orient="row")
+    codes = _combination_codes(pl, df, cols).to_list()
+    first_code: dict[tuple, int] = {}
+    for t, code in zip(tuples, codes, strict=True):
+        assert first_code.setdefault(t, code) == code
+    assert len(set(first_code.values())) == len(first_code)
+    # 255 values + null per column = 256 codes = 8 bits: nine columns need 72 bits, and rows differing
+    # only in the first column would collide if the code wrapped around 64 bits.
+    edge = pl.DataFrame([(str(i),) * 9 for i in range(255)] + [("0",) + ("1",) * 8],
+                        schema={c: pl.String for c in cols}, orient="row")
+    assert _combination_codes(pl, edge, cols).n_unique() == 256
