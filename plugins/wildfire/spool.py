@@ -304,6 +304,9 @@ class BufferManager:
         conn.execute("PRAGMA synchronous=NORMAL")
         # Checkpoint every ~40 MB of WAL instead of 4 MB: fewer copy-backs, measurably faster batch writes.
         conn.execute("PRAGMA wal_autocheckpoint=10000")
+        # Some SQLite builds (Debian's) default to secure_delete=ON, zeroing every acked row: ~10 % of the
+        # drain's CPU. The spool holds public ingest data already sent to Kafka, so freed bytes may linger.
+        conn.execute("PRAGMA secure_delete=OFF")
         self._local.conn, self._local.pid, self._local.sync_full = conn, os.getpid(), False
         return conn
 
