@@ -38,6 +38,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -557,7 +558,7 @@ class BufferManager:
                 " attempts FROM spool WHERE source_priority = ? AND priority = ? AND id > ? ORDER BY id LIMIT ?",
                 (sp, prio, after.get((sp, prio), 0), limit - len(out)),
             ).fetchall()
-            out.extend(map(_make_row, rows))
+            out.extend(map(_new_tuple, repeat(SpoolRow), rows))
         return out
 
     @staticmethod
@@ -706,7 +707,8 @@ class BufferManager:
         return SpoolStats(dict(depth), dict(size), oldest, util, dict(drops), dead, quarantined)
 
 
-_make_row = SpoolRow._make
+# tuple.__new__(SpoolRow, row) is SpoolRow._make without its Python frame: C speed per peeked row.
+_new_tuple = tuple.__new__
 _first, _third = operator.itemgetter(0), operator.itemgetter(2)
 
 # Past this many separate id runs one ack uses a single ``IN (json_each)`` delete instead.
