@@ -5,6 +5,9 @@ Guarantees:
 * **At least once, nothing lost.** A spool row is deleted only after its delivery callback reported
   success (``acks=all``, idempotent producer). A crash at any moment leaves undelivered rows in the
   spool; they are sent again on restart, so Kafka may hold duplicates (same key; storage upserts).
+  By default the delete runs on a second thread (``background_ack``): a delivered row waits there
+  until deleted (never re-sent by this process meanwhile), and ``flush`` returns only after every
+  delivered row is deleted.
 * **Outages hold data, never drop it.** Transport failures and timeouts leave the row in the spool,
   back off 1 s, 2 s, 4 s (``kafka.retry_backoff_initial_s`` x ``retry_backoff_base``^n, capped after
   ``max_retries``) and count against the circuit breaker. While the breaker is OPEN nothing is sent;
