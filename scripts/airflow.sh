@@ -29,7 +29,7 @@ start() {
       pw_file="$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"
       log "UI up at $URL"
       log "log in as admin with password: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin"])' "$pw_file" 2>/dev/null || echo "see $pw_file")"
-      log "operations page: $URL/wildfire/ops   stop everything with: make stop"
+      log "operations page: $URL/plugin/wildfire-ops (Browse -> Wildfire operations)   stop everything: make stop"
       return 0
     fi
     running || { tail -40 "$LOG" >&2; log "airflow exited during start-up"; exit 1; }

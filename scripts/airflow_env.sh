@@ -19,11 +19,17 @@ export AIRFLOW__API__PORT="${AIRFLOW__API__PORT:-8080}"
 export PATH="$ROOT/.venv/bin:$PATH"
 export PYTHONPATH="$ROOT/plugins${PYTHONPATH:+:$PYTHONPATH}"
 export WILDFIRE_CONFIG="${WILDFIRE_CONFIG:-$ROOT/config/stream_config.yaml}"
-# Connections (URIs/JSON). Real credentials: override these or set them in the Airflow UI.
-export AIRFLOW_CONN_KAFKA_DEFAULT="${AIRFLOW_CONN_KAFKA_DEFAULT:-{\"conn_type\": \"kafka\", \"extra\": {\"bootstrap.servers\": \"127.0.0.1:9092\"}}}"
+# Connections (URIs/JSON). Real credentials: set these before `make run`, or edit them in the Airflow UI.
+# (Defaults go through variables: a '}' inside ${VAR:-...} would end the expansion early.)
+_kafka='{"conn_type": "kafka", "extra": {"bootstrap.servers": "127.0.0.1:9092"}}'
+_firms='{"conn_type": "http", "host": "https://firms.modaps.eosdis.nasa.gov", "password": "DEMO_KEY"}'
+_nws='{"conn_type": "http", "host": "https://api.weather.gov"}'
+_purpleair='{"conn_type": "http", "host": "https://api.purpleair.com", "password": ""}'
+export AIRFLOW_CONN_KAFKA_DEFAULT="${AIRFLOW_CONN_KAFKA_DEFAULT:-$_kafka}"
 export AIRFLOW_CONN_WILDFIRE_DB="${AIRFLOW_CONN_WILDFIRE_DB:-postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire}"
 export AIRFLOW_CONN_MQTT_DEFAULT="${AIRFLOW_CONN_MQTT_DEFAULT:-mqtt://127.0.0.1:1883}"
-export AIRFLOW_CONN_FIRMS_DEFAULT="${AIRFLOW_CONN_FIRMS_DEFAULT:-{\"conn_type\": \"http\", \"host\": \"https://firms.modaps.eosdis.nasa.gov\", \"password\": \"DEMO_KEY\"}}"
-export AIRFLOW_CONN_NWS_DEFAULT="${AIRFLOW_CONN_NWS_DEFAULT:-{\"conn_type\": \"http\", \"host\": \"https://api.weather.gov\"}}"
-export AIRFLOW_CONN_PURPLEAIR_DEFAULT="${AIRFLOW_CONN_PURPLEAIR_DEFAULT:-{\"conn_type\": \"http\", \"host\": \"https://api.purpleair.com\", \"password\": \"\"}}"
+export AIRFLOW_CONN_FIRMS_DEFAULT="${AIRFLOW_CONN_FIRMS_DEFAULT:-$_firms}"
+export AIRFLOW_CONN_NWS_DEFAULT="${AIRFLOW_CONN_NWS_DEFAULT:-$_nws}"
+export AIRFLOW_CONN_PURPLEAIR_DEFAULT="${AIRFLOW_CONN_PURPLEAIR_DEFAULT:-$_purpleair}"
+unset _kafka _firms _nws _purpleair
 export WILDFIRE__STORAGE__DATABASE_URL="${WILDFIRE__STORAGE__DATABASE_URL:-postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire}"

@@ -267,6 +267,7 @@ def _default_sources() -> dict[str, SourceConfig]:
         "era5": src(
             source_type="era5", topic="wildfire-reanalysis", priority=1, record_priority=Priority.LOW,
             ingestion=IngestionConfig(mode="batch", polling_interval_seconds=86_400), timeout_seconds=3600,
+            capacity=200_000, overflow_strategy="block",
         ),
         "iot_mqtt": src(
             source_type="iot_mqtt", topic="wildfire-iot", priority=6,

@@ -17,8 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import logging
+
 from wildfire.clock import SYSTEM_CLOCK, Clock
 from wildfire.config import StreamConfig, resolve_path
+
+log = logging.getLogger(__name__)
 
 POLLING_SOURCE_TYPES = ("nasa_firms", "nws_observations", "nws_alerts", "purpleair")
 
@@ -61,9 +65,13 @@ class Endpoints:
         values: dict[str, Any] = {}
 
         def read(fn):  # noqa: ANN001, ANN202 - small local helper
+            # Only "Connection not defined" keeps the default; a malformed Connection is an error to see.
             try:
                 return fn()
-            except Exception:  # noqa: BLE001 - AirflowNotFoundException and friends: keep defaults
+            except Exception as exc:
+                if type(exc).__name__ != "AirflowNotFoundException":
+                    raise
+                log.warning("%s; using the default endpoint", exc)
                 return None
 
         firms = read(lambda: FirmsHook().get_endpoint(require_credential=False))
