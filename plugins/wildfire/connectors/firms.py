@@ -369,8 +369,26 @@ def parse_firms_csv(
         bad = bad | is_bad
     exprs.append(pl.lit(per_combo.get_column("key")).gather(s("_combo")).alias("_key_mid"))
     exprs.append(pl.lit(per_combo.get_column("wire")).gather(s("_combo")).alias("_wire_mid"))
-    exprs.append(bad.alias("_bad"))
-    out = df.with_columns(combo_ix.alias("_combo")).select(exprs)
+    exprs.append(bad.fill_null(True).alias("_bad"))  # unknown counts as rejected, never silently dropped
+    key = pl.concat_str(
+        [pl.lit(f"{family}|"), s("_key_mid"), pl.lit("|"), s("lat").round(4).cast(pl.String), pl.lit("|"),
+         s("lon").round(4).cast(pl.String)],
+    )
+    wire = pl.concat_str(
+        [
+            pl.lit(f'{{"source":{_json_str(source_name)},"kind":"{KIND}","key":"'), s("key"),
+            pl.lit('","lat":'), s("_lat_json"), pl.lit(',"lon":'), s("_lon_json"),
+            s("_wire_mid"), s("_brightness_k"),
+            pl.lit(',"brightness_2_k":'), s("_brightness_2_k"),
+            pl.lit(',"frp_mw":'), s("_frp_mw"),
+            pl.lit(f'}},"schema_version":{SCHEMA_VERSION}}}'),
+        ]
+    )
+    # One query for per-row fields, key and wire JSON; rejected rows are dropped afterwards.
+    out = (
+        df.lazy().with_columns(combo_ix.alias("_combo")).select(exprs).with_columns(key.alias("key"))
+        .select(s("key"), wire.cast(pl.Binary).alias("json"), s("_bad")).collect()
+    )
 
     bad_mask = out.get_column("_bad")
     if bad_mask.any():
@@ -397,22 +415,7 @@ def parse_firms_csv(
         out = out.filter(~bad_mask)
         if out.height == 0:
             return ParsedFirms(empty, dead, summary)
-
-    key = pl.concat_str(
-        [pl.lit(f"{family}|"), s("_key_mid"), pl.lit("|"), s("lat").round(4).cast(pl.String), pl.lit("|"),
-         s("lon").round(4).cast(pl.String)],
-    )
-    wire = pl.concat_str(
-        [
-            pl.lit(f'{{"source":{_json_str(source_name)},"kind":"{KIND}","key":"'), s("key"),
-            pl.lit('","lat":'), s("_lat_json"), pl.lit(',"lon":'), s("_lon_json"),
-            s("_wire_mid"), s("_brightness_k"),
-            pl.lit(',"brightness_2_k":'), s("_brightness_2_k"),
-            pl.lit(',"frp_mw":'), s("_frp_mw"),
-            pl.lit(f'}},"schema_version":{SCHEMA_VERSION}}}'),
-        ]
-    )
-    wired = out.lazy().with_columns(key.alias("key")).select(s("key"), wire.cast(pl.Binary).alias("json")).collect()
+    wired = out
 
     # Dedup: first occurrence wins. A 64-bit hash per key finds repeats in one cheap pass; only keys
     # whose hash repeats are compared as strings, so a hash collision never drops a row.
