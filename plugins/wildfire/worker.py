@@ -259,7 +259,8 @@ class StreamWorker:
             self._note_fetch("iot_mqtt", {}, report.as_dict())
 
         def dead(dl: Any) -> None:
-            self.ingestor.accept("iot_mqtt", [], dead_letters=[dl])
+            report = self.ingestor.accept("iot_mqtt", [], dead_letters=[dl])
+            self._note_fetch("iot_mqtt", {"rejected_total": 1}, report.as_dict())
 
         self._mqtt = MqttConnector(e.mqtt_host, e.mqtt_port, self.config.sources["iot_mqtt"], sink=sink,
                                    dead_letter_sink=dead, client_id=f"wildfire-{self.worker_id}"[:64],

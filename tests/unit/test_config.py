@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from wildfire.config import (
     DEFAULT_CONFIG_PATH,
     ConfigError,

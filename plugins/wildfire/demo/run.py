@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     print("fetched and accepted per source (stream worker, this run):")
     for name, agg in sorted(state.get("fetched", {}).items()):
         shed = agg.get("shed") or {}
-        print(f"  {name:18s} polls {agg.get('polls', 0):4d}  accepted {agg.get('accepted', 0):7d}  "
+        unit = "messages" if name == "iot_mqtt" else "polls"
+        print(f"  {name:18s} {unit} {agg.get('polls', 0):6d}  accepted {agg.get('accepted', 0):7d}  "
               f"deduplicated {agg.get('deduplicated', 0):6d}  rejected {agg.get('rejected', 0):4d}  "
               f"dead letters {agg.get('dead_letters', 0):4d}  shed {shed or 0}")
     print(f"published to Kafka: {state.get('published', 0)}   dead-lettered by the publisher: "
