@@ -63,6 +63,7 @@ class KafkaConfig(_Model):
     compression_type: Compression = "zstd"
     batch_size: int = Field(500, ge=1, le=100_000, description="records per producer batch")
     linger_ms: int = Field(100, ge=0, le=60_000)
+    critical_linger_ms: int = Field(0, ge=0, le=60_000, description="CRITICAL records use their own producer")
     max_retries: int = Field(3, ge=0, le=20)
     retry_backoff_initial_s: float = Field(1.0, gt=0, le=600)
     retry_backoff_base: float = Field(2.0, ge=1.0, le=10.0, description="1 s, 2 s, 4 s ...")

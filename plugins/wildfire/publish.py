@@ -64,6 +64,7 @@ class PermanentPublishError(PublishError):
 
 
 OK, RETRIABLE, UNKNOWN_TOPIC, PERMANENT = "ok", "retriable", "unknown_topic", "permanent"
+_CRITICAL_VALUE = int(Priority.CRITICAL)
 
 
 def classify(err: Any) -> str:
@@ -152,6 +153,9 @@ class ProducerWrapper:
 
         self._kafka_exception = KafkaException
         self._producer = self._make()
+        # CRITICAL lane: evacuation alerts get their own producer (own queue, linger.ms critical_linger_ms),
+        # so they never wait behind a bulk batch's linger or a deep local queue of FIRMS rows.
+        self._urgent = self._make(urgent=True)
 
     def settings(self) -> dict[str, Any]:
         k = self.kafka
@@ -173,12 +177,15 @@ class ProducerWrapper:
         conf.update(self._overrides)
         return conf
 
-    def _make(self) -> Any:
+    def _make(self, urgent: bool = False) -> Any:
+        conf = self.settings()
+        if urgent:
+            conf = {**conf, "linger.ms": self.kafka.critical_linger_ms, "client.id": f"{self.kafka.client_id}-critical"}
         if self._factory is not None:
-            return self._factory(self.settings())
+            return self._factory(conf)
         from confluent_kafka import Producer
 
-        return Producer(self.settings())
+        return Producer(conf)
 
     def _on_error(self, err: Any) -> None:
         # Client-level errors (all brokers down ...) are logged; per-record failures drive the breaker.
@@ -192,6 +199,7 @@ class ProducerWrapper:
     def reset(self) -> None:
         """Replace a producer that hit a fatal error; its undelivered rows are still in the spool."""
         self._producer = self._make()
+        self._urgent = self._make(urgent=True)
         self.fatal = False
 
     def headers(self, row: SpoolRow) -> list[tuple[str, bytes]]:
@@ -213,8 +221,9 @@ class ProducerWrapper:
     def send(self, row: SpoolRow, on_delivery: Callable[[Delivery], None]) -> None:
         """Produce one row. Raises ``BufferError`` (local queue full) or ``PermanentPublishError``."""
         started = self.clock.monotonic()
+        producer = self._urgent if row.priority == _CRITICAL_VALUE else self._producer
         try:
-            self._producer.produce(row.topic, value=row.value, key=row.key, headers=self.headers(row),
+            producer.produce(row.topic, value=row.value, key=row.key, headers=self.headers(row),
                                    on_delivery=functools.partial(self._report, row, started, on_delivery))
         except self._kafka_exception as exc:
             err = exc.args[0]
@@ -235,6 +244,7 @@ class ProducerWrapper:
         produced. Rows that can never be produced are listed in ``SendResult.permanent``, not raised.
         """
         produce = self._producer.produce
+        urgent = self._urgent.produce
         cached, cache_key, headers_for = self._headers_cache, _headers_key, self.headers
         report = self._report_fast
         started = self.clock.monotonic()  # one timestamp per call: all rows are produced within it
@@ -244,8 +254,9 @@ class ProducerWrapper:
         full = False
         for row in rows:
             try:
-                produce(row.topic, row.value, row.key, headers=cached.get(cache_key(row)) or headers_for(row),
-                        on_delivery=partial(report, row, started, delivered, on_delivery))
+                (urgent if row.priority == _CRITICAL_VALUE else produce)(
+                    row.topic, row.value, row.key, headers=cached.get(cache_key(row)) or headers_for(row),
+                    on_delivery=partial(report, row, started, delivered, on_delivery))
             except BufferError:
                 full = True
                 break
@@ -303,12 +314,14 @@ class ProducerWrapper:
             log.error("dead letter %s/%s not sent to %s: %s", row.topic, row.key, self.kafka.dlq_topic, exc)
 
     def poll(self, timeout: float = 0.0) -> int:
-        n = self._producer.poll(timeout)
+        n = self._urgent.poll(0) + self._producer.poll(timeout)
         self._breaker_success()
         return n
 
     def flush(self, timeout: float) -> int:
-        n = self._producer.flush(timeout)
+        deadline = self.clock.monotonic() + timeout
+        self._urgent.flush(timeout)
+        n = len(self._urgent) + self._producer.flush(max(0.0, deadline - self.clock.monotonic()))
         self._breaker_success()
         return n
 
@@ -326,7 +339,7 @@ class ProducerWrapper:
             self.breaker.record_success()
 
     def __len__(self) -> int:
-        return len(self._producer)
+        return len(self._producer) + len(self._urgent)
 
 
 @dataclass(slots=True, frozen=True)

@@ -15,7 +15,7 @@ from wildfire.config import CircuitBreakerConfig, KafkaConfig, SourceConfig, Spo
 from wildfire.priority import Priority
 from wildfire.publish import PERMANENT, RETRIABLE, UNKNOWN_TOPIC, ProducerWrapper, SpoolPublisher, classify
 from wildfire.records import EncodedBatch, Record
-from wildfire.spool import BufferManager
+from wildfire.spool import BufferManager, SpoolRow
 from wildfire.streaming.breaker import CircuitBreaker, CircuitState
 
 pytestmark = pytest.mark.kafka
@@ -130,3 +130,40 @@ def test_retry_backoff_is_1_2_4_seconds_then_stays(tmp_path):
     producer = ProducerWrapper(KafkaConfig(), breaker=CircuitBreaker(), producer_factory=lambda conf: None)
     publisher = SpoolPublisher(spool, producer)
     assert [publisher.backoff_s(n) for n in (1, 2, 3, 4, 10)] == [1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_critical_records_have_their_own_producer_without_linger(kafka_bootstrap):
+    """The CRITICAL lane: a separate librdkafka instance with critical_linger_ms, so an evacuation alert never
+    waits for a bulk batch's linger or behind a deep local queue."""
+    confs: list[dict] = []
+
+    class Recorder:
+        def __init__(self, conf):
+            confs.append(conf)
+            self.produced: list[str] = []
+
+        def produce(self, topic, value=None, key=None, headers=None, on_delivery=None):
+            self.produced.append(key)
+
+        def poll(self, timeout=0):
+            return 0
+
+        def flush(self, timeout=0):
+            return 0
+
+        def __len__(self):
+            return 0
+
+    kafka = KafkaConfig(bootstrap_servers=kafka_bootstrap, linger_ms=100, critical_linger_ms=0)
+    producer = ProducerWrapper(kafka, breaker=CircuitBreaker(), producer_factory=Recorder)
+    assert [c["linger.ms"] for c in confs] == [100, 0]
+    assert confs[1]["client.id"].endswith("-critical") and confs[1]["enable.idempotence"] is True
+    rows = [_row(1, Priority.NORMAL), _row(2, Priority.CRITICAL), _row(3, Priority.HIGH)]
+    producer.send_rows(rows, [], lambda d: None)
+    assert producer._producer.produced == ["k1", "k3"]
+    assert producer._urgent.produced == ["k2"]
+
+
+def _row(i: int, priority: Priority) -> SpoolRow:
+    return SpoolRow(id=i, source="nws_alerts", source_priority=10, priority=int(priority), topic="t", key=f"k{i}",
+                    value=b"{}", ingest_time=0.0, schema_version=1, attempts=0)
