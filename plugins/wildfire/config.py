@@ -245,7 +245,7 @@ def _default_sources() -> dict[str, SourceConfig]:
     return {
         "nasa_firms": src(
             source_type="nasa_firms", topic="wildfire-satellite", priority=10, record_priority=Priority.HIGH,
-            ingestion=IngestionConfig(mode="continuous_streaming", polling_interval_seconds=30),
+            ingestion=IngestionConfig(mode="continuous_streaming", polling_interval_seconds=30), capacity=100_000,
             rate_limit_per_minute=120, cache_ttl_seconds=60,
             options={"sources": ["VIIRS_SNPP_NRT", "VIIRS_NOAA20_NRT", "VIIRS_NOAA21_NRT", "MODIS_NRT"],
                      "bbox": [-124.48, 32.53, -114.13, 42.01], "day_range": 1},
