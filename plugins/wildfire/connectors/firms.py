@@ -135,9 +135,10 @@ def _json_str(value: str | None) -> str:
 # copied into the wire JSON as is, which saves parsing and re-formatting a float per value. At most
 # 15 integer digits, so the value is always finite.
 _JSON_NUMBER = r"^-?(?:0|[1-9][0-9]{0,14})(?:\.[0-9]{1,17})?$"
-# Columns with few distinct values per response (days, minutes, satellites, confidence, pixel sizes):
-# everything derived from them is computed once per distinct combination, not once per row.
-_LOW_CARDINALITY = ("acq_date", "acq_time", "satellite", "confidence", "instrument", "scan", "track", "daynight", "version")
+# Columns with few distinct values per response, in two groups (when/what, and how well): everything
+# derived from them is computed once per distinct combination within a group, not once per row.
+_WHEN_COLUMNS = ("acq_date", "acq_time", "satellite", "instrument", "daynight", "version")
+_HOW_COLUMNS = ("confidence", "scan", "track", "instrument")
 
 
 def _json_number(pl: Any, raw: Any) -> tuple[Any, Any]:
@@ -304,12 +305,39 @@ def parse_firms_csv(
     if satellite_source.upper().startswith("LANDSAT"):
         instrument_default = "OLI"
 
-    # One representative row per combination of low-cardinality columns; per row, an index into them.
-    low = [c for c in _LOW_CARDINALITY if c in df.columns]
-    combo = _combination_codes(pl, df, low)
-    firsts = combo.is_first_distinct().arg_true()
-    combo_ix = combo.replace_strict(combo.gather(firsts), pl.int_range(len(firsts), dtype=pl.UInt32, eager=True))
-    rep = _derive(pl, df.select(low).gather(firsts), instrument_default)
+    def representatives(columns: tuple[str, ...]) -> tuple[pl.Series, pl.DataFrame]:
+        """Per row, an index into one representative row per combination of ``columns``, derived."""
+        combo = _combination_codes(pl, df, [c for c in columns if c in df.columns])
+        firsts = combo.is_first_distinct().arg_true()
+        index = combo.replace_strict(combo.gather(firsts), pl.int_range(len(firsts), dtype=pl.UInt32, eager=True))
+        return index, _derive(pl, df.gather(firsts), instrument_default)
+
+    def json_num(expr: pl.Expr) -> pl.Expr:
+        return expr.cast(pl.String).fill_null("null")
+
+    # Two independent groups, so that neither multiplies the other's variety: when and what
+    # (day, minute, satellite), and how well (confidence, pixel size). Only a representative row's
+    # own group columns are used: its other fields (lat/lon, the other group) may differ per row.
+    when_ix, when_rep = representatives(_WHEN_COLUMNS)
+    per_when = when_rep.select(
+        (
+            s("acq_date").is_null() | s("acq_time").is_null() | s("satellite").is_null() | ~s("_date_ok")
+            | s("_hhmm").is_null() | s("satellite_n").is_null() | s("instrument_n").is_null()
+        ).alias("bad"),
+        pl.concat_str([s("satellite_n"), s("instrument_n"), s("acq_date"), s("_hhmm")], separator="|").alias("key"),
+        # The end of the record after the last per-row measurement, as one string.
+        pl.concat_str([
+            pl.lit(f',"satellite_source":{_json_str(satellite_source)},"satellite":"'), s("satellite_n"),
+            pl.lit('","instrument":"'), s("instrument_n"),
+            pl.lit('","acq_date":"'), s("acq_date"),
+            pl.lit('","acq_time":"'), s("_hhmm"),
+            pl.lit('","daynight":'), s("_daynight_json"),
+            pl.lit(',"version":'), s("_version_json"),
+            pl.lit('},"event_time":"'), s("acq_date"), pl.lit("T"), s("_hh_mm"),
+            pl.lit(f':00Z","ingest_time":"{ingest}","priority":"{priority.name}","schema_version":{SCHEMA_VERSION}}}'),
+        ]).alias("wire"),
+    )
+    how_ix, how_rep = representatives(_HOW_COLUMNS)
     footprint = s("scan_m") * s("track_m") / 1e6
     nadir = pl.when(s("instrument_n") == "MODIS").then(NADIR_FOOTPRINT_KM2["MODIS"]).otherwise(
         NADIR_FOOTPRINT_KM2["VIIRS"]
@@ -321,30 +349,15 @@ def parse_firms_csv(
         .otherwise(s("confidence_class").replace_strict(CLASS_SCORE, default=0.5, return_dtype=pl.Float64))
     )
     quality = (conf_score * (1.0 - penalty)).round(3)
-
-    def json_num(expr: pl.Expr) -> pl.Expr:
-        return expr.cast(pl.String).fill_null("null")
-
-    per_combo = rep.select(
-        (
-            ~s("_present") | ~s("_date_ok") | s("_hhmm").is_null() | s("confidence_class").is_null()
-            | s("satellite_n").is_null() | s("instrument_n").is_null() | s("_bad_number")
-        ).alias("bad"),
-        pl.concat_str([s("satellite_n"), s("instrument_n"), s("acq_date"), s("_hhmm")], separator="|").alias("key"),
-        # Everything between the coordinates and the first per-row measurement, as one string.
+    per_how = how_rep.select(
+        (s("confidence").is_null() | s("confidence_class").is_null() | s("_bad_number")).alias("bad"),
+        # Between the coordinates and the first per-row measurement, as one string.
         pl.concat_str([
-            pl.lit(',"event_time":"'), s("acq_date"), pl.lit("T"), s("_hh_mm"),
-            pl.lit(f':00Z","ingest_time":"{ingest}","priority":"{priority.name}","quality":'), json_num(quality),
-            pl.lit(f',"payload":{{"satellite_source":{_json_str(satellite_source)},"satellite":"'), s("satellite_n"),
-            pl.lit('","instrument":"'), s("instrument_n"),
-            pl.lit('","acq_date":"'), s("acq_date"),
-            pl.lit('","acq_time":"'), s("_hhmm"),
-            pl.lit('","confidence_class":"'), s("confidence_class"),
+            pl.lit(',"quality":'), json_num(quality),
+            pl.lit(',"payload":{"confidence_class":"'), s("confidence_class"),
             pl.lit('","confidence_pct":'), json_num(s("_conf_pct")),
             pl.lit(',"scan_m":'), json_num(s("scan_m")),
             pl.lit(',"track_m":'), json_num(s("track_m")),
-            pl.lit(',"daynight":'), s("_daynight_json"),
-            pl.lit(',"version":'), s("_version_json"),
             pl.lit(',"brightness_k":'),
         ]).alias("wire"),
     )
@@ -353,8 +366,8 @@ def parse_firms_csv(
     lon = s("longitude").cast(pl.Float64, strict=False)
     exprs: list[pl.Expr] = [lat.alias("lat"), lon.alias("lon")]
     bad = (
-        pl.lit(per_combo.get_column("bad")).gather(s("_combo")) | lat.is_null() | ~(lat.abs() <= 90)
-        | lon.is_null() | ~(lon.abs() <= 180)
+        pl.lit(per_when.get_column("bad")).gather(s("_when")) | pl.lit(per_how.get_column("bad")).gather(s("_how"))
+        | lat.is_null() | ~(lat.abs() <= 90) | lon.is_null() | ~(lon.abs() <= 180)
     )
     for col, name in (("latitude", "_lat_json"), ("longitude", "_lon_json")):
         exprs.append(_json_number(pl, df.get_column(col))[0].alias(name))
@@ -367,8 +380,9 @@ def parse_firms_csv(
         text, is_bad = _json_number(pl, df.get_column(col))
         exprs.append(text.alias(f"_{name}"))
         bad = bad | is_bad
-    exprs.append(pl.lit(per_combo.get_column("key")).gather(s("_combo")).alias("_key_mid"))
-    exprs.append(pl.lit(per_combo.get_column("wire")).gather(s("_combo")).alias("_wire_mid"))
+    exprs.append(pl.lit(per_when.get_column("key")).gather(s("_when")).alias("_key_mid"))
+    exprs.append(pl.lit(per_when.get_column("wire")).gather(s("_when")).alias("_wire_when"))
+    exprs.append(pl.lit(per_how.get_column("wire")).gather(s("_how")).alias("_wire_how"))
     exprs.append(bad.fill_null(True).alias("_bad"))  # unknown counts as rejected, never silently dropped
     key = pl.concat_str(
         [pl.lit(f"{family}|"), s("_key_mid"), pl.lit("|"), s("lat").round(4).cast(pl.String), pl.lit("|"),
@@ -378,15 +392,15 @@ def parse_firms_csv(
         [
             pl.lit(f'{{"source":{_json_str(source_name)},"kind":"{KIND}","key":"'), s("key"),
             pl.lit('","lat":'), s("_lat_json"), pl.lit(',"lon":'), s("_lon_json"),
-            s("_wire_mid"), s("_brightness_k"),
+            s("_wire_how"), s("_brightness_k"),
             pl.lit(',"brightness_2_k":'), s("_brightness_2_k"),
             pl.lit(',"frp_mw":'), s("_frp_mw"),
-            pl.lit(f'}},"schema_version":{SCHEMA_VERSION}}}'),
+            s("_wire_when"),
         ]
     )
     # One query for per-row fields, key and wire JSON; rejected rows are dropped afterwards.
     out = (
-        df.lazy().with_columns(combo_ix.alias("_combo")).select(exprs).with_columns(key.alias("key"))
+        df.lazy().with_columns(when_ix.alias("_when"), how_ix.alias("_how")).select(exprs).with_columns(key.alias("key"))
         .select(s("key"), wire.cast(pl.Binary).alias("json"), s("_bad")).collect()
     )
 
