@@ -40,3 +40,24 @@ def test_dag_files_keep_heavy_imports_inside_tasks():
         top = [line for line in path.read_text().splitlines() if line and not line[0].isspace()]
         for line in top:
             assert not line.startswith(heavy), f"{path.name}: heavy import at module top: {line}"
+
+
+def test_params_have_valid_defaults_and_reject_bad_values(dagbag):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    for dag_id, dag in dagbag.dags.items():
+        dag.params.validate()  # every default satisfies its own schema
+    stream = dagbag.dags["wildfire_stream"].params
+    assert set(stream.keys()) == {"mode", "sources", "run_minutes", "fire_season"}
+    with pytest.raises(ParamValidationError, match="sometimes"):
+        stream.get_param("mode").resolve("sometimes")
+    with pytest.raises(ParamValidationError, match="less than the minimum of 0.1"):
+        stream.get_param("run_minutes").resolve(-1)
+    assert stream.get_param("fire_season").resolve("on") == "on"
+
+
+def test_stream_and_consumer_dags_run_one_at_a_time_continuously(dagbag):
+    for dag_id in ("wildfire_stream", "storage_consumer"):
+        dag = dagbag.dags[dag_id]
+        assert dag.max_active_runs == 1
+        assert type(dag.timetable).__name__ == "ContinuousTimetable"
