@@ -9,8 +9,11 @@ Guarantees:
 - The natural key is ``family|satellite|instrument|acq_date|HHMM|lat|lon`` (lat/lon rounded to 4
   decimals, HHMM zero-padded, family = the source without its processing suffix, so an NRT row
   and its standard-processing re-issue share a key). ``version`` is never part of the key.
-- Duplicates within one response and keys already published by an earlier poll (the cursor) are
-  dropped and counted as deduplicated.
+- Duplicates within one response (first occurrence kept; exact, a hash collision never drops a
+  row) and keys already published by an earlier poll (the cursor) are dropped and counted as
+  deduplicated.
+- Every emitted value decodes with ``Record.from_json``; numbers in it equal the CSV values (plain
+  CSV number text is copied, any other accepted form is re-formatted).
 - A row that fails validation (latitude/longitude out of range, unparsable date/time/confidence/
   number, missing value, ragged line) is rejected with its reason and its raw CSV line; a response
   missing a required column is rejected as a whole (one dead letter, every row counted).
@@ -254,9 +257,10 @@ def parse_firms_csv(
 ) -> ParsedFirms:
     """FIRMS area-API CSV bytes -> deduplicated wire-JSON batch, dead letters and counts. Pure.
 
-    Everything stays columnar. Rows are grouped by their combination of low-cardinality columns
-    (day, minute, satellite, confidence, pixel size, ...): normalization, validation, the quality
-    score and the JSON text of those fields are computed once per combination and gathered back.
+    Everything stays columnar. Rows are grouped by their combination of low-cardinality columns, in
+    two independent groups (day/minute/satellite/..., and confidence/pixel size): normalization,
+    validation, the quality score and the JSON text of those fields are computed once per
+    combination and gathered back.
     Per row only the coordinates and measurements are handled: the CSV text of a plain number is
     copied into the JSON as is. Validation is one boolean mask (reasons are worked out only for
     rejected rows); dedup uses a 64-bit hash of the key, confirmed on the key string where hashes
@@ -429,7 +433,7 @@ def parse_firms_csv(
         out = out.filter(~bad_mask)
         if out.height == 0:
             return ParsedFirms(empty, dead, summary)
-    wired = out
+    wired = out.select("key", "json")
 
     # Dedup: first occurrence wins. A 64-bit hash per key finds repeats in one cheap pass; only keys
     # whose hash repeats are compared as strings, so a hash collision never drops a row.
