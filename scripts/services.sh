@@ -187,8 +187,21 @@ as_pg() {  # postgres refuses to run as root: use the postgres account then
   fi
 }
 
+pg_dir_usable() {  # the postgres account must reach the data folder (a clone under /root would not do)
+  [ "$(id -u)" != 0 ] && return 0
+  mkdir -p "$PG_DIR"
+  chown postgres: "$PG_DIR" 2>/dev/null || true
+  su postgres -s /bin/bash -c "test -w '$PG_DIR' && test -x '$PG_DIR'" 2>/dev/null
+}
+
 pg_start() {
   find_pg_bin
+  if ! pg_dir_usable; then
+    local fallback="/var/lib/wildfire-postgres/$(printf '%s' "$ROOT" | md5sum | cut -c1-12)"
+    log "the postgres account cannot reach $PG_DIR (a parent folder is private); using $fallback"
+    PG_DIR="$fallback"
+    mkdir -p "$PG_DIR" && chown postgres: "$PG_DIR"
+  fi
   if ! [ -f "$PG_DIR/data/PG_VERSION" ]; then
     log "initialising PostgreSQL in $PG_DIR/data"
     mkdir -p "$PG_DIR"
@@ -225,6 +238,10 @@ CONF
 
 pg_stop() {
   find_pg_bin
+  if [ ! -f "$PG_DIR/data/postmaster.pid" ]; then
+    local fallback="/var/lib/wildfire-postgres/$(printf '%s' "$ROOT" | md5sum | cut -c1-12)"
+    [ -f "$fallback/data/postmaster.pid" ] && PG_DIR="$fallback"
+  fi
   if [ -f "$PG_DIR/data/postmaster.pid" ]; then
     log "stopping postgres"
     as_pg "'$PG_BIN/pg_ctl' -D '$PG_DIR/data' -m fast -w stop" >/dev/null || true
