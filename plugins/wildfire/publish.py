@@ -447,6 +447,7 @@ class SpoolPublisher:
         self.batch_size = batch_size or spool.config.drain_batch_size
         # Rows read from the spool per step; Kafka batches (batch.num.messages) stay at batch_size.
         self.peek_size = max(peek_size, self.batch_size)
+        self.critical_peek = 500  # CRITICAL rows sent per step while the bulk window is full
         self.max_in_flight = max_in_flight
         self.before_send = before_send
         self.expire_every_s = expire_every_s
@@ -494,6 +495,8 @@ class SpoolPublisher:
             self._cursor, self._rewind = {}, False
         room = self.max_in_flight - len(self._in_flight)
         if room <= 0:
+            # The in-flight window is full of bulk rows: CRITICAL rows still go, through their own lane.
+            self._send_critical_only(stats)
             return self._done(stats)
         probing = self.breaker.state is CircuitState.HALF_OPEN
         if probing and self._in_flight:
@@ -535,6 +538,27 @@ class SpoolPublisher:
         self.producer.poll(0)
         self._settle(stats)
         return self._done(stats)
+
+    def _send_critical_only(self, stats: PublishStats) -> None:
+        """Send waiting CRITICAL rows even though the bulk in-flight window is full.
+
+        The peek reads only CRITICAL levels (index seeks), so only their cursors move; bulk rows are untouched.
+        """
+        if self.breaker.state is not CircuitState.CLOSED:
+            return
+        rows = [r for r in self.spool.peek_batch(self.critical_peek, after=self._cursor, priority=_CRITICAL_VALUE)
+                if r.id not in self._in_flight and r.id not in self._acking]
+        if not rows:
+            return
+        result = self.producer.send_rows(rows, self._delivered, self._report)
+        sent = rows[: result.sent]
+        self._cursor.update(((r.source_priority, r.priority), r.id) for r in sent)
+        self._in_flight.update(zip(map(_row_id, sent), sent, strict=True))
+        for row, error in result.permanent:
+            del self._in_flight[row.id]
+            self._dead_letter(row, error, stats)
+        stats.produced += len(sent) - len(result.permanent)
+        self.producer.poll(0)
 
     def _report(self, delivery: Delivery) -> None:
         # Look the list up at call time: _settle swaps it, and a bound `.append` captured at send time

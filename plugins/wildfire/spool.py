@@ -548,11 +548,13 @@ class BufferManager:
 
     # ------------------------------------------------------------ draining
 
-    def peek_batch(self, limit: int | None = None, *, after: DrainCursor | None = None) -> list[SpoolRow]:
+    def peek_batch(self, limit: int | None = None, *, after: DrainCursor | None = None,
+                   priority: int | None = None) -> list[SpoolRow]:
         """Up to ``limit`` rows in drain order, WITHOUT deleting them.
 
         ``after`` skips rows already handed out: per (source priority, priority) level, only ids above
-        ``after[level]``. Ids grow monotonically, so new rows are never hidden by a cursor.
+        ``after[level]``. Ids grow monotonically, so new rows are never hidden by a cursor. ``priority``
+        restricts the peek to that record priority's levels (the publisher's CRITICAL lane).
         """
         limit = limit or self.config.drain_batch_size
         after = after or {}
@@ -561,6 +563,8 @@ class BufferManager:
         for sp, prio in self._levels(conn):
             if len(out) >= limit:
                 break
+            if priority is not None and prio != priority:
+                continue
             rows = conn.execute(
                 "SELECT id, source, source_priority, priority, topic, key, value, ingest_time, schema_version,"
                 " attempts FROM spool WHERE source_priority = ? AND priority = ? AND id > ? ORDER BY id LIMIT ?",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 import time
 from datetime import UTC, datetime
 
@@ -167,3 +168,31 @@ def test_critical_records_have_their_own_producer_without_linger(kafka_bootstrap
 def _row(i: int, priority: Priority) -> SpoolRow:
     return SpoolRow(id=i, source="nws_alerts", source_priority=10, priority=int(priority), topic="t", key=f"k{i}",
                     value=b"{}", ingest_time=0.0, schema_version=1, attempts=0)
+
+
+def test_critical_rows_go_out_while_the_bulk_window_is_full(kafka_bootstrap, tmp_path):
+    """max_in_flight reached by bulk rows must not hold an evacuation alert back."""
+    topic = create_topic(kafka_bootstrap, partitions=1)
+    try:
+        # Bulk rows go to a topic that does not exist (auto-creation is off): librdkafka keeps them in flight
+        # until delivery.timeout.ms, so the window stays full for the whole test.
+        sources = {"bulk": SourceConfig(source_type="nasa_firms", topic=f"missing-{uuid.uuid4().hex[:8]}", priority=10),
+                   "alerts": SourceConfig(source_type="nws_alerts", topic=topic, priority=5)}
+        spool = BufferManager(SpoolConfig(capacity_per_source=100_000), sources, path=tmp_path / "s.db")
+        spool.put_batch(EncodedBatch("bulk", [f"b{i}" for i in range(3000)], [Priority.HIGH] * 3000,
+                                     [b"{}"] * 3000))
+        kafka = KafkaConfig(bootstrap_servers=kafka_bootstrap, critical_linger_ms=0)
+        pub = SpoolPublisher(spool, ProducerWrapper(kafka, breaker=CircuitBreaker()), max_in_flight=1000,
+                             peek_size=1000, batch_size=1000)
+        pub.run_once()
+        assert pub.totals.in_flight == 1000  # window full of bulk rows, none acknowledged yet
+        spool.put_batch(EncodedBatch("alerts", ["evac-1"], [Priority.CRITICAL], [b"{}"]))
+        deadline = time.monotonic() + 20
+        while spool.depth("alerts") and time.monotonic() < deadline:
+            pub.run_once()
+            time.sleep(0.01)
+        assert spool.depth("alerts") == 0, "the CRITICAL row waited behind the full bulk window"
+        assert spool.depth("bulk") == 3000  # none delivered; the 2,000 beyond the window were never sent
+        spool.close()
+    finally:
+        delete_topic(kafka_bootstrap, topic)
