@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
               f"deduplicated {agg.get('deduplicated', 0):6d}  rejected {agg.get('rejected', 0):4d}  "
               f"dead letters {agg.get('dead_letters', 0):4d}  shed {shed or 0}")
     print(f"published to Kafka: {state.get('published', 0)}   dead-lettered by the publisher: "
-          f"{state.get('dead_lettered', 0)}   dropped: {state.get('dropped') or 0}")
+          f"{state.get('dead_lettered', 0)}   dropped (since the spool file was created, all runs): "
+          f"{state.get('dropped') or 0}")
     print("stored rows by kind: " + ", ".join(f"{k} {v}" for k, v in stored.items()))
     print("accepted -> stored latency (s) by priority:")
     for prio, s in latency_by_priority(engine, started_at).items():
