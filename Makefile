@@ -51,7 +51,8 @@ stop:  ## stop Airflow, the demo replay and every process they started
 demo: services db-upgrade  ## the main job: an offline wildfire scenario run by the Airflow DAGs (DEMO_MINUTES=4)
 	bash scripts/demo.sh run
 
-test: services  ## set up everything and run the whole test suite against the real services
+test: services  ## set up everything, lint, and run the whole test suite against the real services
+	$(VENV)/bin/ruff check plugins dags tests
 	bash scripts/ensure_chromium.sh
 	$(PY) -m pytest
 

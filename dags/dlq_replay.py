@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param
+
 from wildfire.airflow.operators.dlq import DlqReplayOperator
 
 with DAG(

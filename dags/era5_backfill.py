@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime, timedelta
 
 from airflow.sdk import DAG, Param, task
+
 from wildfire.airflow.operators.era5 import Era5DayToSpoolOperator
 
 with DAG(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param, task
+
 from wildfire.airflow.assets import FIRE_DETECTIONS
 
 with DAG(
@@ -22,6 +23,7 @@ with DAG(
     @task(retries=2)
     def summarize(params: dict | None = None) -> dict:
         import sqlalchemy as sa
+
         from wildfire.airflow.hooks.database import WildfireDbHook
         from wildfire.reports import california_fire_activity
         from wildfire.storage.migrate import sqlalchemy_url

@@ -29,6 +29,7 @@ with DAG(
         from datetime import date
 
         import httpx
+
         from wildfire.airflow.operators.fetch import open_pipeline
         from wildfire.config import build_config, load_config
         from wildfire.connectors.firms import FirmsConnector

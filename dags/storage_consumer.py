@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param, task
+
 from wildfire.airflow.assets import FIRE_DETECTIONS
 from wildfire.airflow.operators.storage import StorageConsumerOperator
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.sdk import DAG
+
 from wildfire.airflow.operators.fetch import FetchToSpoolOperator
 
 BATCH_SOURCES = {

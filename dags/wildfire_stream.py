@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param
+
 from wildfire.airflow.operators.stream import StreamWorkerOperator
 
 SOURCES = ["nasa_firms", "nws_alerts", "nws_observations", "purpleair", "era5", "iot_mqtt"]

@@ -12,12 +12,11 @@ Cursors (FIRMS keys already seen, PurpleAir ``modified_since``, NWS alert hashes
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import logging
 
 from wildfire.clock import SYSTEM_CLOCK, Clock
 from wildfire.config import StreamConfig, resolve_path

@@ -45,7 +45,7 @@ def test_dag_files_keep_heavy_imports_inside_tasks():
 def test_params_have_valid_defaults_and_reject_bad_values(dagbag):
     from airflow.sdk.exceptions import ParamValidationError
 
-    for dag_id, dag in dagbag.dags.items():
+    for dag in dagbag.dags.values():
         dag.params.validate()  # every default satisfies its own schema
     stream = dagbag.dags["wildfire_stream"].params
     assert set(stream.keys()) == {"mode", "sources", "run_minutes", "fire_season"}

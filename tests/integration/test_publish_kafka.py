@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import threading
-import uuid
 import time
+import uuid
 from datetime import UTC, datetime
 
 import orjson

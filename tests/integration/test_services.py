@@ -6,6 +6,7 @@ import time
 import uuid
 
 import pytest
+
 from wildfire.config import load_config
 from wildfire.topics import ensure_topics
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+
+from tests.conftest import create_topic, delete_topic
 from wildfire.config import StreamConfig, build_config
 from wildfire.priority import Priority
 from wildfire.records import Record
@@ -25,8 +27,6 @@ from wildfire.storage.consumer import CRASH_ENV, StorageConsumer
 from wildfire.storage.lag import ConsumerLag
 from wildfire.storage.migrate import upgrade
 from wildfire.storage.rows import decode_row
-
-from tests.conftest import create_topic, delete_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 ROOT = Path(__file__).resolve().parents[2]

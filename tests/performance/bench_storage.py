@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(ROOT))
 
+from tests.conftest import KAFKA_BOOTSTRAP, PG_URL, create_topic, delete_topic  # noqa: E402
 from wildfire.config import build_config  # noqa: E402
 from wildfire.priority import Priority  # noqa: E402
 from wildfire.records import Record  # noqa: E402
@@ -31,8 +32,6 @@ from wildfire.storage.consumer import StorageConsumer  # noqa: E402
 from wildfire.storage.migrate import upgrade  # noqa: E402
 from wildfire.storage.rows import ROW_COLUMNS, decode_row  # noqa: E402
 from wildfire.storage.schema import TYPED_COLUMNS  # noqa: E402
-
-from tests.conftest import KAFKA_BOOTSTRAP, PG_URL, create_topic, delete_topic  # noqa: E402
 
 T0 = datetime(2025, 8, 1, tzinfo=UTC)
 SATS = (("N21", "VIIRS_NOAA21_NRT", "VIIRS"), ("N", "VIIRS_SNPP_NRT", "VIIRS"), ("T", "MODIS_NRT", "MODIS"))

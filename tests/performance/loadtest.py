@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import orjson  # noqa: E402
+
 from wildfire.config import StreamConfig, build_config  # noqa: E402
 from wildfire.ingest import Ingestor  # noqa: E402
 from wildfire.priority import Priority  # noqa: E402

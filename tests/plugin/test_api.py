@@ -18,12 +18,12 @@ import sqlalchemy as sa
 from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
 from airflow.api_fastapi.core_api.security import get_user
 from fastapi.testclient import TestClient
+
+from tests.plugin.conftest import write_ops_config
 from wildfire import ops_state
 from wildfire.airflow import api
 from wildfire.clock import ManualClock
 from wildfire.storage.schema import dead_letters
-
-from tests.plugin.conftest import write_ops_config
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import sqlalchemy as sa
+
 from wildfire import ops_state
 
 pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]

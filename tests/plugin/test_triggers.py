@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+
 from wildfire.airflow.triggers.firms import FirmsNewDetectionsTrigger, count_new_detections
 from wildfire.airflow.triggers.lag import ConsumerLagTrigger
 

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from wildfire.config import (
     DEFAULT_CONFIG_PATH,
     ConfigError,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from wildfire.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from kubernetes_validate import utils as kv
+
 from wildfire.config import build_config, env_overrides, load_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
+
 from wildfire.priority import Priority
 from wildfire.records import Record, RecordError
 from wildfire.storage.consumer import dlq_dead_letter

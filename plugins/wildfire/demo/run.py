@@ -75,7 +75,7 @@ def wait_for_dags(af: Airflow, wanted: list[str], timeout: float = 180) -> None:
 def stored_counts(engine: sa.Engine) -> dict[str, int]:
     out = {}
     with engine.connect() as conn:
-        for kind, table in KIND_TABLES.items():
+        for kind in KIND_TABLES:
             out[kind] = conn.execute(sa.select(sa.func.count()).select_from(RECORD_TABLES[kind])).scalar() or 0
     return out
 

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from wildfire.config import PROJECT_ROOT
-from wildfire.connectors.replay import Reply, ReplayServer
+from wildfire.connectors.replay import ReplayServer, Reply
 
 SAMPLES = PROJECT_ROOT / "include" / "samples"
 CSV = {"Content-Type": "text/csv; charset=utf-8"}

@@ -7,6 +7,7 @@ import random
 
 import pytest
 from pydantic import ValidationError
+
 from wildfire.clock import ManualClock
 from wildfire.config import BackpressureConfig, FireSeasonConfig
 from wildfire.priority import Priority

@@ -9,6 +9,7 @@ import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from wildfire.clock import ManualClock
 from wildfire.config import BackpressureConfig, FireSeasonConfig, QueueConfig
 from wildfire.priority import Priority

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from wildfire.clock import ManualClock, SystemClock
 from wildfire.config import QueueConfig
 from wildfire.priority import Priority

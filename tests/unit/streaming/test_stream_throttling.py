@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from wildfire.clock import ManualClock
 from wildfire.config import ThrottlingConfig
 from wildfire.streaming.lag import LagUnavailableError, feed_throttle
