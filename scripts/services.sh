@@ -181,7 +181,7 @@ find_pg_bin() {
 
 as_pg() {  # postgres refuses to run as root: use the postgres account then
   if [ "$(id -u)" = 0 ]; then
-    su postgres -s /bin/bash -c "$*"
+    su postgres -s /bin/bash -c "cd / && $*"  # cd: the caller's folder may be private to root
   else
     bash -c "$*"
   fi
