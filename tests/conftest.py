@@ -20,6 +20,7 @@ os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(ROOT / "plugins"))
 SAMPLES = ROOT / "include" / "samples"
 KAFKA_BOOTSTRAP = os.environ.get("WILDFIRE_TEST_KAFKA", "127.0.0.1:9092")
 PG_URL = os.environ.get("WILDFIRE_TEST_DATABASE_URL", "postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire")
+PG_ADMIN_URL = os.environ.get("WILDFIRE_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
 
 
@@ -64,6 +65,38 @@ def delete_topic(bootstrap: str, name: str) -> None:
             fut.result(timeout=30)
         except Exception:  # noqa: BLE001 - cleanup only; the test's own assertions already ran
             pass
+
+
+def create_database(prefix: str, *, migrate: bool = True) -> tuple[str, str]:
+    """A throwaway PostgreSQL database owned by the ``wildfire`` role: ``(name, url)``, migrated unless told not."""
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    owner = PG_URL.split("//", 1)[1].split(":", 1)[0]
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}" OWNER "{owner}"')
+    url = PG_URL.rsplit("/", 1)[0] + "/" + name
+    if migrate:
+        from wildfire.storage.migrate import upgrade
+
+        upgrade(url)
+    return name, url
+
+
+def drop_database(name: str) -> None:
+    """Drop a throwaway database; an autovacuum worker (not ours to terminate) may hold it briefly."""
+    import time
+
+    import psycopg
+
+    for attempt in range(20):
+        try:
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            time.sleep(0.5 * (attempt + 1))
+    raise RuntimeError(f"could not drop database {name}")
 
 
 @pytest.fixture(scope="session")

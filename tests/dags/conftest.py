@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import create_topic, delete_topic
+from tests.conftest import create_database, create_topic, delete_topic, drop_database
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,19 +28,13 @@ def airflow_db():
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, kafka_bootstrap, pg_url, airflow_db):
-    import sqlalchemy as sa
-
     from wildfire.config import StreamConfig
     from wildfire.demo.upstream import UpstreamReplay
 
     tmp = tmp_path_factory.mktemp("pipeline")
     defaults = StreamConfig()
     topics = {name: create_topic(kafka_bootstrap, partitions=2, prefix=f"dagtest-{name}") for name in defaults.topics}
-    db = f"dagtest_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'create database "{db}" owner wildfire'))
-    db_url = pg_url.rsplit("/", 1)[0] + f"/{db}"
+    db, db_url = create_database("dagtest", migrate=False)
     cfg = defaults.model_dump(mode="json")
     cfg["topics"] = {topics[k]: v for k, v in cfg["topics"].items()}
     for src in cfg["sources"].values():
@@ -74,6 +68,4 @@ def pipeline(tmp_path_factory, kafka_bootstrap, pg_url, airflow_db):
         upstream.stop()
         for t in topics.values():
             delete_topic(kafka_bootstrap, t)
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'drop database if exists "{db}" with (force)'))
-        admin.dispose()
+        drop_database(db)

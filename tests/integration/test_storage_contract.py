@@ -19,7 +19,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import create_topic, delete_topic
+from tests.conftest import create_database, create_topic, delete_topic, drop_database
 from wildfire.config import StreamConfig, build_config
 from wildfire.priority import Priority
 from wildfire.records import Record
@@ -41,34 +41,12 @@ def db_url(request, tmp_path) -> Iterator[str]:
         upgrade(url)
         yield url
         return
-    import psycopg
-
-    base = request.getfixturevalue("pg_url")
-    name = f"wf_storage_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(base, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    url = base.rsplit("/", 1)[0] + "/" + name
+    request.getfixturevalue("pg_url")  # fails the test, not skips it, when PostgreSQL is down
+    name, url = create_database("wf_storage_test")
     try:
-        upgrade(url)
         yield url
     finally:
-        drop_database(base, name)
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    """Drop a throwaway database; an autovacuum worker (not ours to terminate) may hold it briefly."""
-    import time as _time
-
-    import psycopg
-
-    for attempt in range(20):
-        try:
-            with psycopg.connect(admin_url, autocommit=True) as admin:
-                admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            return
-        except psycopg.errors.InsufficientPrivilege:
-            _time.sleep(0.5 * (attempt + 1))
-    raise RuntimeError(f"could not drop database {name}")
+        drop_database(name)
 
 
 def query(url: str, sql: str) -> list[tuple]:

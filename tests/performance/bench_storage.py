@@ -24,7 +24,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import KAFKA_BOOTSTRAP, PG_URL, create_topic, delete_topic  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    KAFKA_BOOTSTRAP,
+    create_database,
+    create_topic,
+    delete_topic,
+    drop_database,
+)
 from wildfire.config import build_config  # noqa: E402
 from wildfire.priority import Priority  # noqa: E402
 from wildfire.records import Record  # noqa: E402
@@ -35,22 +41,6 @@ from wildfire.storage.schema import TYPED_COLUMNS  # noqa: E402
 
 T0 = datetime(2025, 8, 1, tzinfo=UTC)
 SATS = (("N21", "VIIRS_NOAA21_NRT", "VIIRS"), ("N", "VIIRS_SNPP_NRT", "VIIRS"), ("T", "MODIS_NRT", "MODIS"))
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    """Drop a throwaway database; an autovacuum worker (not ours to terminate) may hold it briefly."""
-    import time as _time
-
-    import psycopg
-
-    for attempt in range(20):
-        try:
-            with psycopg.connect(admin_url, autocommit=True) as admin:
-                admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            return
-        except psycopg.errors.InsufficientPrivilege:
-            _time.sleep(0.5 * (attempt + 1))
-    raise RuntimeError(f"could not drop database {name}")
 
 
 def firms_record(i: int) -> bytes:
@@ -111,10 +101,7 @@ def main() -> int:
     n = args.records
     import psycopg
 
-    dbname = f"wf_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_URL, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {dbname}")
-    url = PG_URL.rsplit("/", 1)[0] + "/" + dbname
+    dbname, url = create_database("wf_bench", migrate=False)
     topic = create_topic(KAFKA_BOOTSTRAP, partitions=4, prefix="bench-storage")
     try:
         upgrade(url)
@@ -171,7 +158,7 @@ def main() -> int:
         print(f"rows stored: {stored:,} of {n:,} records; batch size {args.batch_size:,}")
     finally:
         delete_topic(KAFKA_BOOTSTRAP, topic)
-        drop_database(PG_URL, dbname)
+        drop_database(dbname)
     return 0
 
 

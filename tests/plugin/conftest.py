@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 import yaml
+
+from tests.conftest import create_database, drop_database
 
 ROOT = Path(__file__).resolve().parents[2]
 AIRFLOW_BIN = ROOT / ".venv" / "bin" / "airflow"
@@ -36,20 +37,11 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def ops_db(pg_url: str) -> Iterator[str]:
     """URL of a fresh, migrated PostgreSQL database used only by these tests (dropped afterwards)."""
-    from wildfire.storage.migrate import sqlalchemy_url, upgrade
-
-    name = f"wildfire_ops_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(sqlalchemy_url(pg_url), isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = pg_url.rsplit("/", 1)[0] + "/" + name
+    name, url = create_database("wildfire_ops")
     try:
-        upgrade(url)
         yield url
     finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        drop_database(name)
 
 
 @pytest.fixture(scope="session")
