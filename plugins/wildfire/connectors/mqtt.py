@@ -19,6 +19,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -32,6 +33,8 @@ from wildfire.config import SourceConfig
 from wildfire.connectors.base import DeadLetter, RunSummary
 from wildfire.priority import Priority
 from wildfire.records import Record
+
+log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = {"temperature_c_min": 40.0, "relative_humidity_pct_max": 15.0, "wind_speed_ms_min": 13.0}
 
@@ -152,6 +155,7 @@ class MqttConnector:
         self.sink_failures: list[str] = []
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._subscribe_mid: int | None = None
         self.connections = 0
         client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -165,6 +169,7 @@ class MqttConnector:
             client.username_pw_set(username, password)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         self.client = client
 
@@ -174,7 +179,18 @@ class MqttConnector:
         if reason_code.is_failure:
             return
         # The persistent session keeps the subscription, but a broker that lost its state would not.
-        client.subscribe(self.topic_filter, qos=self.qos)
+        # "Connected" is only reported once the SUBACK is back (see _on_subscribe): before that a
+        # message published by another client can reach the broker ahead of our SUBSCRIBE on a new
+        # session and is not routed to us.
+        _, self._subscribe_mid = client.subscribe(self.topic_filter, qos=self.qos)
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        if mid != self._subscribe_mid:
+            return
+        if any(rc.is_failure for rc in reason_codes):
+            # Stay "not connected": readiness probes then report the source as down.
+            log.error("%s: broker refused the subscription to %r: %s", self.source_name, self.topic_filter, reason_codes)
+            return
         with self._lock:
             self.connections += 1
         self._connected.set()
@@ -214,6 +230,7 @@ class MqttConnector:
         return self
 
     def wait_connected(self, timeout_s: float) -> bool:
+        """True once connected *and* subscribed (the broker acknowledged the subscription)."""
         return self._connected.wait(timeout_s)
 
     @property
