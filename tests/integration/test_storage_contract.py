@@ -156,6 +156,38 @@ def test_poison_messages_are_dead_lettered_and_the_rest_stored(kafka_bootstrap, 
         delete_topic(kafka_bootstrap, topic)
 
 
+def test_poison_in_the_middle_of_a_large_batch_leaves_the_rest_of_the_batch_stored(kafka_bootstrap, db_url):
+    # One partition and one poll: the poison records sit inside a batch of well-formed ones, so the
+    # batch decoder's fast path must hand exactly them to the per-record path and keep the others.
+    topic = create_topic(kafka_bootstrap, partitions=1, prefix="test-storage")
+    try:
+        n = 400
+        good = {i: fire(i) for i in range(n)}
+        poison = {
+            100: orjson.dumps({**good[100].to_dict(), "lat": 123.0}),
+            200: orjson.dumps({**good[200].to_dict(), "payload": {"frp": "hot"}}),
+            201: b"{broken json",
+            300: orjson.dumps({**good[300].to_dict(), "payload": {"note": "a\u0000b"}}),
+        }
+        values = [(good[i].key.encode(), poison.get(i) or good[i].to_json()) for i in range(n)]
+        produce(kafka_bootstrap, topic, values)
+        with StorageConsumer(make_config(kafka_bootstrap, batch_size=1000), topics=[topic], url=db_url) as consumer:
+            drain(consumer, n)
+            assert consumer.stats.batches <= 2  # the poison really was inside big batches
+        assert row_count(db_url) == n - len(poison)
+        dead = query(db_url, 'SELECT "offset", reason, error FROM dead_letters ORDER BY "offset"')
+        assert [(o, r) for o, r, _ in dead] == [(o, "undecodable") for o in sorted(poison)]
+        errors = [e for _, _, e in dead]
+        assert "lat: 123.0 outside" in errors[0] and "payload.frp" in errors[1] and "not JSON" in errors[2]
+        assert "NUL" in errors[3]
+        stored = query(db_url, "SELECT key, lat, frp, confidence FROM fire_detections ORDER BY key")
+        expected = sorted((r.key, r.lat, r.payload["frp"], r.payload["confidence"])
+                          for i, r in good.items() if i not in poison)
+        assert [tuple(row) for row in stored] == expected
+    finally:
+        delete_topic(kafka_bootstrap, topic)
+
+
 def test_publisher_dlq_topic_lands_in_dead_letters(kafka_bootstrap, topic, db_url):
     dlq = create_topic(kafka_bootstrap, partitions=1, prefix="test-storage-dlq")
     try:

@@ -12,7 +12,7 @@ from wildfire.records import Record, RecordError
 from wildfire.storage.consumer import dlq_dead_letter
 from wildfire.storage.lag import LagSnapshot, PartitionLag
 from wildfire.storage.migrate import current, upgrade
-from wildfire.storage.rows import ROW_COLUMNS, StorageBatch, decode_row
+from wildfire.storage.rows import ROW_COLUMNS, StorageBatch, decode_batch, decode_row
 from wildfire.storage.writer import SchemaMissing, SqliteWriter
 
 T0 = datetime(2025, 4, 7, 6, 59, tzinfo=UTC)
@@ -53,6 +53,47 @@ def test_decode_valid_record_fills_common_and_typed_columns():
 def test_decode_rejects_poison_with_a_named_error(value, expected):
     with pytest.raises(RecordError, match=expected.replace("(", r"\(").replace(".", r"\.")):
         decode_row(value)
+
+
+def _variants() -> list[bytes | None]:
+    """Well-formed records of every kind, non-canonical but valid shapes, and poison."""
+    base = fire().to_dict()
+    alert = Record(source="nws_alerts", kind="alert", key="a1", event_time=T0, priority=Priority.CRITICAL,
+                   payload={"event": "Red Flag Warning", "severity": "Extreme", "expires": "2025-04-08T00:00:00Z"},
+                   ingest_time=T0).to_dict()
+    iot = Record(source="iot", kind="iot_reading", key="d1|t", event_time=T0, priority=Priority.LOW,
+                 payload={"device_id": "d1", "metric": "temperature", "value": 21}, lat=34.0, lon=-118.0,
+                 ingest_time=T0).to_dict()
+    shapes = [
+        base, alert, iot,
+        {**base, "priority": 2}, {**base, "quality": 1}, {**base, "lat": 34, "lon": -118},
+        {**base, "lat": None, "lon": None}, {k: v for k, v in base.items() if k not in ("quality", "schema_version")},
+        {**base, "payload": None}, {**base, "payload": {**base["payload"], "confidence": 80, "frp": 3}},
+        {**base, "event_time": "2025-04-07T06:59:00+02:00"}, {**base, "key": "ключ|ü"},
+        {**base, "payload": {"note": 'tab\t "quoted" back\\slash'}},
+        # poison, each caught by a different check
+        {**base, "lat": 123.0}, {**base, "lon": -181.0}, {**base, "quality": 1.5}, {**base, "quality": True},
+        {**base, "priority": "URGENT"}, {**base, "kind": "volcano"}, {**base, "key": ""}, {**base, "source": 7},
+        {**base, "event_time": "yesterday"}, {**base, "ingest_time": "2025-04-07T06:59:00"},
+        {**base, "payload": [1]}, {**base, "payload": {"frp": "hot"}}, {**base, "payload": {"satellite": {}}},
+        {**base, "schema_version": "1"}, {**alert, "payload": {"expires": "soon"}}, {**base, "lat": "34"},
+        {**base, "payload": {"note": "a\u0000b"}}, {**base, "priority": [1]}, {**base, "key": None},
+    ]
+    raw = [None, b"{broken", b"[1, 2]", b'"text"', b'{"kind": ["x"]}', b'{"kind": {}, "priority": []}']
+    return [orjson.dumps(s) for s in shapes] + raw
+
+
+def test_decode_batch_gives_exactly_the_rows_and_errors_of_decode_row():
+    values = _variants()
+    expected: list = []
+    for v in values:
+        try:
+            expected.append(decode_row(v))
+        except RecordError as exc:
+            expected.append(("error", str(exc)))
+    got = [("error", str(o)) if isinstance(o, RecordError) else o for o in decode_batch(values)]
+    assert got == expected
+    assert sum(1 for g in got if g[0] == "error") == 25  # the poison above, none silently accepted
 
 
 def test_dlq_message_becomes_publisher_dead_letter():

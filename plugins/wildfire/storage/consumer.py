@@ -7,13 +7,20 @@ Guarantees:
   idempotent upsert turns that replay into the same rows: exactly one row per natural key.
 - **A poison message does not stop its partition**: it is stored in ``dead_letters`` with its error
   and bytes, in the same transaction as the batch's rows, and its offset is committed with them.
-- **Rebalances lose nothing**: a batch is written and committed before the next ``consume()`` call,
-  which is where librdkafka runs the rebalance callbacks; on revoke, any offsets written but not yet
-  committed (a failed commit) are committed before the partitions go.
+- **Rebalances lose nothing**: librdkafka runs the rebalance callbacks inside ``consume()``; there the
+  batch still in the writer thread is awaited first, then on revoke the offsets written but not yet
+  committed are committed before the partitions go (on a lost assignment they are dropped instead).
+- **Decode and database overlap**: batch N is written by one writer thread (one connection, so one
+  transaction at a time) while the main thread consumes and decodes batch N+1. Batch N's offsets are
+  committed by the main thread after batch N's DB commit and before batch N+1 is handed to the
+  writer, so the order "DB commit, then offset commit" holds per batch. If batch N fails, the
+  consumer seeks every partition of N and N+1 back to its first offset and drops N+1 undecoded-to-DB.
 - Messages on the publisher's dead-letter topic (``kafka.dlq_topic``; headers ``source``,
   ``priority``, ``error``, ``attempts``) are stored in ``dead_letters`` with reason ``publisher``.
 - Not guaranteed: ordering across partitions; a database outage pauses consumption (the batch is
-  rewound and retried) rather than skipping data.
+  rewound and retried) rather than skipping data. ``poll_once()`` returns the result of the batch
+  that *landed* (was committed) during the call, which is the batch handed over one call earlier;
+  ``flush()`` (and ``close()``) lands the last one.
 
 From the shell::
 
@@ -31,6 +38,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -38,9 +46,8 @@ import orjson
 
 from wildfire.clock import SYSTEM_CLOCK, Clock
 from wildfire.config import StreamConfig, load_config
-from wildfire.records import RecordError
 from wildfire.storage.migrate import database_url
-from wildfire.storage.rows import DeadLetter, StorageBatch, decode_row
+from wildfire.storage.rows import DeadLetter, StorageBatch, decode_batch
 from wildfire.storage.writer import StorageError, StorageWriter, WriteResult, open_writer
 
 log = logging.getLogger(__name__)
@@ -54,7 +61,7 @@ class ConsumerStats:
     """Counters since the consumer started."""
 
     messages: int = 0
-    """Messages consumed (including poison and DLQ-topic messages)."""
+    """Messages whose batch is committed to the database (including poison and DLQ-topic messages)."""
     records: int = 0
     """Records offered to the database."""
     changed: int = 0
@@ -72,6 +79,19 @@ class ConsumerStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(slots=True)
+class _Flight:
+    """A batch handed to the writer thread, with what is needed to commit or rewind it."""
+
+    future: Future[WriteResult]
+    batch: StorageBatch
+    first: dict[tuple[str, int], int]
+    """First offset of the batch per partition: where to seek back to if the write fails."""
+    nxt: dict[tuple[str, int], int]
+    """Next offset to read per partition: what to commit once the DB commit is done."""
+    messages: int
 
 
 def source_topics(config: StreamConfig) -> list[str]:
@@ -148,6 +168,11 @@ class StorageConsumer:
         self.clock = clock
         self.stats = ConsumerStats()
         self.writer = writer or open_writer(url or database_url(config.storage))
+        # One writer thread: the database connection is used by exactly one thread at a time.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage-writer")
+        self._flight: _Flight | None = None
+        # A batch that failed while landing inside a rebalance callback: poll_once rewinds for it.
+        self._failed: tuple[StorageError, dict[tuple[str, int], int]] | None = None
         self.worker_id = f"storage-consumer:{socket.gethostname()}:{os.getpid()}"
         self._crash = os.environ.get(CRASH_ENV) == "1" if crash_after_db_commit is None else crash_after_db_commit
         # (topic, partition) -> next offset to read, written to the DB but not yet committed to Kafka.
@@ -178,6 +203,7 @@ class StorageConsumer:
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         gone = {(p.topic, p.partition) for p in partitions}
+        self._land()  # the batch in the writer may hold offsets of the revoked partitions
         self._commit_pending(only=gone)
         for tp in gone:
             self._pending.pop(tp, None)
@@ -187,6 +213,7 @@ class StorageConsumer:
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
         # Another member may already own them: committing now could move its offsets; replay is safe.
         gone = {(p.topic, p.partition) for p in partitions}
+        self._land()  # its rows may be stored; its offsets for lost partitions are dropped just below
         for tp in gone:
             self._pending.pop(tp, None)
         self.assignment -= gone
@@ -194,16 +221,42 @@ class StorageConsumer:
     # ------------------------------------------------------------ main loop
 
     def poll_once(self, timeout: float | None = None) -> WriteResult | None:
-        """Consume up to ``storage.batch_size`` messages, write them, commit offsets. None if idle."""
+        """Consume up to ``storage.batch_size`` messages and hand them to the writer thread.
+
+        Returns the result of the previous batch once it is committed to the database and its
+        offsets to Kafka, or None when no batch landed during this call.
+        """
         self.last_poll_monotonic = time.monotonic()
+        # Rebalance callbacks run inside consume(); they land the batch in flight first.
         messages = self._consumer.consume(self.batch_size, self.poll_timeout_s if timeout is None else timeout)
-        if not messages:
-            self._commit_pending()
+        # Decoding here overlaps with the writer thread storing the batch in flight.
+        batch, first, nxt = self._decode(messages) if messages else (None, {}, {})
+        result = self._land()
+        if self._failed is not None:
+            exc, failed_first = self._failed
+            self._failed = None
+            # Everything from the failed batch on is read again: seek back and drop this batch.
+            self._rewind({**first, **failed_first})
+            if not exc.retriable:
+                raise exc
+            log.error("database write failed, batch rewound for retry: %s", exc)
             return None
-        batch = StorageBatch()
+        self._commit_pending()
+        if batch is None:
+            return result
+        if not nxt:  # only consumer errors: nothing to store
+            return result
+        self._flight = _Flight(self._executor.submit(self.writer.write, batch), batch, first, nxt, len(messages))
+        return result
+
+    def _decode(self, messages: list[Any]) -> tuple[StorageBatch, dict[tuple[str, int], int],
+                                                    dict[tuple[str, int], int]]:
+        """Messages -> a batch of rows and dead letters, plus first and next offset per partition."""
         first: dict[tuple[str, int], int] = {}
         nxt: dict[tuple[str, int], int] = {}
         dlq = self.dlq_topic
+        items: list[tuple[str, int, int, bytes | None, Any]] = []
+        dead: list[DeadLetter] = []
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -215,41 +268,68 @@ class StorageConsumer:
             if tp not in first:
                 first[tp] = offset
             nxt[tp] = offset + 1
-            value = msg.value()
             if topic == dlq:
-                batch.dead_letters.append(dlq_dead_letter(topic, partition, offset, msg.key(), value, msg.headers()))
+                dead.append(dlq_dead_letter(topic, partition, offset, msg.key(), msg.value(), msg.headers()))
                 continue
-            try:
-                kind, row = decode_row(value)
-            except RecordError as exc:
-                key = msg.key()
-                batch.dead_letters.append(DeadLetter(
-                    topic=topic, partition=partition, offset=offset, reason="undecodable", error=str(exc),
-                    payload=value, key=key.decode("utf-8", "replace") if key is not None else None,
-                ))
+            items.append((topic, partition, offset, msg.value(), msg))
+        batch = StorageBatch(dead_letters=dead)
+        add = batch.add
+        decoded = decode_batch([item[3] for item in items])
+        for (topic, partition, offset, value, msg), out in zip(items, decoded, strict=True):
+            if type(out) is tuple:
+                add(out[0], out[1], topic, partition, offset, value)
                 continue
-            batch.add(kind, row, topic, partition, offset, value)
-        self.stats.messages += len(messages)
+            key = msg.key()
+            batch.dead_letters.append(DeadLetter(
+                topic=topic, partition=partition, offset=offset, reason="undecodable", error=str(out),
+                payload=value, key=key.decode("utf-8", "replace") if key is not None else None,
+            ))
         if not nxt:
+            self.stats.messages += len(messages)
+        return batch, first, nxt
+
+    def _land(self, commit: bool = False) -> WriteResult | None:
+        """Wait for the batch in the writer thread; on success count it and mark its offsets pending.
+
+        A :class:`StorageError` is kept in ``self._failed`` (with the batch's first offsets) for
+        ``poll_once`` to rewind; nothing of that batch is marked pending, so nothing is committed.
+        """
+        flight, self._flight = self._flight, None
+        if flight is None:
             return None
         try:
-            result = self.writer.write(batch)
+            result = flight.future.result()
         except StorageError as exc:
             self.stats.write_failures += 1
-            self._rewind(first)
-            if not exc.retriable:
-                raise
-            log.error("database write failed, batch rewound for retry: %s", exc)
+            failed_first = dict(flight.first)
+            if self._failed is not None:  # keep the earliest position of both failures
+                failed_first = {**failed_first, **self._failed[1]}
+            self._failed = (exc, failed_first)
             return None
+        self.stats.messages += flight.messages
         self.stats.batches += 1
         self.stats.records += result.records
         self.stats.changed += result.changed
         self.stats.dead_letters += result.dead_letters
-        for kind, rows in batch.rows.items():
+        for kind, rows in flight.batch.rows.items():
             self.stats.stored_by_kind[kind] = self.stats.stored_by_kind.get(kind, 0) + len(rows)
-        self._pending.update(nxt)
+        self._pending.update(flight.nxt)
         if self._crash:
             os.kill(os.getpid(), signal.SIGKILL)
+        if commit:
+            self._commit_pending()
+        return result
+
+    def flush(self) -> WriteResult | None:
+        """Land the batch in flight and commit its offsets; raises if it failed non-retriably."""
+        result = self._land(commit=True)
+        if self._failed is not None:
+            exc, failed_first = self._failed
+            self._failed = None
+            self._rewind(failed_first)
+            if not exc.retriable:
+                raise exc
+            log.error("database write failed, batch rewound for retry: %s", exc)
         self._commit_pending()
         return result
 
@@ -296,24 +376,27 @@ class StorageConsumer:
             result = self.poll_once()
             if result is not None and on_batch is not None:
                 on_batch(result)
+        result = self.flush()
+        if result is not None and on_batch is not None:
+            on_batch(result)
         self._heartbeat("stopped")
         return self.stats
 
     def _heartbeat(self, state: str) -> None:
-        try:
-            self.writer.write_status(self.worker_id, "storage_consumer", {
-                "state": state, "group": self.group_id, "topics": self.topics,
-                "assignment": sorted(f"{t}[{p}]" for t, p in self.assignment), **asdict(self.stats),
-            })
-        except Exception as exc:  # noqa: BLE001 - status is best effort; data path must not stop for it
-            log.warning("cannot write worker status: %s", exc)
+        # Through the writer thread: the connection must never see two threads (a status commit in
+        # the middle of a batch transaction would commit half a batch).
+        status = {"state": state, "group": self.group_id, "topics": self.topics,
+                  "assignment": sorted(f"{t}[{p}]" for t, p in self.assignment), **asdict(self.stats)}
+        future = self._executor.submit(self.writer.write_status, self.worker_id, "storage_consumer", status)
+        future.add_done_callback(_log_status_failure)
 
     def close(self) -> None:
-        """Commit what is written, leave the group, close the database connection."""
+        """Land the batch in flight, commit what is written, leave the group, close the database connection."""
         try:
-            self._commit_pending()
+            self.flush()
             self._consumer.close()
         finally:
+            self._executor.shutdown(wait=True)
             self.writer.close()
 
     def __enter__(self) -> StorageConsumer:
@@ -321,6 +404,12 @@ class StorageConsumer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _log_status_failure(future: Future[None]) -> None:
+    exc = future.exception()
+    if exc is not None:  # status is best effort; the data path must not stop for it
+        log.warning("cannot write worker status: %s", exc)
 
 
 def _probes(consumer: StorageConsumer, cfg: StreamConfig, host: str, port: int) -> Any:

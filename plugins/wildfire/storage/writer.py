@@ -10,8 +10,12 @@ Guarantees of :meth:`StorageWriter.write`:
   fail the batch: the batch is retried row by row and that row becomes a ``rejected_by_database``
   dead letter. Connection loss raises :class:`StorageUnavailable` (retriable) and commits nothing.
 
-PostgreSQL path: ``COPY`` into a per-connection temp staging table, then one
-``INSERT ... SELECT ... ON CONFLICT (key) DO UPDATE`` per record kind. SQLite path: ``executemany``
+PostgreSQL path, per record kind: first ``COPY`` straight into the table under a savepoint (new
+keys, the common case, cost exactly a plain COPY); if any key is already stored the unique index
+refuses it, the savepoint rolls back and the batch takes the upsert path: ``COPY`` into a
+per-connection temp staging table, then ``INSERT ... SELECT ... ON CONFLICT (key) DO UPDATE``.
+After such a conflict the next :data:`CONFLICT_BACKOFF_BATCHES` batches of that kind go straight
+to the upsert path (a replay after a restart conflicts on every row; it should not pay twice). SQLite path: ``executemany``
 of ``INSERT ... ON CONFLICT(key) DO UPDATE`` in WAL mode with ``synchronous=FULL`` (a commit that
 returned survives power loss, which the offset-after-commit rule relies on).
 """
@@ -102,6 +106,16 @@ def _upsert_assignments(cols: tuple[str, ...]) -> str:
 
 # ---------------------------------------------------------------- PostgreSQL
 
+CONFLICT_BACKOFF_BATCHES = 10
+"""Batches of a kind that skip the direct COPY after one of its batches hit an already stored key."""
+
+
+def _copy_rows(cur: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    with cur.copy(sql) as copy:
+        write_row = copy.write_row
+        for row in rows:
+            write_row(row)
+
 
 class PostgresWriter:
     """psycopg 3 connection; COPY into ``pg_temp`` staging tables, then upsert."""
@@ -133,6 +147,9 @@ class PostgresWriter:
                             f"AS SELECT {cols} FROM {table} WITH NO DATA")
         conn.commit()
         self._copy_sql = {k: f"COPY _stage_{t} ({', '.join(_columns(k))}) FROM STDIN" for k, t in KIND_TABLES.items()}
+        # stored_at is left to the column default, current_timestamp: the same now() the upsert writes.
+        self._direct_sql = {k: f"COPY {t} ({', '.join(_columns(k))}) FROM STDIN" for k, t in KIND_TABLES.items()}
+        self._skip_direct = dict.fromkeys(KIND_TABLES, 0)
         self._upsert_sql = {
             k: (f"INSERT INTO {t} AS t ({', '.join(_columns(k))}, stored_at) "
                 f"SELECT {', '.join(_columns(k))}, now() FROM _stage_{t} "
@@ -176,15 +193,28 @@ class PostgresWriter:
             for kind, rows in batch.rows.items():
                 rows = _dedupe(rows)
                 records += len(rows)
-                with cur.copy(self._copy_sql[kind]) as copy:
-                    write_row = copy.write_row
-                    for row in rows:
-                        write_row(row)
+                if self._copy_direct(cur, kind, rows):
+                    changed += len(rows)
+                    continue
+                _copy_rows(cur, self._copy_sql[kind], rows)
                 cur.execute(self._upsert_sql[kind])
                 changed += max(cur.rowcount, 0)
             dead = self._write_dead_letters(cur, batch.dead_letters)
         self._conn.commit()
         return WriteResult(records, changed, dead)
+
+    def _copy_direct(self, cur: Any, kind: str, rows: list[tuple[Any, ...]]) -> bool:
+        """COPY ``rows`` into the kind's table under a savepoint; False (nothing kept) if a key exists."""
+        if self._skip_direct[kind] > 0:
+            self._skip_direct[kind] -= 1
+            return False
+        try:
+            with self._conn.transaction():  # a savepoint: a refused COPY leaves the batch as it was
+                _copy_rows(cur, self._direct_sql[kind], rows)
+        except self._psycopg.errors.UniqueViolation:
+            self._skip_direct[kind] = CONFLICT_BACKOFF_BATCHES
+            return False
+        return True
 
     def _write_dead_letters(self, cur: Any, dead_letters: list[DeadLetter]) -> int:
         if dead_letters:
@@ -246,7 +276,8 @@ class SqliteWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a batch is one write transaction.
-        self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+        # check_same_thread=False: the consumer uses it from its one writer thread (never two at once).
+        self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         have = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
