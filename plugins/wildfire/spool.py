@@ -760,6 +760,8 @@ def _id_runs(ids: Iterable[int]) -> list[tuple[int, int]]:
     ordered = sorted(set(ids))
     if not ordered:
         return []
+    if ordered[-1] - ordered[0] + 1 == len(ordered):
+        return [(ordered[0], ordered[-1])]  # the usual case: one contiguous run, no loop per id
     runs: list[tuple[int, int]] = []
     lo = hi = ordered[0]
     for i in ordered[1:]:
