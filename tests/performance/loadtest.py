@@ -78,6 +78,7 @@ MIX: tuple[tuple[str, str, Priority, float], ...] = (
     ("era5", "era5_grid", Priority.LOW, 0.02),
 )
 ALERT = ("nws_alerts", "alert", Priority.CRITICAL)
+SATURATION_HOLD_AT = 0.6  # spool fill at which the saturation generator pauses a source (below the 0.7 warning level)
 PRIOS = [p.name for p in Priority]
 TABLES = ("fire_detections", "weather_observations", "alerts", "air_quality", "iot_readings", "era5_grid")
 
@@ -549,13 +550,14 @@ class LoadRun:
 
     # ------------------------------------------------------------ load
 
-    def _offer(self, source: str, kind: str, prio: Priority, n: int, seq: int) -> None:
+    def _offer(self, source: str, kind: str, prio: Priority, n: int, seq: int) -> float | None:
+        """Offer ``n`` records; returns the spool utilization of ``source`` after admission."""
         if n <= 0:
-            return
+            return None
         now = time.time()
         batch = make_batch(source, kind, prio, n, seq, now)
         self.offered[prio.name] += n
-        self.ingestor.accept(source, batch)
+        return self.ingestor.accept(source, batch).utilization
 
     def _generate(self) -> None:
         sc = self.sc
@@ -567,6 +569,8 @@ class LoadRun:
         seq = 0
         last = start
         fault_started = fault_ended = False
+        hold: dict[str, float] = {}
+        held = 0
         while (now := time.monotonic()) < end:
             el = now - start
             if sc.fault != "none" and not fault_started and el >= sc.fault_at_s:
@@ -577,11 +581,23 @@ class LoadRun:
                 self._fault_end()
             dt = now - last
             last = now
-            if rate <= 0:  # saturation: offer as fast as admission and the spool accept
+            if rate <= 0:
+                # Saturation: offer as fast as the pipeline takes records, like an upstream that honours
+                # backpressure: a source whose spool is past SATURATION_HOLD_AT waits until it has drained
+                # below it (an open-loop generator would only measure how fast full spools drop records).
+                offered_any = False
                 for source, kind, prio, share in MIX:
+                    if hold.get(source, 0.0) > now:
+                        continue
                     n = int(10_000 * share)
-                    self._offer(source, kind, prio, n, seq)
+                    util = self._offer(source, kind, prio, n, seq)
                     seq += n
+                    offered_any = True
+                    if util is not None and util >= SATURATION_HOLD_AT:
+                        hold[source] = now + 0.02
+                        held += 1
+                if not offered_any:
+                    time.sleep(0.005)
                 owed_alert += sc.critical_per_s * dt
             else:
                 burst = sc.burst_every_s > 0 and (el % sc.burst_every_s) >= sc.burst_every_s - sc.burst_s
@@ -601,6 +617,8 @@ class LoadRun:
                 time.sleep(max(0.0, 0.02 - (time.monotonic() - now)))
         if fault_started and not fault_ended:
             self._fault_end()
+        if held:
+            self._event(f"generator held back {held} times by spool utilization >= {SATURATION_HOLD_AT:.0%}")
 
     def _fault_len(self) -> float:
         return {"worker-kill": 2.0, "latency-proxy": self.sc.seconds}.get(self.sc.fault, self.sc.fault_s)
