@@ -218,17 +218,43 @@ def _derive(pl: Any, frame: Any, instrument_default: str) -> Any:
     return frame.with_columns(exprs)
 
 
+def _local_categorical(pl: Any) -> Any:
+    # A category namespace of its own: codes are local to one response, nothing global grows.
+    return pl.Categorical(pl.Categories.random())
+
+
+def _first_index(pl: Any, combo: Any) -> tuple[Any, Any]:
+    """(row of the first occurrence of each distinct code, per row the number of its code's first row)."""
+    import numpy as np
+
+    firsts = combo.is_first_distinct().arg_true()
+    top = combo.max() or 0
+    if top < 4 * len(combo) + 65536:
+        # Codes are small: a lookup table and one gather instead of a hash map per row.
+        lut = np.zeros(top + 1, dtype=np.uint32)
+        lut[combo.gather(firsts).to_numpy()] = np.arange(len(firsts), dtype=np.uint32)
+        return firsts, pl.Series(lut).gather(combo)
+    return firsts, combo.replace_strict(combo.gather(firsts), pl.int_range(len(firsts), dtype=pl.UInt32, eager=True))
+
+
 def _combination_codes(pl: Any, df: Any, columns: list[str]) -> Any:
     """One integer per row, equal exactly when the rows agree on every column in ``columns``."""
     # A column holding one value throughout (a one-day response's acq_date, the version) cannot
     # tell rows apart: a comparison pass is several times cheaper than coding it.
-    columns = [
-        c for c in columns
-        if not (df.get_column(c).null_count() == 0 and (df.get_column(c) == df.get_column(c)[0]).all())
-    ]
-    # A fresh category namespace per call: one hash pass per column, codes local to this response
-    # (the global string cache would grow with every distinct value ever seen).
-    codes = df.select(pl.col(c).cast(pl.Categorical(pl.Categories.random())).to_physical().cast(pl.UInt64) for c in columns)
+    def constant(col: Any) -> bool:
+        if isinstance(col.dtype, pl.Categorical):
+            col = col.to_physical()
+        return col.null_count() == 0 and bool((col == col[0]).all())
+
+    columns = [c for c in columns if not constant(df.get_column(c))]
+    # Columns read as categoricals (see parse_firms_csv) already carry their codes; others get a fresh
+    # category namespace per call: one hash pass per column, codes local to this response (the global
+    # string cache would grow with every distinct value ever seen).
+    codes = df.select(
+        (pl.col(c) if isinstance(df.schema[c], pl.Categorical) else pl.col(c).cast(_local_categorical(pl)))
+        .to_physical().cast(pl.UInt64)
+        for c in columns
+    )
     if not columns:
         return pl.zeros(df.height, dtype=pl.UInt64, eager=True)
     combo = None
@@ -244,6 +270,24 @@ def _combination_codes(pl: Any, df: Any, columns: list[str]) -> Any:
         combo = code if combo is None else combo * size + code
         bound *= size
     return combo
+
+
+def _repeated_rows(pl: Any, keys: Any) -> Any:
+    """Row numbers whose key already occurred on an earlier row (exact; first occurrence wins).
+
+    A hash table over every key costs a cache miss per row; sorting the 64-bit key hashes is ~7x
+    cheaper here. Only rows whose hash occurs more than once (the real repeats, plus the rare
+    collision) are then compared as strings, so a hash collision never drops a row.
+    """
+    import numpy as np
+
+    hashes = keys.hash(seed=0)
+    ordered = np.sort(hashes.to_numpy())
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    if len(repeated) == 0:
+        return pl.Series(np.empty(0, dtype=np.uint32))
+    rows = hashes.is_in(pl.Series(repeated).implode()).arg_true()
+    return rows.filter(~keys.gather(rows).is_first_distinct())
 
 
 def parse_firms_csv(
@@ -282,9 +326,18 @@ def parse_firms_csv(
     if _token(family) != family:
         raise ValueError(f"satellite source {satellite_source!r} is not a plain FIRMS source name")
 
+    # Low-cardinality columns are read straight into categoricals: the reader hands out their codes,
+    # which the per-combination grouping below needs, instead of a string per row and a cast later.
+    header = data.split(b"\n", 1)[0].decode("utf-8", "replace")
+    low = set(_WHEN_COLUMNS + _HOW_COLUMNS)
+    overrides = {} if '"' in header else {
+        c: _local_categorical(pl) for c in header.rstrip("\r").split(",") if c.strip().lower() in low
+    }
     try:
         # scan_csv(...).collect() reads the same frame ~20 % faster than read_csv here (polars 2.1).
-        df = pl.scan_csv(io.BytesIO(data), infer_schema=False, truncate_ragged_lines=True).collect()
+        df = pl.scan_csv(
+            io.BytesIO(data), infer_schema=False, truncate_ragged_lines=True, schema_overrides=overrides
+        ).collect()
     except (pl.exceptions.PolarsError, ValueError) as exc:
         summary.reject("unparsable_csv")
         dead.append(DeadLetter(source_name, "unparsable_csv", data[:4096], f"CSV does not parse: {exc}"))
@@ -309,12 +362,16 @@ def parse_firms_csv(
     if satellite_source.upper().startswith("LANDSAT"):
         instrument_default = "OLI"
 
+    def as_text(frame: pl.DataFrame) -> pl.DataFrame:
+        # The derivations work on the CSV text; only small frames (one row per combination,
+        # rejected rows) are converted back.
+        return frame.with_columns(pl.col(pl.Categorical).cast(pl.String))
+
     def representatives(columns: tuple[str, ...]) -> tuple[pl.Series, pl.DataFrame]:
         """Per row, an index into one representative row per combination of ``columns``, derived."""
         combo = _combination_codes(pl, df, [c for c in columns if c in df.columns])
-        firsts = combo.is_first_distinct().arg_true()
-        index = combo.replace_strict(combo.gather(firsts), pl.int_range(len(firsts), dtype=pl.UInt32, eager=True))
-        return index, _derive(pl, df.gather(firsts), instrument_default)
+        firsts, index = _first_index(pl, combo)
+        return index, _derive(pl, as_text(df.gather(firsts)), instrument_default)
 
     def json_num(expr: pl.Expr) -> pl.Expr:
         return expr.cast(pl.String).fill_null("null")
@@ -328,7 +385,10 @@ def parse_firms_csv(
             s("acq_date").is_null() | s("acq_time").is_null() | s("satellite").is_null() | ~s("_date_ok")
             | s("_hhmm").is_null() | s("satellite_n").is_null() | s("instrument_n").is_null()
         ).alias("bad"),
-        pl.concat_str([s("satellite_n"), s("instrument_n"), s("acq_date"), s("_hhmm")], separator="|").alias("key"),
+        # The key up to the coordinates, separators included: fewer pieces to join per row.
+        pl.concat_str(
+            [pl.lit(family), s("satellite_n"), s("instrument_n"), s("acq_date"), s("_hhmm"), pl.lit("")], separator="|"
+        ).alias("key"),
         # The end of the record after the last per-row measurement, as one string.
         pl.concat_str([
             pl.lit(f',"satellite_source":{_json_str(satellite_source)},"satellite":"'), s("satellite_n"),
@@ -389,7 +449,7 @@ def parse_firms_csv(
     exprs.append(pl.lit(per_how.get_column("wire")).gather(s("_how")).alias("_wire_how"))
     exprs.append(bad.fill_null(True).alias("_bad"))  # unknown counts as rejected, never silently dropped
     key = pl.concat_str(
-        [pl.lit(f"{family}|"), s("_key_mid"), pl.lit("|"), s("lat").round(4).cast(pl.String), pl.lit("|"),
+        [s("_key_mid"), s("lat").round(4).cast(pl.String), pl.lit("|"),
          s("lon").round(4).cast(pl.String)],
     )
     wire = pl.concat_str(
@@ -411,7 +471,7 @@ def parse_firms_csv(
     bad_mask = out.get_column("_bad")
     if bad_mask.any():
         # Reasons are worked out only for the rejected rows, in the order a reader would check them.
-        rejected = _derive(pl, df.with_row_index("_row").filter(bad_mask), instrument_default)
+        rejected = _derive(pl, as_text(df.with_row_index("_row").filter(bad_mask)), instrument_default)
         lat_r = s("latitude").cast(pl.Float64, strict=False)
         lon_r = s("longitude").cast(pl.Float64, strict=False)
         reason = (
@@ -435,15 +495,11 @@ def parse_firms_csv(
             return ParsedFirms(empty, dead, summary)
     wired = out.select("key", "json")
 
-    # Dedup: first occurrence wins. A 64-bit hash per key finds repeats in one cheap pass; only keys
-    # whose hash repeats are compared as strings, so a hash collision never drops a row.
+    # Dedup: first occurrence wins (see _repeated_rows).
     key_col = wired.get_column("key")
-    hashes = key_col.hash(seed=0)
-    later = ~hashes.is_first_distinct()
     keep = None
-    if later.any():
-        candidates = hashes.is_in(hashes.filter(later).implode()).arg_true()
-        drop = candidates.filter(~key_col.gather(candidates).is_first_distinct())
+    drop = _repeated_rows(pl, key_col)
+    if len(drop):
         keep = ~pl.zeros(len(key_col), dtype=pl.Boolean, eager=True).scatter(drop, True)
     if seen_keys:
         fresh = ~key_col.is_in(pl.Series(list(seen_keys), dtype=pl.String).implode())
