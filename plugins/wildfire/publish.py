@@ -470,6 +470,7 @@ class SpoolPublisher:
         self._acking: set[int] = set()
         self._recheck_acking = False  # a rewind reset the cursor while deletes were queued
         self._next_expire = clock.monotonic()
+        self._read_all = False  # the last peek found nothing past the cursor
         self.totals = PublishStats()
 
     # ------------------------------------------------------------ one step
@@ -508,6 +509,7 @@ class SpoolPublisher:
             return self._done(stats)
         limit = min(max_records or self.peek_size, room)
         rows = self.spool.peek_batch(1 if probing else limit, after=self._cursor)
+        self._read_all = not rows
         if not rows:
             return self._done(stats)
         if not self.breaker.allow():
@@ -684,6 +686,11 @@ class SpoolPublisher:
             wait = idle_wait_s
             if stats.held:
                 wait = max(idle_wait_s, min(1.0, self._not_before - now, self.breaker.seconds_until_probe() or 1.0))
+            elif until_empty and self._read_all and self._in_flight:
+                # Everything is produced and no more is coming: send the last batches now rather than
+                # after linger.ms (librdkafka's flush ignores linger), as a producer's final flush does.
+                self.producer.flush(wait)
+                continue
             self.producer.poll(wait)
         self.flush(self.kafka.delivery_timeout_ms / 1000)
         return self.totals
