@@ -233,3 +233,31 @@ def test_combination_codes_are_equal_exactly_for_equal_rows_even_past_64_bits() 
     edge = pl.DataFrame([(str(i),) * 9 for i in range(255)] + [("0",) + ("1",) * 8],
                         schema={c: pl.String for c in cols}, orient="row")
     assert _combination_codes(pl, edge, cols).n_unique() == 256
+
+
+def test_repeated_rows_keep_exactly_the_first_occurrence_of_each_key() -> None:
+    import random
+
+    import polars as pl
+
+    from wildfire.connectors.firms import _repeated_rows
+
+    rnd = random.Random(11)
+    keys = [f"VIIRS_NOAA21|N21|VIIRS|2025-04-07|0754|{rnd.randrange(400)}|1" for _ in range(3000)]
+    seen: set[str] = set()
+    expected = [i for i, k in enumerate(keys) if k in seen or seen.add(k)]
+    assert _repeated_rows(pl, pl.Series(keys)).to_list() == expected
+    assert _repeated_rows(pl, pl.Series(sorted(set(keys)))).to_list() == []
+
+
+def test_first_index_is_the_same_with_and_without_the_lookup_table() -> None:
+    import polars as pl
+
+    from wildfire.connectors.firms import _first_index
+
+    small = pl.Series([5, 3, 5, 0, 3, 9], dtype=pl.UInt64)
+    huge = small * (2**40)  # codes too large for a lookup table: the hash-map path
+    for combo in (small, huge):
+        firsts, index = _first_index(pl, combo)
+        assert firsts.to_list() == [0, 1, 3, 5]
+        assert index.to_list() == [0, 1, 0, 2, 1, 3]
