@@ -1,6 +1,6 @@
 """Benchmark: bare confluent-kafka vs spool -> SpoolPublisher -> Kafka acknowledged, plus spool write rate.
 
-    .venv/bin/python tests/performance/bench_publish.py [--records 100000] [--repeat 3]
+    .venv/bin/python tests/performance/bench_publish.py [--records 100000] [--repeat 5]
 
 All figures come from the same run on the same machine; the goals (issue 4) are printed as ratios:
 (b) >= 50 % of (a) records/s, and put_batch >= 200,000 records/s. (b) drains a spool that was filled
@@ -143,7 +143,7 @@ def spool_to_kafka(path: Path, sources: dict, kafka: KafkaConfig, n: int) -> Rat
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=100_000)
-    parser.add_argument("--repeat", type=int, default=3, help="rounds of (a), writes, (b); the median is the result")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds of (a), writes, (b); the median is the result")
     parser.add_argument("--bootstrap", default="127.0.0.1:9092")
     args = parser.parse_args()
     kafka = KafkaConfig(bootstrap_servers=args.bootstrap)
