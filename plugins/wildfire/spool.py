@@ -378,9 +378,12 @@ class BufferManager:
         prios = batch.priorities
         # The fast path: a batch with only known priorities, non-empty keys and bytes values.
         # Whole-column checks run at C speed (set/map), no Python code per row.
-        if set(map(type, prios)) <= {Priority, int} and set(prios) <= valid_prios and all(batch.keys) \
+        distinct = set(prios)
+        if set(map(type, prios)) <= {Priority, int} and distinct <= valid_prios and all(batch.keys) \
                 and set(map(type, batch.keys)) <= {str} and set(map(type, batch.values)) <= {bytes}:
-            rows = list(zip(map(int, prios), batch.keys, batch.values, strict=True))
+            # int() of an IntEnum member costs ~0.25 us; convert each distinct priority once instead.
+            as_int = {p: int(p) for p in distinct}
+            rows = list(zip(map(as_int.__getitem__, prios), batch.keys, batch.values, strict=True))
         else:
             for key, prio, value in zip(batch.keys, prios, batch.values, strict=True):
                 error = None
