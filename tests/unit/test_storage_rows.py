@@ -12,7 +12,7 @@ from wildfire.records import Record, RecordError
 from wildfire.storage.consumer import dlq_dead_letter
 from wildfire.storage.lag import LagSnapshot, PartitionLag
 from wildfire.storage.migrate import current, upgrade
-from wildfire.storage.rows import ROW_COLUMNS, StorageBatch, decode_batch, decode_row
+from wildfire.storage.rows import ROW_COLUMNS, StorageBatch, _decode_columns, decode_batch, decode_row
 from wildfire.storage.writer import SchemaMissing, SqliteWriter
 
 T0 = datetime(2025, 4, 7, 6, 59, tzinfo=UTC)
@@ -83,17 +83,44 @@ def _variants() -> list[bytes | None]:
     return [orjson.dumps(s) for s in shapes] + raw
 
 
-def test_decode_batch_gives_exactly_the_rows_and_errors_of_decode_row():
-    values = _variants()
-    expected: list = []
+def _exact(decoded: tuple[str, tuple] | RecordError) -> tuple:
+    # Types too: 1 == 1.0 in Python, but the writers must get the float decode_row gives.
+    if isinstance(decoded, RecordError):
+        return ("error", str(decoded))
+    kind, row = decoded
+    return kind, tuple((type(v).__name__, v) for v in row)
+
+
+def _one_by_one(values: list[bytes | None]) -> list[tuple]:
+    out = []
     for v in values:
         try:
-            expected.append(decode_row(v))
+            out.append(_exact(decode_row(v)))
         except RecordError as exc:
-            expected.append(("error", str(exc)))
-    got = [("error", str(o)) if isinstance(o, RecordError) else o for o in decode_batch(values)]
-    assert got == expected
-    assert sum(1 for g in got if g[0] == "error") == 25  # the poison above, none silently accepted
+            out.append(_exact(exc))
+    return out
+
+
+def test_decode_batch_gives_exactly_the_rows_and_errors_of_decode_row():
+    values = _variants()
+    expected = _one_by_one(values)
+    assert [_exact(o) for o in decode_batch(values)] == expected
+    assert sum(1 for g in expected if g[0] == "error") == 25  # the poison above, none silently accepted
+    valid = [v for v, e in zip(values, expected, strict=True) if e[0] != "error"]
+    # Each valid shape alone, all of them mixed in one batch, and every poison record in the middle
+    # of a canonical batch: column-wise or record by record, the same rows and errors come out.
+    for batch in [[v] for v in valid] + [valid, valid[::-1]]:
+        assert [_exact(o) for o in decode_batch(batch)] == _one_by_one(batch)
+    assert _decode_columns(values[:3]) is not None  # three kinds in one batch, column-wise
+    assert [_exact(o) for o in decode_batch(values[:3] * 2)] == _one_by_one(values[:3] * 2)
+    canonical = [fire(f"k{i}", frp=float(i)).to_json() for i in range(50)]
+    assert _decode_columns(canonical) is not None  # the fast path is really taken for canonical batches
+    assert [_exact(o) for o in decode_batch(canonical)] == _one_by_one(canonical)
+    for poison in (v for v, e in zip(values, expected, strict=True) if e[0] == "error"):
+        batch = canonical[:25] + [poison] + canonical[25:]
+        assert _decode_columns(batch) is None
+        got = [_exact(o) for o in decode_batch(batch)]
+        assert got == _one_by_one(batch) and got[25][0] == "error"
 
 
 def test_dlq_message_becomes_publisher_dead_letter():

@@ -12,10 +12,12 @@ once checked to parse with a timezone.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 import orjson
 
 from wildfire.priority import Priority
@@ -133,91 +135,143 @@ def decode_row(value: bytes | None) -> tuple[str, tuple[Any, ...]]:
     return kind, row
 
 
-# Per kind: (payload key, type) of each typed column, for the fast path of decode_batch.
-_FAST_TYPED: dict[str, tuple[tuple[str, str], ...]] = {
-    kind: tuple((c.payload_key, c.type) for c in cols) for kind, cols in TYPED_COLUMNS.items()
-}
-_float = float
+# decode_batch's fast path: msgspec checks the wire format's shape in C (types, ranges, names)
+# while it parses; the payload text is still written by orjson, so it is exactly decode_row's.
+_NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 
 
-def _decode_fast(value: bytes) -> tuple[str, tuple[Any, ...]] | None:
-    """The row :func:`decode_row` would return for a well-formed record, or None to take that path.
+class _Wire(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """The canonical wire record (``Record.to_json``). Anything else is left to decode_row."""
 
-    Accepts only the canonical shapes (what ``Record.to_json`` writes: priority by name, float
-    quality and coordinates, an object payload); anything else, valid or not, returns None so that
-    :func:`decode_row` decides, with its named error. Inlined because it runs once per stored row.
-    """
-    if b"\\u0000" in value or b"\x00" in value:
-        return None
+    kind: Literal[tuple(KIND_TABLES)]  # type: ignore[valid-type]
+    key: _NonEmpty
+    source: _NonEmpty
+    event_time: str
+    ingest_time: str
+    priority: Literal[tuple(_PRIORITY_BY_NAME)]  # type: ignore[valid-type]
+    payload: dict[str, Any]
+    lat: Annotated[float, msgspec.Meta(ge=-90.0, le=90.0)] | None = None
+    lon: Annotated[float, msgspec.Meta(ge=-180.0, le=180.0)] | None = None
+    quality: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 1.0
+    schema_version: int = SCHEMA_VERSION
+
+
+_WIRE = msgspec.json.Decoder(_Wire)
+_TZINFO = operator.attrgetter("tzinfo")
+_NONE = type(None)
+
+
+def _times_ok(values: list[Any]) -> bool:
+    """Every non-None value an ISO-8601 string with a timezone."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return True
+    if set(map(type, values)) != {str}:
+        return False
     try:
-        obj = orjson.loads(value)
-        kind = obj["kind"]
-        typed_spec = _FAST_TYPED[kind]
-        key = obj["key"]
-        source = obj["source"]
-        priority = _PRIORITY_BY_NAME[obj["priority"]]
-        payload = obj["payload"]
-        event_time = obj["event_time"]
-        ingest_time = obj["ingest_time"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        return None
-    if (type(key) is not str or not key or type(source) is not str or not source
-            or type(payload) is not dict or type(event_time) is not str or type(ingest_time) is not str):
-        return None
-    quality = obj.get("quality", 1.0)
-    lat = obj.get("lat")
-    lon = obj.get("lon")
-    version = obj.get("schema_version", SCHEMA_VERSION)
-    if (type(quality) is not float or not 0.0 <= quality <= 1.0 or type(version) is not int
-            or (lat is not None and (type(lat) is not float or not -90.0 <= lat <= 90.0))
-            or (lon is not None and (type(lon) is not float or not -180.0 <= lon <= 180.0))):
-        return None
-    try:
-        if _fromiso(event_time).tzinfo is None or _fromiso(ingest_time).tzinfo is None:
-            return None
+        return None not in map(_TZINFO, map(_fromiso, values))
     except ValueError:
+        return False
+
+
+def _typed_columns(kind: str, payloads: list[dict[str, Any]]) -> list[list[Any]] | None:
+    """The kind's typed columns as lists (decode_row's conversions), or None to leave it to decode_row."""
+    columns = []
+    for col in TYPED_COLUMNS[kind]:
+        name = col.payload_key
+        values = [p.get(name) for p in payloads]
+        types = set(map(type, values)) - {_NONE}
+        if col.type == "float":
+            if not types <= {float, int}:  # bool is neither: decode_row rejects it
+                return None
+            if int in types:
+                values = [float(v) if type(v) is int else v for v in values]
+        elif col.type == "time":
+            if not _times_ok(values):
+                return None
+        elif not types <= {str}:
+            # Numbers in text columns (MODIS confidence is 0-100, VIIRS 'n'/'h') become text, as in decode_row.
+            if not types <= {str, int, float}:
+                return None
+            values = [v if v is None or type(v) is str else str(v) for v in values]
+        columns.append(values)
+    return columns
+
+
+def _decode_columns(values: list[bytes | None]) -> list[tuple[str, tuple[Any, ...]]] | None:
+    """Rows for a batch in which every record is in the canonical wire shape, else None.
+
+    Canonical means what ``Record.to_json`` writes: exactly the wire fields, priority by name,
+    an object payload, valid UTF-8 without escaped surrogates or NULs, integers within 64 bits.
+    Anything else, valid or not, returns None and the caller decodes the batch record by record
+    with :func:`decode_row`.
+    """
+    if set(map(type, values)) != {bytes}:
         return None
-    typed: list[Any] = []
-    for name, col_type in typed_spec:
-        v = payload.get(name)
-        if v is None:
-            typed.append(None)
-        elif col_type == "text":
-            if type(v) is not str:
-                return None
-            typed.append(v)
-        elif col_type == "float":
-            if type(v) is float:
-                typed.append(v)
-            elif type(v) is int:
-                typed.append(_float(v))
-            else:
-                return None
+    joined = b"".join(values)  # one scan of the batch for what only decode_row reports well
+    if b"\x00" in joined or (b"\\" in joined and (  # single-byte scans are memchr-fast; escapes are rare
+            b"\\u0000" in joined or b"\\ud" in joined or b"\\uD" in joined)):
+        return None
+    if not joined.isascii():
+        try:
+            joined.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    try:
+        wires = list(map(_WIRE.decode, values))  # ValidationError is a DecodeError
+        payloads = [w.payload for w in wires]
+        # orjson, as in decode_row, so the text is the same; it refuses integers beyond 64 bits,
+        # which msgspec keeps as Python ints (orjson.loads turns them into floats).
+        texts = list(map(bytes.decode, map(orjson.dumps, payloads)))
+    except (msgspec.DecodeError, TypeError):
+        return None
+    event_times = [w.event_time for w in wires]
+    ingest_times = [w.ingest_time for w in wires]
+    if not _times_ok(event_times) or not _times_ok(ingest_times):
+        return None
+    kinds = [w.kind for w in wires]
+    common = (
+        [w.key for w in wires], [w.source for w in wires], event_times, ingest_times,
+        [_PRIORITY_BY_NAME[w.priority] for w in wires], [w.lat for w in wires], [w.lon for w in wires],
+        [w.quality for w in wires], texts,
+        [w.schema_version for w in wires],
+    )
+    kind_set = set(kinds)
+    out: list[Any] = [None] * len(values)
+    for kind in kind_set:
+        if len(kind_set) == 1:  # the usual case: one topic carries one kind
+            index: range | list[int] = range(len(values))
+            columns: tuple[list[Any], ...] | list[list[Any]] = common
+            kind_payloads = payloads
         else:
-            return None  # time columns: rare, decode_row checks them
-    return kind, (key, source, event_time, ingest_time, priority, lat, lon, quality,
-                  orjson.dumps(payload).decode(), version, *typed)
+            index = [i for i, k in enumerate(kinds) if k == kind]
+            columns = [[col[i] for i in index] for col in common]
+            kind_payloads = [payloads[i] for i in index]
+        typed = _typed_columns(kind, kind_payloads)
+        if typed is None:
+            return None
+        for i, row in zip(index, zip(*columns, *typed, strict=True), strict=True):
+            out[i] = (kind, row)
+    return out
 
 
 def decode_batch(values: list[bytes | None]) -> list[tuple[str, tuple[Any, ...]] | RecordError]:
     """:func:`decode_row` over a batch: per value ``(kind, row)`` or the :class:`RecordError`.
 
-    Same rows and errors as calling :func:`decode_row` on each value (tested), but well-formed
-    records take an inlined fast path; a poison record falls back to :func:`decode_row` alone, so
-    the rest of its batch keeps the fast path and the poison record gets its named error.
+    Same rows and errors as :func:`decode_row` on each value (tested). A batch of well-formed
+    records is decoded column-wise (about twice as fast); if any record in it is not in the
+    canonical shape, poison included, that batch alone is decoded record by record, so the poison
+    record gets its named error and the rest of the batch is stored.
     """
+    rows = _decode_columns(values)
+    if rows is not None:
+        return rows  # type: ignore[return-value]
     out: list[tuple[str, tuple[Any, ...]] | RecordError] = []
-    append = out.append
-    fast = _decode_fast
     for value in values:
-        decoded = fast(value) if type(value) is bytes else None
-        if decoded is None:
-            try:
-                decoded = decode_row(value)
-            except RecordError as exc:
-                append(exc)
-                continue
-        append(decoded)
+        try:
+            out.append(decode_row(value))
+        except RecordError as exc:
+            out.append(exc)
     return out
 
 
