@@ -19,7 +19,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import create_database, create_topic, delete_topic, drop_database
+from tests.conftest import PG_ADMIN_URL, create_database, create_topic, delete_topic, drop_database
 from wildfire.config import StreamConfig, build_config
 from wildfire.priority import Priority
 from wildfire.records import Record
@@ -269,6 +269,37 @@ def test_kill9_between_db_commit_and_offset_commit_replays_into_one_row_each(kaf
         assert restarted.stats.changed == n - stored_before  # the replayed batch changed nothing
     assert row_count(db_url) == n
     assert query(db_url, "SELECT count(DISTINCT key) FROM fire_detections")[0][0] == n
+
+
+def test_database_connection_lost_mid_stream_rewinds_and_stores_everything_once(kafka_bootstrap, topic, pg_url):
+    # PostgreSQL only: the server ends the writer's connection while batches are in flight (the
+    # writer thread may be inside a batch or between two). The failed batch and the one decoded
+    # behind it are read again, the writer reconnects, and every record ends as exactly one row.
+    import psycopg
+
+    name, url = create_database("wf_storage_test")
+    try:
+        n = 1000
+        produce_records(kafka_bootstrap, topic, [fire(i) for i in range(n)])
+        cfg = make_config(kafka_bootstrap, batch_size=100)
+        with StorageConsumer(cfg, topics=[topic], url=url) as consumer:
+            for _ in range(MAX_POLLS):
+                if consumer.stats.batches >= 2:
+                    break
+                consumer.poll_once()
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+                killed = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                       "WHERE datname = %s AND application_name = 'wildfire-storage'",
+                                       (name,)).fetchone()[0]
+            assert killed == 1
+            drain(consumer, n)
+            assert consumer.stats.write_failures >= 1
+        assert row_count(url) == n
+        assert query(url, "SELECT count(DISTINCT key) FROM fire_detections")[0][0] == n
+        with ConsumerLag(kafka_bootstrap, cfg.kafka.consumer_group, [topic]) as lag:
+            assert lag.total_lag() == 0
+    finally:
+        drop_database(name)
 
 
 def test_lag_is_produced_minus_committed(kafka_bootstrap, topic, db_url):

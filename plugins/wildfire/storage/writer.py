@@ -8,7 +8,8 @@ Guarantees of :meth:`StorageWriter.write`:
   never overwrites a re-issued record). Within one batch the last occurrence of a key wins.
 - A row the database rejects (a value the decoder let through but the column cannot hold) does not
   fail the batch: the batch is retried row by row and that row becomes a ``rejected_by_database``
-  dead letter. Connection loss raises :class:`StorageUnavailable` (retriable) and commits nothing.
+  dead letter. Connection loss raises :class:`StorageUnavailable` (retriable) and commits nothing;
+  the next ``write`` opens a new connection (and staging tables) if the old one was closed.
 
 PostgreSQL path, per record kind: first ``COPY`` straight into the table under a savepoint (new
 keys, the common case, cost exactly a plain COPY); if any key is already stored the unique index
@@ -126,11 +127,22 @@ class PostgresWriter:
         import psycopg
 
         self._psycopg = psycopg
+        self._url = url
+        self._application_name = application_name
+        self._connect()
+
+    def _connect(self) -> None:
         try:
-            self._conn = psycopg.connect(url, autocommit=False, application_name=application_name)
-        except psycopg.OperationalError as exc:
+            self._conn = self._psycopg.connect(self._url, autocommit=False, application_name=self._application_name)
+            self._prepare()
+        except self._psycopg.OperationalError as exc:
             raise StorageUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
-        self._prepare()
+
+    def _ensure_connected(self) -> None:
+        # A connection the server dropped (restart, failover, terminated backend) stays closed:
+        # without a new one every retry of the consumer would fail the same way.
+        if self._conn.closed:
+            self._connect()
 
     def _prepare(self) -> None:
         conn = self._conn
@@ -168,6 +180,7 @@ class PostgresWriter:
 
     def write(self, batch: StorageBatch) -> WriteResult:
         pg = self._psycopg
+        self._ensure_connected()
         try:
             try:
                 return self._write_bulk(batch)
@@ -240,6 +253,7 @@ class PostgresWriter:
         return WriteResult(records, changed, n_dead)
 
     def write_status(self, worker_id: str, component: str, state: dict[str, Any]) -> None:
+        self._ensure_connected()
         with self._conn.cursor() as cur:
             cur.execute(
                 "INSERT INTO worker_status (worker_id, component, heartbeat, state) VALUES (%s, %s, now(), %s) "
