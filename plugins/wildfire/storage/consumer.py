@@ -277,8 +277,16 @@ class StorageConsumer:
         first: dict[tuple[str, int], int] = {}
         nxt: dict[tuple[str, int], int] = {}
         dlq = self.dlq_topic
-        items: list[tuple[str, int, int, bytes | None, Any]] = []
+        # positions[i] is (topic, partition, offset, value) of values[i], the writer's dead-letter handle.
+        positions: list[tuple[str, int, int, Any]] = []
+        keyed: list[Any] = []
         dead: list[DeadLetter] = []
+        append_position, append_keyed = positions.append, keyed.append
+        # librdkafka hands out runs of one partition: per-partition bookkeeping only where a run
+        # starts and ends, not per message (this loop runs for every stored row).
+        run: tuple[str, int] | None = None
+        run_next = 0
+        run_is_dlq = False
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -286,20 +294,31 @@ class StorageConsumer:
                 log.warning("consumer error on %s[%s]: %s", msg.topic(), msg.partition(), err)
                 continue
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-            tp = (topic, partition)
-            if tp not in first:
-                first[tp] = offset
-            nxt[tp] = offset + 1
-            if topic == dlq:
+            if run is None or partition != run[1] or topic != run[0]:
+                if run is not None:
+                    nxt[run] = run_next
+                run = (topic, partition)
+                first.setdefault(run, offset)
+                run_is_dlq = topic == dlq
+            run_next = offset + 1
+            if run_is_dlq:
                 dead.append(dlq_dead_letter(topic, partition, offset, msg.key(), msg.value(), msg.headers()))
                 continue
-            items.append((topic, partition, offset, msg.value(), msg))
+            append_position((topic, partition, offset, msg.value()))
+            append_keyed(msg)
+        if run is not None:
+            nxt[run] = run_next
         batch = StorageBatch(dead_letters=dead)
-        add = batch.add
-        decoded = decode_batch([item[3] for item in items])
-        for (topic, partition, offset, value, msg), out in zip(items, decoded, strict=True):
+        decoded = decode_batch([p[3] for p in positions])
+        kinds = {out[0] if type(out) is tuple else None for out in decoded}
+        if len(kinds) == 1 and None not in kinds:  # the usual batch: one kind, nothing dead-lettered
+            kind = kinds.pop()
+            batch.rows[kind] = [out[1] for out in decoded]
+            batch.positions[kind] = positions
+            return batch, first, nxt
+        for (topic, partition, offset, value), msg, out in zip(positions, keyed, decoded, strict=True):
             if type(out) is tuple:
-                add(out[0], out[1], topic, partition, offset, value)
+                batch.add(out[0], out[1], topic, partition, offset, value)
                 continue
             key = msg.key()
             batch.dead_letters.append(DeadLetter(
