@@ -49,7 +49,7 @@ from wildfire.clock import SYSTEM_CLOCK, Clock
 from wildfire.config import ConfigError, StreamConfig, load_config, resolve_path
 from wildfire.ingest import Ingestor
 from wildfire.priority import Priority
-from wildfire.publish import ProducerWrapper, PublishMetrics, SpoolPublisher
+from wildfire.publish import ProducerWrapper, PublishMetrics, SpoolPublisher, freeze_startup_heap
 from wildfire.sources import POLLING_SOURCE_TYPES, CursorStore, Endpoints, build_connector
 from wildfire.spool import BufferManager, SpoolRow
 from wildfire.streaming.backpressure import BackpressureManager
@@ -61,6 +61,8 @@ from wildfire.streaming.throttling import ThrottlingManager
 log = logging.getLogger(__name__)
 
 MODES = ("batch", "real_time", "continuous_streaming")
+IDLE_WAIT_S = 0.05  # longest idle pause of the send loop when the spool has nothing to send
+IDLE_CHECK_S = 0.002  # how often an idle loop looks for newly committed records (PRAGMA data_version)
 COMPONENT = "stream_worker"
 
 
@@ -447,10 +449,25 @@ class StreamWorker:
                 if self.mode == "batch" and stats.in_flight == 0 and self.spool.depth() == 0:
                     self.summary.stopped_by = "spool empty"
                     break
-                self.producer.poll(0.05)
+                self._idle_wait(IDLE_WAIT_S)
         finally:
             self._shutdown(started)
         return self.summary
+
+    def _idle_wait(self, timeout_s: float) -> None:
+        """Nothing to send: serve delivery reports until one arrives, a writer commits, or ``timeout_s``.
+
+        Waiting in one long ``poll`` would leave an evacuation alert written meanwhile unseen for up to
+        ``timeout_s`` (25 ms on average at 50 ms); checking the store's data version every
+        IDLE_CHECK_S costs a few microseconds per check.
+        """
+        version = self.spool.data_version()
+        deadline = self.clock.monotonic() + timeout_s
+        while not self._stop.is_set():
+            if self.producer.poll(IDLE_CHECK_S) or self.spool.data_version() != version:
+                return
+            if self.clock.monotonic() >= deadline:
+                return
 
     def _shutdown(self, started: float) -> None:
         self._stop.set()
@@ -505,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
                           status_db=not args.no_status_db)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, f: worker.stop(signal.Signals(s).name))
+    freeze_startup_heap()  # a long-lived process: keep full GC passes off the startup heap (see its docstring)
     summary = worker.run()
     print(json.dumps(summary.as_dict(), default=str))
     return 0

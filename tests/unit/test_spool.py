@@ -329,3 +329,21 @@ def test_peek_pages_of_interleaved_levels_match_drain_order(tmp_path, every):
     mid = spool.peek_batch(1000)[40:120]
     assert spool.ack(r.id for r in mid) == len(mid)
     assert keys_in(spool) == [k for k in expected if k not in {r.key for r in mid}]
+
+
+def test_oldest_age_per_source_follows_acks_and_shared_levels(tmp_path):
+    clock = ManualClock()
+    # "iot" and "iot2" share drain level 6: each source's oldest row is found past the other's rows.
+    srcs = sources(iot2=SourceConfig(source_type="iot_mqtt", topic="t-iot", priority=6))
+    spool = make(tmp_path, clock=clock, sources_=srcs)
+    spool.put_batch(batch("iot", ["a", "b"], N))          # t = 0
+    clock.advance(10)
+    spool.put_batch(batch("iot2", ["c"], N))              # t = 10
+    spool.put_batch(batch("iot", ["d"], H))               # t = 10, another level of the same source
+    clock.advance(5)
+    assert spool.stats().oldest_age_s == {"iot": 15.0, "iot2": 5.0}
+    first_two = [r.id for r in spool.peek_batch(10) if r.key in ("a", "b")]
+    spool.ack(first_two)
+    assert spool.stats().oldest_age_s == {"iot": 5.0, "iot2": 5.0}
+    spool.ack([r.id for r in spool.peek_batch(10)])
+    assert spool.stats().oldest_age_s == {}
