@@ -78,7 +78,6 @@ MIX: tuple[tuple[str, str, Priority, float], ...] = (
     ("era5", "era5_grid", Priority.LOW, 0.02),
 )
 ALERT = ("nws_alerts", "alert", Priority.CRITICAL)
-LAG_TARGET = 20_000  # throttling.target_consumer_lag for the runs (4 storage batches; see _config)
 SATURATION_HOLD_AT = 0.6  # spool fill at which the saturation generator pauses a source (below the 0.7 warning level)
 PRIOS = [p.name for p in Priority]
 TABLES = ("fire_detections", "weather_observations", "alerts", "air_quality", "iot_readings", "era5_grid")
@@ -435,11 +434,6 @@ class LoadRun:
             "spool": {"path": str(self.dir / "spool" / "spool.db"), "capacity_per_source": 200_000,
                       "archive_expired_path": str(self.dir / "spool" / "expired.jsonl")},
             "backpressure": {"fire_season": {"mode": "off"}},
-            # The shipped 1,000 / 5,000 are the guide's, for 1,000 events/s. The storage consumer commits
-            # offsets once per batch (storage.batch_size, 5,000), so the committed lag of a consumer that
-            # keeps up swings to 2-3 batches at 10x; with the guide's target the worker throttles to a
-            # crawl (1.5 s per page) for 50 s each time. Lag must build beyond that to mean "behind".
-            "throttling": {"target_consumer_lag": LAG_TARGET, "critical_consumer_lag": 5 * LAG_TARGET},
             "storage": {"database_url": self.db_url},
             "topics": topics,
             "sources": sources,

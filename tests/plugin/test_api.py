@@ -168,8 +168,8 @@ def test_patch_invalid_is_rejected_with_the_field_named_and_nothing_audited(ops:
 
 
 def test_patch_cross_field_rule_uses_the_whole_config(ops: Ops, ops_engine: sa.Engine) -> None:
-    # 6000 alone is a valid int, but not above the file's critical_consumer_lag (5000 default).
-    resp = ops.client.patch("/config", json={"throttling": {"target_consumer_lag": 6000}})
+    # 150000 alone is a valid int, but not below the file's critical_consumer_lag (100000 default).
+    resp = ops.client.patch("/config", json={"throttling": {"target_consumer_lag": 150000}})
     assert resp.status_code == 422
     assert "target_consumer_lag < critical_consumer_lag" in resp.json()["detail"]["errors"][0]
 
@@ -220,7 +220,8 @@ def test_patch_null_removes_an_override(ops: Ops, ops_engine: sa.Engine) -> None
 
 def test_config_shows_overrides_made_invalid_by_a_file_edit(ops: Ops) -> None:
     assert ops.client.patch("/config", json={"throttling": {"target_consumer_lag": 3000}}).status_code == 200
-    ops.config.write_text(ops.config.read_text() + "throttling:\n  critical_consumer_lag: 2000\n", encoding="utf-8")
+    ops.config.write_text(ops.config.read_text() + "throttling:\n  target_consumer_lag: 1000\n  critical_consumer_lag: 2000\n",
+                          encoding="utf-8")
     got = ops.client.get("/config").json()
     assert "target_consumer_lag < critical_consumer_lag" in got["error"][0]
     assert got["effective"]["throttling"]["target_consumer_lag"] == 1000  # the file's, overrides not applied
