@@ -16,8 +16,9 @@ keys, the common case, cost exactly a plain COPY); if any key is already stored 
 refuses it, the savepoint rolls back and the batch takes the upsert path: ``COPY`` into a
 per-connection temp staging table, then ``INSERT ... SELECT ... ON CONFLICT (key) DO UPDATE``.
 After such a conflict the next :data:`CONFLICT_BACKOFF_BATCHES` batches of that kind go straight
-to the upsert path (a replay after a restart conflicts on every row; it should not pay twice). SQLite path: ``executemany``
-of ``INSERT ... ON CONFLICT(key) DO UPDATE`` in WAL mode with ``synchronous=FULL`` (a commit that
+to the upsert path (a replay after a restart conflicts on every row; it should not pay twice). SQLite path: one
+``INSERT ... ON CONFLICT(key) DO UPDATE`` per row, each in a savepoint so a row the database refuses becomes a dead
+letter without undoing the batch, in one transaction, WAL mode with ``synchronous=FULL`` (a commit that
 returned survives power loss, which the offset-after-commit rule relies on).
 """
 
