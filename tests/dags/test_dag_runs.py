@@ -1,5 +1,6 @@
 """dag.test() of every DAG against the real local Kafka and PostgreSQL, with upstream APIs replayed
-from include/samples on a local HTTP server. Runs in order: fetch -> stream -> store -> report."""
+from include/samples on a local HTTP server. The tests are stages of one scenario sharing a module-scoped pipeline
+and must run in file order: fetch -> stream -> store -> report (one alone, e.g. -k storage_consumer, finds no data)."""
 
 from __future__ import annotations
 
