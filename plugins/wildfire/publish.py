@@ -548,6 +548,24 @@ class SpoolPublisher:
         self._settle(stats)
         return self._done(stats)
 
+    def run_critical_once(self) -> PublishStats:
+        """Handle delivery reports, then send only waiting CRITICAL rows, leaving every bulk row where it is.
+
+        For a throttled worker: bulk rows wait for the next send window while evacuation alerts still
+        go at once through their own lane, with no read of bulk rows and no rewind of the drain cursor.
+        """
+        stats = PublishStats()
+        self.producer.poll(0)
+        self._settle(stats)
+        self._collect_acks(stats)
+        if self.producer.fatal:
+            self._recover_from_fatal()
+        if self.clock.monotonic() < self._not_before:
+            stats.held = True
+        else:
+            self._send_critical_only(stats)
+        return self._done(stats)
+
     def _send_critical_only(self, stats: PublishStats) -> None:
         """Send waiting CRITICAL rows even though the bulk in-flight window is full.
 

@@ -126,6 +126,24 @@ def test_drain_follows_priority_order_and_hook_can_hold_rows(tmp_path, kafka_boo
     assert spool.depth() == 0
 
 
+def test_throttled_step_sends_only_critical_and_leaves_bulk_rows(tmp_path, kafka_bootstrap, kafka_topic, dlq_topic):
+    spool, publisher, _ = setup(tmp_path, kafka_bootstrap, kafka_topic, dlq_topic)
+    spool.put_batch(EncodedBatch("iot", ["i-1", "i-2"], [Priority.HIGH, Priority.NORMAL], [b"{}", b"{}"]))
+    spool.put_batch(EncodedBatch("alerts", ["evac"], [Priority.CRITICAL], [b"{}"]))
+    stats = publisher.run_critical_once()
+    assert stats.produced == 1
+    deadline = time.monotonic() + 30
+    while spool.depth(priority=Priority.CRITICAL) and time.monotonic() < deadline:
+        publisher.run_critical_once()
+        time.sleep(0.01)
+    assert spool.depth(priority=Priority.CRITICAL) == 0 and spool.depth() == 2  # bulk rows untouched
+    assert [m.key() for m in read_all(kafka_bootstrap, kafka_topic, 1)] == [b"evac"]
+    # The next normal step still sends the bulk rows (the cursor was not moved past them).
+    publisher.run(threading.Event(), deadline=time.monotonic() + 60, until_empty=True)
+    assert spool.depth() == 0
+    assert sorted(m.key() for m in read_all(kafka_bootstrap, kafka_topic, 3)) == [b"evac", b"i-1", b"i-2"]
+
+
 def test_retry_backoff_is_1_2_4_seconds_then_stays(tmp_path):
     spool = BufferManager(SpoolConfig(archive_expired_path=None), {}, path=tmp_path / "spool.db")
     producer = ProducerWrapper(KafkaConfig(), breaker=CircuitBreaker(), producer_factory=lambda conf: None)
