@@ -347,3 +347,26 @@ def test_oldest_age_per_source_follows_acks_and_shared_levels(tmp_path):
     assert spool.stats().oldest_age_s == {"iot": 5.0, "iot2": 5.0}
     spool.ack([r.id for r in spool.peek_batch(10)])
     assert spool.stats().oldest_age_s == {}
+
+
+def test_critical_put_waits_for_a_held_write_lock_and_then_lands(tmp_path):
+    # Another process's long transaction holds the write lock; the CRITICAL put retries (its own 1 ms loop,
+    # SQLite's busy handler switched off) and lands once the lock is free, instead of failing "locked".
+    spool = make(tmp_path)
+    holder = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    result: list[object] = []
+
+    def put_alert() -> None:
+        result.append(spool.put(record("evac", C, source="alerts")))
+        # This thread's connection has the normal busy timeout back for its other writes.
+        result.append(spool._conn().execute("PRAGMA busy_timeout").fetchone()[0])
+
+    t = threading.Thread(target=put_alert)
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and result == []  # still waiting for the lock, not failed
+    holder.execute("COMMIT")
+    t.join(10)
+    assert len(result) == 2 and result[0].accepted == 1 and result[1] == 60_000
+    assert keys_in(spool) == ["evac"]
