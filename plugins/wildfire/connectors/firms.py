@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -90,6 +90,8 @@ class ParsedFirms:
     """Rejected rows with their raw CSV line."""
     summary: RunSummary
     """Counts for this response."""
+    acq_dates: list[str] = field(default_factory=list)
+    """``acq_date`` (ISO) of each accepted record, aligned with ``batch.keys``: the cross-poll cursor's values."""
 
 
 def family_of(satellite_source: str) -> str:
@@ -511,8 +513,10 @@ def parse_firms_csv(
         return ParsedFirms(empty, dead, summary)
     keys = wired.get_column("key").to_list()
     values = wired.get_column("json").to_list()
+    # The key's 4th field is the acquisition date; split in one column operation, not per key in Python.
+    dates = wired.get_column("key").str.split_exact("|", 4).struct.field("field_3").to_list()
     summary.accepted = len(keys)
-    return ParsedFirms(EncodedBatch(source_name, keys, [priority] * len(keys), values), dead, summary)
+    return ParsedFirms(EncodedBatch(source_name, keys, [priority] * len(keys), values), dead, summary, dates)
 
 
 def prune_seen(seen: dict[str, str], today: date, keep_days: int) -> dict[str, str]:
@@ -659,8 +663,7 @@ class FirmsConnector:
             keys.extend(parsed.batch.keys)
             prios.extend(parsed.batch.priorities)
             values.extend(parsed.batch.values)
-            for k in parsed.batch.keys:
-                seen[k] = k.split("|", 4)[3]
+            seen.update(zip(parsed.batch.keys, parsed.acq_dates, strict=True))
         # A poll of day_range N can only return rows from the last N days: older keys cannot recur.
         if plan and plan[0][2] is None:
             seen = prune_seen(seen, ingest.date(), self.dedup_days)

@@ -54,6 +54,8 @@ def test_real_viirs_sample_every_value_decodes_as_a_record() -> None:
     assert p["satellite"] == "N21" and p["instrument"] == "VIIRS" and p["version"] == "2.0NRT"
     assert all(0 <= r.quality <= 1 for r in decoded)
     assert "2.0NRT" not in first.key
+    # The cursor's acq_date per accepted record, aligned with the keys.
+    assert parsed.acq_dates == [r.event_time.date().isoformat() for r in decoded]
 
 
 def test_real_modis_sample_numeric_confidence() -> None:
