@@ -532,15 +532,25 @@ class SpoolPublisher:
             rows = chosen
         if probing:
             rows = rows[:1]
-        result = self.producer.send_rows(rows, self._delivered, self._report)
-        sent = rows[: result.sent]
-        self._in_flight.update(zip(map(_row_id, sent), sent, strict=True))
-        bad = {r.id for r, _ in result.permanent}
-        for row, error in result.permanent:
-            del self._in_flight[row.id]
-            self._dead_letter(row, error, stats)
-        stats.produced += len(sent) - len(bad)
-        if result.full:
+        # A page is produced in slices; between slices, CRITICAL rows committed meanwhile go out at once (an
+        # index seek per CRITICAL level, ~tens of µs) instead of waiting for the rest of the page (a 2,000-row
+        # page takes 20-40 ms on a busy 2-core host).
+        full = False
+        for start in range(0, len(rows), _SEND_SLICE):
+            if start and not probing:
+                self._send_critical_only(stats)
+            part = rows[start:start + _SEND_SLICE]
+            result = self.producer.send_rows(part, self._delivered, self._report)
+            sent = part[: result.sent]
+            self._in_flight.update(zip(map(_row_id, sent), sent, strict=True))
+            for row, error in result.permanent:
+                del self._in_flight[row.id]
+                self._dead_letter(row, error, stats)
+            stats.produced += len(sent) - len(result.permanent)
+            if result.full:
+                full = True
+                break
+        if full:
             # librdkafka's local queue is full: serve callbacks and offer the rest again later.
             self._rewind = True
             self.producer.poll(0.05)
@@ -742,6 +752,10 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+# Rows produced between two looks for newly committed CRITICAL rows while a page is being sent.
+_SEND_SLICE = 500
 
 
 # ---------------------------------------------------------------- command line

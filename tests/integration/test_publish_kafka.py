@@ -144,6 +144,29 @@ def test_throttled_step_sends_only_critical_and_leaves_bulk_rows(tmp_path, kafka
     assert sorted(m.key() for m in read_all(kafka_bootstrap, kafka_topic, 3)) == [b"evac", b"i-1", b"i-2"]
 
 
+def test_critical_committed_during_a_page_goes_out_before_the_page_ends(tmp_path, kafka_bootstrap, kafka_topic,
+                                                                       dlq_topic):
+    spool, publisher, _ = setup(tmp_path, kafka_bootstrap, kafka_topic, dlq_topic)
+    n = 1_200  # three send slices
+    spool.put_batch(EncodedBatch("iot", [f"i-{i}" for i in range(n)], [Priority.NORMAL] * n, [b"{}"] * n))
+
+    def alert_arrives(rows):
+        # Committed by another writer after the page was read, before it is produced.
+        if not spool.depth(priority=Priority.CRITICAL):
+            spool.put_batch(EncodedBatch("alerts", ["evac"], [Priority.CRITICAL], [b"{}"]))
+        return rows
+
+    publisher.before_send = alert_arrives
+    stats = publisher.run_once()
+    assert stats.produced == n + 1  # the page and, between its slices, the alert
+    publisher.before_send = None
+    publisher.run(threading.Event(), deadline=time.monotonic() + 60, until_empty=True)
+    assert spool.depth() == 0
+    keys = [m.key() for m in read_all(kafka_bootstrap, kafka_topic, n + 1)]
+    assert len(keys) == n + 1 and keys.count(b"evac") == 1
+    assert keys.index(b"evac") < n  # not after the whole page
+
+
 def test_retry_backoff_is_1_2_4_seconds_then_stays(tmp_path):
     spool = BufferManager(SpoolConfig(archive_expired_path=None), {}, path=tmp_path / "spool.db")
     producer = ProducerWrapper(KafkaConfig(), breaker=CircuitBreaker(), producer_factory=lambda conf: None)
