@@ -484,12 +484,7 @@ class SpoolPublisher:
 
     def run_once(self, max_records: int | None = None) -> PublishStats:
         """Handle delivery reports, then send up to ``max_records`` rows if the breaker and backoff allow."""
-        stats = PublishStats()
-        self.producer.poll(0)
-        self._settle(stats)
-        self._collect_acks(stats)
-        if self.producer.fatal:
-            self._recover_from_fatal()
+        stats = self._serve_reports()
         now = self.clock.monotonic()
         if now < self._not_before:
             stats.held = True
@@ -539,14 +534,7 @@ class SpoolPublisher:
         for start in range(0, len(rows), _SEND_SLICE):
             if start and not probing:
                 self._send_critical_only(stats)
-            part = rows[start:start + _SEND_SLICE]
-            result = self.producer.send_rows(part, self._delivered, self._report)
-            sent = part[: result.sent]
-            self._in_flight.update(zip(map(_row_id, sent), sent, strict=True))
-            for row, error in result.permanent:
-                del self._in_flight[row.id]
-                self._dead_letter(row, error, stats)
-            stats.produced += len(sent) - len(result.permanent)
+            _, result = self._send(rows[start:start + _SEND_SLICE], stats)
             if result.full:
                 full = True
                 break
@@ -564,12 +552,7 @@ class SpoolPublisher:
         For a throttled worker: bulk rows wait for the next send window while evacuation alerts still
         go at once through their own lane, with no read of bulk rows and no rewind of the drain cursor.
         """
-        stats = PublishStats()
-        self.producer.poll(0)
-        self._settle(stats)
-        self._collect_acks(stats)
-        if self.producer.fatal:
-            self._recover_from_fatal()
+        stats = self._serve_reports()
         if self.clock.monotonic() < self._not_before:
             stats.held = True
         else:
@@ -587,15 +570,30 @@ class SpoolPublisher:
                 if r.id not in self._in_flight and r.id not in self._acking]
         if not rows:
             return
+        sent, _ = self._send(rows, stats)
+        self._cursor.update(zip(map(_row_level, sent), map(_row_id, sent), strict=True))
+        self.producer.poll(0)
+
+    def _serve_reports(self) -> PublishStats:
+        """The start of every step: serve librdkafka's callbacks, apply delivery reports and finished deletes."""
+        stats = PublishStats()
+        self.producer.poll(0)
+        self._settle(stats)
+        self._collect_acks(stats)
+        if self.producer.fatal:
+            self._recover_from_fatal()
+        return stats
+
+    def _send(self, rows: list[SpoolRow], stats: PublishStats) -> tuple[list[SpoolRow], SendResult]:
+        """Produce ``rows``; the ones handed to librdkafka are in flight, the unpublishable ones dead-lettered."""
         result = self.producer.send_rows(rows, self._delivered, self._report)
         sent = rows[: result.sent]
-        self._cursor.update(((r.source_priority, r.priority), r.id) for r in sent)
         self._in_flight.update(zip(map(_row_id, sent), sent, strict=True))
         for row, error in result.permanent:
             del self._in_flight[row.id]
             self._dead_letter(row, error, stats)
         stats.produced += len(sent) - len(result.permanent)
-        self.producer.poll(0)
+        return sent, result
 
     def _report(self, delivery: Delivery) -> None:
         # Look the list up at call time: _settle swaps it, and a bound `.append` captured at send time
