@@ -137,7 +137,6 @@ class StreamWorker:
         self._lag: int | None = None
         self._lag_error: str | None = None
         self._next_send_at = 0.0
-        self._critical_only = False
         self._stop = threading.Event()
         self._fetch_thread: threading.Thread | None = None
         self._mqtt: Any = None
@@ -158,10 +157,9 @@ class StreamWorker:
         """Each drain batch goes through the priority queue (priority order, LOW share, wait metrics).
 
         The spool is the buffer; the queue is emptied on every call, so it never holds a row the
-        spool would not offer again. While throttled, only CRITICAL rows pass between send windows.
+        spool would not offer again. (While throttled the loop does not call it: CRITICAL rows go through
+        ``SpoolPublisher.run_critical_once`` between send windows.)
         """
-        if self._critical_only:
-            return [r for r in rows if r.priority == Priority.CRITICAL]
         by_prio: dict[int, list[SpoolRow]] = {}
         for r in rows:
             by_prio.setdefault(r.priority, []).append(r)
@@ -435,8 +433,7 @@ class StreamWorker:
                 if now >= next_config:
                     self._check_config_file()
                     next_config = now + self.config.worker.config_reload_s
-                self._critical_only = not self._send_allowed(now)
-                if self._critical_only:
+                if not self._send_allowed(now):
                     # Throttled: bulk rows wait for the send window; CRITICAL rows go at once, through their
                     # own lane (a full page read and a cursor rewind per alert cost up to 150 ms at 5x).
                     stats = self.publisher.run_critical_once()
@@ -444,7 +441,7 @@ class StreamWorker:
                         self._idle_wait(min(IDLE_WAIT_S, max(0.0, self._next_send_at - now)))
                     continue
                 stats = self.publisher.run_once()
-                if stats.produced and not self._critical_only and self.throttle.throttled:
+                if stats.produced and self.throttle.throttled:
                     self._next_send_at = now + self.throttle.delay_s()
                 if stats.produced or stats.delivered:
                     continue
