@@ -620,7 +620,7 @@ class BufferManager:
             return 0
         runs = _id_runs(ids)
         conn = self._conn()
-        if not getattr(self._local, "checkpointer", False):
+        if not self._local.checkpointer:  # set by _conn() for every new connection
             conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_CHECKPOINT_BYTES // self._local.page}")
             self._local.checkpointer = True
         with self._write(conn, sync=False):
@@ -795,8 +795,9 @@ def _begin_urgent(conn: sqlite3.Connection) -> None:
     """``BEGIN IMMEDIATE`` for a transaction holding a CRITICAL record: wait for the write lock in 1 ms steps.
 
     SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, 100 ms between tries, so an
-    alert queued behind a 10 ms bulk transaction could sleep 25-100 ms after the lock was already free
-    (CRITICAL accept p99 233 ms in the saturation load test). Same overall limit as the busy timeout.
+    alert queued behind a 10 ms bulk transaction could sleep 25-100 ms after the lock was already free.
+    (Not measurable in the saturation load test, whose accept-call tail lies elsewhere; see
+    docs/benchmarks.md.) Same overall limit as the busy timeout.
     Real time on purpose: this waits on another process, not on anything an injected clock controls.
     """
     deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
