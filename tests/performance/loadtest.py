@@ -551,19 +551,17 @@ class LoadRun:
 
     # ------------------------------------------------------------ load
 
-    def _offer(self, source: str, kind: str, prio: Priority, n: int, seq: int) -> float | None:
-        """Offer ``n`` records; returns the spool utilization of ``source`` after admission."""
+    def _offer(self, source: str, kind: str, prio: Priority, n: int, seq: int) -> None:
         if n <= 0:
-            return None
+            return
         now = time.time()
         batch = make_batch(source, kind, prio, n, seq, now)
         self.offered[prio.name] += n
-        report = self.ingestor.accept(source, batch)
+        self.ingestor.accept(source, batch)
         if prio is Priority.CRITICAL:
             # The part of CRITICAL ack latency spent before the worker can see the record: admission plus
             # the synced spool write (reported apart so the worker's share is visible).
             self.critical_accept_s.append(time.time() - now)
-        return report.utilization
 
     def _generate(self) -> None:
         sc = self.sc
