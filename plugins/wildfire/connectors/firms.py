@@ -430,7 +430,7 @@ def parse_firms_csv(
 
     lat = s("latitude").cast(pl.Float64, strict=False)
     lon = s("longitude").cast(pl.Float64, strict=False)
-    exprs: list[pl.Expr] = [lat.alias("lat"), lon.alias("lon")]
+    exprs: list[pl.Expr] = [lat.alias("lat"), lon.alias("lon"), s("_when")]
     bad = (
         pl.lit(per_when.get_column("bad")).gather(s("_when")) | pl.lit(per_how.get_column("bad")).gather(s("_how"))
         | lat.is_null() | ~(lat.abs() <= 90) | lon.is_null() | ~(lon.abs() <= 180)
@@ -467,7 +467,7 @@ def parse_firms_csv(
     # One query for per-row fields, key and wire JSON; rejected rows are dropped afterwards.
     out = (
         df.lazy().with_columns(when_ix.alias("_when"), how_ix.alias("_how")).select(exprs).with_columns(key.alias("key"))
-        .select(s("key"), wire.cast(pl.Binary).alias("json"), s("_bad")).collect()
+        .select(s("key"), wire.cast(pl.Binary).alias("json"), s("_when"), s("_bad")).collect()
     )
 
     bad_mask = out.get_column("_bad")
@@ -495,7 +495,7 @@ def parse_firms_csv(
         out = out.filter(~bad_mask)
         if out.height == 0:
             return ParsedFirms(empty, dead, summary)
-    wired = out.select("key", "json")
+    wired = out.select("key", "json", "_when")
 
     # Dedup: first occurrence wins (see _repeated_rows).
     key_col = wired.get_column("key")
@@ -513,8 +513,12 @@ def parse_firms_csv(
         return ParsedFirms(empty, dead, summary)
     keys = wired.get_column("key").to_list()
     values = wired.get_column("json").to_list()
-    # The key's 4th field is the acquisition date; split in one column operation, not per key in Python.
-    dates = wired.get_column("key").str.split_exact("|", 4).struct.field("field_3").to_list()
+    # The cursor's acq_date: one str per combination, referenced from every record of it (a column
+    # split and a new str per key cost ~0.25 s per million records, this gather ~0.02 s).
+    import numpy as np
+
+    when_dates = np.array(when_rep.get_column("acq_date").to_list(), dtype=object)
+    dates = when_dates[wired.get_column("_when").to_numpy()].tolist()
     summary.accepted = len(keys)
     return ParsedFirms(EncodedBatch(source_name, keys, [priority] * len(keys), values), dead, summary, dates)
 
