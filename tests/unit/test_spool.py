@@ -349,6 +349,25 @@ def test_oldest_age_per_source_follows_acks_and_shared_levels(tmp_path):
     assert spool.stats().oldest_age_s == {}
 
 
+def test_oldest_age_finds_rows_written_after_a_stats_call_passed_their_level(tmp_path):
+    # stats() remembers where each (source, level) seek may start; a row written later must still be found.
+    clock = ManualClock()
+    srcs = sources(iot2=SourceConfig(source_type="iot_mqtt", topic="t-iot", priority=6))
+    spool = make(tmp_path, clock=clock, sources_=srcs)
+    spool.put_batch(batch("iot", ["a"], N))               # t = 0, level (6, NORMAL)
+    spool.put_batch(batch("iot2", ["x"], H))              # t = 0, iot2 has no NORMAL row yet
+    assert spool.stats().oldest_age_s == {"iot": 0.0, "iot2": 0.0}
+    clock.advance(3)
+    spool.put_batch(batch("iot2", ["c"], N))              # t = 3, past the remembered start
+    spool.ack([r.id for r in spool.peek_batch(10) if r.key == "x"])
+    clock.advance(2)
+    assert spool.stats().oldest_age_s == {"iot": 5.0, "iot2": 2.0}
+    spool.ack([r.id for r in spool.peek_batch(10) if r.key == "a"])
+    spool.put_batch(batch("iot", ["e"], N))               # t = 5, behind iot2's remembered row
+    clock.advance(1)
+    assert spool.stats().oldest_age_s == {"iot": 1.0, "iot2": 3.0}
+
+
 def test_critical_put_waits_for_a_held_write_lock_and_then_lands(tmp_path):
     # Another process's long transaction holds the write lock; the CRITICAL put retries (its own 1 ms loop,
     # SQLite's busy handler switched off) and lands once the lock is free, instead of failing "locked".
