@@ -407,6 +407,9 @@ class LoadRun:
         self.events: list[tuple[float, str]] = []
         self.result: dict[str, Any] = {"scenario": scenario.name, "settings": asdict(scenario)}
         self._stop_sampler = threading.Event()
+        self.cpu_seconds: dict[str, float] = {}
+        self._cpu_last: dict[tuple[str, int], float] = {}
+        self._host_busy_last: float | None = None
         self.offered: dict[str, int] = dict.fromkeys(PRIOS, 0)
         self.critical_accept_s: list[float] = []
         self.t0 = 0.0
@@ -530,6 +533,7 @@ class LoadRun:
                     procs.pop(name, None)
             system = psutil.cpu_percent(None)
             cpu["host"] = system * psutil.cpu_count()  # percent of one core, like the per-process figures
+            self._account_cpu(psutil, wanted)
             st = self._status() or {}
             depth = {p: 0 for p in PRIOS}
             try:
@@ -544,6 +548,43 @@ class LoadRun:
                 backpressure=self.ingestor.backpressure.state.name,
                 breaker=(st.get("breaker") or {}).get("state"), throttle_level=(st.get("throttle") or {}).get("level"),
                 lag=(st.get("throttle") or {}).get("lag"), cpu=cpu))
+
+    def _account_cpu(self, psutil: Any, wanted: dict[str, int]) -> None:
+        """Add each component's CPU seconds since the last sample to ``self.cpu_seconds``.
+
+        Beside the processes the harness started: the Kafka broker and every PostgreSQL process (all
+        databases: on a shared machine this includes other users' work, which makes the figure an upper
+        bound), found by command line. Per-process totals are differenced, so a worker killed and
+        restarted counts both lives (the dead one up to its last sample).
+        """
+        pids = dict(wanted)
+        for p in psutil.process_iter(["pid", "name", "cmdline"]):
+            try:
+                cmd = " ".join(p.info["cmdline"] or [])
+                if p.info["name"] == "postgres" or cmd.startswith("postgres:"):
+                    pids[f"postgresql:{p.info['pid']}"] = p.info["pid"]
+                elif "kafka.Kafka" in cmd:
+                    pids["broker"] = p.info["pid"]
+            except (psutil.Error, TypeError):
+                continue
+        for name, pid in pids.items():
+            try:
+                t = psutil.Process(pid).cpu_times()
+            except psutil.Error:
+                continue
+            total = t.user + t.system
+            key = (name, pid)
+            prev = self._cpu_last.get(key)
+            self._cpu_last[key] = total
+            if prev is not None and total >= prev:
+                component = "postgresql" if name.startswith("postgresql:") else (
+                    "consumers" if name.startswith("consumer") else name)
+                self.cpu_seconds[component] = self.cpu_seconds.get(component, 0.0) + total - prev
+        host = psutil.cpu_times()
+        busy = sum(host) - host.idle - getattr(host, "iowait", 0.0)
+        if self._host_busy_last is not None:
+            self.cpu_seconds["host"] = self.cpu_seconds.get("host", 0.0) + busy - self._host_busy_last
+        self._host_busy_last = busy
 
     def _event(self, what: str) -> None:
         self.events.append((round(time.time() - self.t0, 2), what))
@@ -803,6 +844,10 @@ class LoadRun:
             "backpressure_transitions": transitions("backpressure"),
             "breaker_transitions": transitions("breaker"),
             "cpu_percent_of_one_core": cpu_summary,
+            # CPU time per stored record, whole run (load + drain), by component: what the pipeline costs.
+            "cpu_us_per_stored_record": {
+                k: round(v / max(1, sum(stored.values())) * 1e6, 1) for k, v in sorted(self.cpu_seconds.items())
+            },
             "events": self.events,
             "worker_starts": self.worker.starts,
             "invariants": {
@@ -1045,6 +1090,11 @@ def write_report(out: Path) -> Path:
         cpu = r["cpu_percent_of_one_core"]
         lines.append("| CPU % of one core, avg/max | " + ", ".join(
             f"{k} {v['avg']:.0f}/{v['max']:.0f}" for k, v in sorted(cpu.items())) + f" | {g.get('cpu', '-')} |")
+        per = r.get("cpu_us_per_stored_record") or {}
+        if per:
+            parts = [f"{k} {v:,.1f}" for k, v in per.items() if k != "host"]
+            lines.append("| CPU time per stored record, whole run (µs) | " + ", ".join(parts)
+                         + f"; host (every process) {per.get('host', 0):,.1f} | - |")
         lines.append(f"| drain after load | {r['drain_s']:.1f} s | - |")
         lines += ["", "| priority | offered | accepted | shed | stored | counted drops | lost | ack p50 | ack p95 | "
                   "ack p99 | ack max | stored p95 | stored p99 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
