@@ -609,6 +609,14 @@ class BufferManager:
         return conn.execute(_PEEK_COLUMNS + " WHERE source_priority = ? AND priority = ? AND id BETWEEN ? AND ?"
                             " ORDER BY id", (sp, prio, lo, hi)).fetchall()
 
+    def max_id(self) -> int:
+        """The highest row id now in the spool (0 when empty): one seek at the end of the rowid tree.
+
+        Ids are never reused (AUTOINCREMENT) and a write transaction holds SQLite's single write lock
+        until it commits, so every row committed after this call has a larger id.
+        """
+        return self._conn().execute("SELECT coalesce(max(id), 0) FROM spool").fetchone()[0]
+
     @staticmethod
     def _levels(conn: sqlite3.Connection) -> list[tuple[int, int]]:
         # At most 10 x 4 levels, each read with an index seek; empty ones cost microseconds.
