@@ -178,7 +178,9 @@ def _derive(pl: Any, frame: Any, instrument_default: str) -> Any:
     hhmm_int = s("acq_time").cast(pl.Int32, strict=False)
     hhmm_ok = (
         hhmm_int.is_not_null() & (hhmm_int >= 0) & (hhmm_int // 100 <= 23) & (hhmm_int % 100 <= 59)
-        & (s("acq_time").str.len_bytes() <= 4)
+        # Digits only: the integer cast also takes "+754" or "-000", which would put a sign into the key
+        # and an unparsable event_time into the record (runs once per combination, not per row).
+        & s("acq_time").str.contains(r"^[0-9]{1,4}$")
     )
     hhmm = s("acq_time").str.zfill(4)
     conf_num = s("confidence").cast(pl.Float64, strict=False)

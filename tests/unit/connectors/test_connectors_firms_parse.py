@@ -126,6 +126,18 @@ def test_invalid_rows_are_dead_lettered_with_reason_and_raw_line() -> None:
     assert "row 1" in by_reason["bad_latitude"].error
 
 
+def test_signed_acq_time_is_rejected_and_every_emitted_value_decodes() -> None:
+    # int("+754") and int("-000") parse; the key and event_time must never carry the sign.
+    rs = rows(VIIRS)[:4]
+    cols = list(rs[0].keys())
+    times = ["+754", "-000", "754", "0005"]
+    data = write([{**r, "acq_time": t} for r, t in zip(rs, times, strict=True)], cols)
+    parsed = parse(data)
+    assert dict(parsed.summary.rejected) == {"bad_acq_time": 2}
+    assert sorted(Record.from_json(v).payload["acq_time"] for v in parsed.batch.values) == ["0005", "0754"]
+    assert sorted(k.split("|")[4] for k in parsed.batch.keys) == ["0005", "0754"]
+
+
 def test_truncated_body_rejects_only_the_cut_row() -> None:
     cut = VIIRS[: VIIRS.index(b"\n", 5000) + 25]  # header + some rows + a partial row
     parsed = parse(cut)
