@@ -57,9 +57,11 @@ REASON_EXPIRED = "expired"
 REASON_INVALID = "invalid"
 REASON_DEAD_LETTER = "dead_letter"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS spool (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids never reused, so FIFO and cursors hold
+_SPOOL_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
+    -- (drain level << 40) | sequence number: the table itself is stored in drain order (see _level_id),
+    -- so it needs no second index. Sequence numbers come from spool_seq and are never reused.
+    id INTEGER PRIMARY KEY,
     source TEXT NOT NULL,
     source_priority INTEGER NOT NULL,
     priority INTEGER NOT NULL,
@@ -70,10 +72,11 @@ CREATE TABLE IF NOT EXISTS spool (
     schema_version INTEGER NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS spool_drain ON spool (source_priority, priority, id);
--- One index only: each index costs about a third of the insert rate. Eviction and stats() use the
--- drain index or a scan (rare paths), and a store made by an older version loses its second index on open.
-DROP INDEX IF EXISTS spool_source;
+"""
+
+_SCHEMA = _SPOOL_TABLE.format(name="spool") + """
+CREATE TABLE IF NOT EXISTS spool_seq (seq INTEGER NOT NULL);
+INSERT INTO spool_seq SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM spool_seq);
 CREATE TABLE IF NOT EXISTS depth (
     source TEXT NOT NULL, priority INTEGER NOT NULL,
     records INTEGER NOT NULL, bytes INTEGER NOT NULL,
@@ -96,6 +99,20 @@ CREATE TABLE IF NOT EXISTS quarantine (
 
 
 _PAGE_SIZE = 16_384
+
+# Row ids: (source_priority * 8 + priority) << _SEQ_BITS | sequence. Ids of one drain level are one
+# contiguous range, ascending in arrival order, so a level is read, evicted and measured by rowid range
+# scans of the table itself: no drain index to maintain on every insert and delete (that index was
+# ~25 % of the insert cost and ~30 % of the delete cost, tests/performance/bench_spool_layout.py and
+# docs/spool-and-publishing.md). The largest id, level 10/LOW, is below 2**47: exact in JSON and doubles.
+_SEQ_BITS = 40
+_SEQ_MASK = (1 << _SEQ_BITS) - 1
+_LAYOUT_VERSION = 2  # PRAGMA user_version of a store in this layout; 0 = AUTOINCREMENT ids + drain index
+
+
+def _level_id(source_priority: int, priority: int) -> int:
+    """The id below every row of a drain level: its rows have ids in (_level_id, _level_id + _SEQ_MASK]."""
+    return (int(source_priority) * 8 + int(priority)) << _SEQ_BITS
 _BUSY_TIMEOUT_MS = 60_000
 _WAL_CHECKPOINT_BYTES = 64 * 1024 * 1024
 # Writers (ingest) leave checkpoints to the drain side: a PASSIVE checkpoint runs inside the commit that
@@ -269,6 +286,7 @@ class BufferManager:
                     self._quarantine(problem)
                 conn = self._conn()
                 with self._write(conn, sync=True):
+                    self._migrate_layout(conn)
                     for stmt in _SCHEMA.split(";"):
                         if stmt.strip():
                             conn.execute(stmt)
@@ -277,6 +295,29 @@ class BufferManager:
                 self._pending_quarantine_rows = []
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _migrate_layout(self, conn: sqlite3.Connection) -> None:
+        """Move the rows of a store written by a version before level-ordered ids into this layout.
+
+        Runs inside the opening transaction: a crash leaves the old store as it was. Drain order and
+        FIFO are kept (old ids are sequence numbers), and the sequence continues above them.
+        """
+        if conn.execute("PRAGMA user_version").fetchone()[0] >= _LAYOUT_VERSION:
+            return
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'spool'").fetchone():
+            conn.execute(_SPOOL_TABLE.format(name="spool_layout2"))
+            moved = conn.execute(
+                f"INSERT INTO spool_layout2 SELECT ((source_priority * 8 + priority) << {_SEQ_BITS}) | id, source,"
+                " source_priority, priority, topic, key, value, ingest_time, schema_version, attempts FROM spool"
+            ).rowcount
+            top = conn.execute("SELECT coalesce(max(id), 0) FROM spool").fetchone()[0]
+            conn.execute("DROP TABLE spool")  # and its drain index
+            conn.execute("ALTER TABLE spool_layout2 RENAME TO spool")
+            conn.execute("CREATE TABLE IF NOT EXISTS spool_seq (seq INTEGER NOT NULL)")
+            conn.execute("DELETE FROM spool_seq")
+            conn.execute("INSERT INTO spool_seq VALUES (?)", (top,))
+            log.info("spool %s: %d records moved to level-ordered ids", self.path, moved)
+        conn.execute(f"PRAGMA user_version = {_LAYOUT_VERSION}")
 
     def _integrity_problem(self) -> str | None:
         try:
@@ -455,12 +496,12 @@ class BufferManager:
                     self._sleep(min(0.05, deadline - now))
         else:
             with self._write(conn, sync=sync, urgent=urgent):
-                first_id = self._insert(conn, source, cfg.priority, topic, rows, ingest_time, schema_version)
+                below = self._insert(conn, source, cfg.priority, topic, rows, ingest_time, schema_version)
                 over = self._depth(conn, source) - capacity
                 own_evicted = 0
                 if over > 0:
                     evicted = self._evict(conn, source, over, strategy)
-                    own_evicted = sum(1 for rid in evicted if rid >= first_id)
+                    own_evicted = sum(1 for rid in evicted if rid & _SEQ_MASK > below)
                     outcome._drop(REASON_OVERFLOW, len(evicted))
                 outcome.accepted = len(rows) - own_evicted
         depth = self.depth(source)
@@ -476,25 +517,42 @@ class BufferManager:
 
     def _insert(self, conn: sqlite3.Connection, source: str, source_priority: int, topic: str,
                 rows: Sequence[tuple[int, str, bytes]], ingest_time: float, schema_version: int) -> int:
-        first = conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM sqlite_sequence WHERE name = 'spool'").fetchone()
-        conn.executemany(
-            "INSERT INTO spool (source, source_priority, priority, topic, key, value, ingest_time, schema_version)"
-            f" VALUES ('{_sql_str(source)}', {int(source_priority)}, ?, '{_sql_str(topic)}', ?, ?,"
-            f" {float(ingest_time)!r}, {int(schema_version)})",
-            rows,
-        )
-        # depth: one UPDATE per priority present, counted without Python code per row.
+        """Insert ``rows`` (priority, key, value); returns the sequence number just below this call's rows."""
+        n = len(rows)
+        if n > _SEQ_MASK // 2:
+            raise ValueError(f"a batch of {n} records is larger than the spool takes at once")
+        # The write lock is held from here to commit, so the numbers handed out are ascending in commit order.
+        last = conn.execute("UPDATE spool_seq SET seq = seq + ? RETURNING seq", (n,)).fetchone()[0]
+        first = last - n + 1
+        if last > _SEQ_MASK:
+            raise RuntimeError(f"spool {self.path}: sequence numbers exhausted ({last}); move the file aside")
+
+        def sql(prio: str) -> str:
+            return ("INSERT INTO spool (id, source, source_priority, priority, topic, key, value, ingest_time,"
+                    f" schema_version) VALUES (?, '{_sql_str(source)}', {int(source_priority)}, {prio},"
+                    f" '{_sql_str(topic)}', ?, ?, {float(ingest_time)!r}, {int(schema_version)})")
+
         prios = set(map(_first, rows))
         added: dict[int, list[int]] = defaultdict(lambda: [0, 0])
         if len(prios) == 1:
-            added[prios.pop()] = [len(rows), sum(map(len, map(_third, rows)))]
+            # The usual batch: one priority, so its ids are one range and no Python code runs per row.
+            prio = prios.pop()
+            base = _level_id(source_priority, prio)
+            conn.executemany(sql(str(int(prio))),
+                             zip(range(base | first, (base | last) + 1), map(_second, rows), map(_third, rows),
+                                 strict=True))
+            added[prio] = [n, sum(map(len, map(_third, rows)))]
         else:
+            ids = [_level_id(source_priority, prio) | seq for (prio, _k, _v), seq in zip(rows, range(first, last + 1),
+                                                                                         strict=True)]
+            conn.executemany(sql("?"),
+                             ((rid, prio, key, value) for rid, (prio, key, value) in zip(ids, rows, strict=True)))
             for prio, _key, value in rows:
                 a = added[prio]
                 a[0] += 1
                 a[1] += len(value)
-        self._adjust_depth(conn, ((source, p, n, b) for p, (n, b) in added.items()))
-        return int(first[0]) if first else 1
+        self._adjust_depth(conn, ((source, p, n_, b) for p, (n_, b) in added.items()))
+        return first - 1
 
     @staticmethod
     def _adjust_depth(conn: sqlite3.Connection, deltas: Iterable[tuple[str, int, int, int]]) -> None:
@@ -542,19 +600,20 @@ class BufferManager:
 
     def _evict(self, conn: sqlite3.Connection, source: str, n: int, strategy: str) -> list[int]:
         # Never CRITICAL: if only CRITICAL rows remain, the source stays above capacity instead.
-        # The drain index is (source priority, priority, id): the n oldest rows of each non-CRITICAL
-        # level of this source are seeks there (every source priority, since a reload may have changed
-        # the source's), then merged in Python in the strategy's order.
+        # The n oldest rows of this source in each non-CRITICAL level are a rowid range walk (every
+        # source priority, since a reload may have changed the source's), merged in Python in the
+        # strategy's order: arrival (sequence number) for drop_oldest, lowest priority first for drop_lowest.
         candidates: list[tuple[int, int]] = []
         for sp in range(1, 11):
             for prio in (1, 2, 3):
+                lo = _level_id(sp, prio)
                 candidates += conn.execute(
-                    "SELECT priority, id FROM spool WHERE source_priority = ? AND priority = ? AND source = ?"
-                    " ORDER BY id LIMIT ?", (sp, prio, source, n)).fetchall()
+                    "SELECT priority, id FROM spool WHERE id > ? AND id <= ? AND source = ? ORDER BY id LIMIT ?",
+                    (lo, lo | _SEQ_MASK, source, n)).fetchall()
         if strategy == "drop_oldest":
-            candidates.sort(key=lambda c: c[1])
+            candidates.sort(key=lambda c: c[1] & _SEQ_MASK)
         else:
-            candidates.sort(key=lambda c: (-c[0], c[1]))
+            candidates.sort(key=lambda c: (-c[0], c[1] & _SEQ_MASK))
         deleted = self._delete_returning(conn, "id IN (SELECT value FROM json_each(?))",
                                          (orjson.dumps([c[1] for c in candidates[:n]]),))
         counts: dict[tuple[str, int], int] = defaultdict(int)
@@ -591,31 +650,18 @@ class BufferManager:
 
     @staticmethod
     def _peek_level(conn: sqlite3.Connection, sp: int, prio: int, after: int, limit: int) -> list[tuple]:
-        # Two steps, because reading whole rows through the drain index costs one table seek per row
-        # (~1.6x the CPU of a rowid walk): first the level's next ids from the index alone (it covers
-        # id, so no table access), then the rows themselves by a rowid range. Rows of other levels
-        # inside the range are filtered out (`+` keeps SQLite off the index); if they would be most of
-        # the range, the per-row seeks are cheaper and the index query is used instead. Rows inserted
-        # meanwhile get ids above `hi` (AUTOINCREMENT), so both steps see the same set or a subset.
-        lo, hi, n = conn.execute(
-            "SELECT min(id), max(id), count(*) FROM (SELECT id FROM spool"
-            " WHERE source_priority = ? AND priority = ? AND id > ? ORDER BY id LIMIT ?)",
-            (sp, prio, after, limit)).fetchone()
-        if not n:
-            return []
-        if hi - lo + 1 <= 2 * n:
-            return conn.execute(_PEEK_COLUMNS + " WHERE id BETWEEN ? AND ? AND +source_priority = ? AND +priority = ?"
-                                " ORDER BY id", (lo, hi, sp, prio)).fetchall()
-        return conn.execute(_PEEK_COLUMNS + " WHERE source_priority = ? AND priority = ? AND id BETWEEN ? AND ?"
-                            " ORDER BY id", (sp, prio, lo, hi)).fetchall()
+        # A level's rows are one rowid range in arrival order: one range scan of the table, no index.
+        lo = _level_id(sp, prio)
+        return conn.execute(_PEEK_COLUMNS + " WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                            (max(after, lo), lo | _SEQ_MASK, limit)).fetchall()
 
     def max_id(self) -> int:
-        """The highest row id now in the spool (0 when empty): one seek at the end of the rowid tree.
+        """The last sequence number handed out (the low bits of a row id; 0 for a new store).
 
-        Ids are never reused (AUTOINCREMENT) and a write transaction holds SQLite's single write lock
-        until it commits, so every row committed after this call has a larger id.
+        Sequence numbers are never reused and a write transaction holds SQLite's single write lock
+        until it commits, so every row committed after this call carries a larger one.
         """
-        return self._conn().execute("SELECT coalesce(max(id), 0) FROM spool").fetchone()[0]
+        return self._conn().execute("SELECT seq FROM spool_seq").fetchone()[0]
 
     @staticmethod
     def _levels(conn: sqlite3.Connection) -> list[tuple[int, int]]:
@@ -777,9 +823,8 @@ class BufferManager:
             # remembers per (source, level) the id where the walk may start next time. Ids only grow and
             # a row never moves, so no row of the source lies below it: each row is walked past once per
             # process, not once per scrape (the load test's worker spent a quarter of its CPU here).
-            first = ("SELECT id, ingest_time FROM spool WHERE source_priority = ? AND priority = ? AND id >= ?"
-                     " AND source = ? ORDER BY id LIMIT 1")
-            top = "SELECT coalesce(max(id), 0) FROM spool WHERE source_priority = ? AND priority = ?"
+            first = "SELECT id, ingest_time FROM spool WHERE id >= ? AND id <= ? AND source = ? ORDER BY id LIMIT 1"
+            top = "SELECT coalesce(max(id), 0) FROM spool WHERE id > ? AND id <= ?"
             for source, prios in depth.items():
                 for name in prios:
                     prio = int(Priority[name])
@@ -787,10 +832,12 @@ class BufferManager:
                         level = (source, sp, prio)
                         # Read before the seek: a row committed in between has a larger id and is
                         # found next time; every row at or below ``highest`` is seen by the seek.
-                        highest = conn.execute(top, (sp, prio)).fetchone()[0]
-                        row = conn.execute(first, (sp, prio, self._oldest_from.get(level, 0), source)).fetchone()
+                        lo = _level_id(sp, prio)
+                        highest = conn.execute(top, (lo, lo | _SEQ_MASK)).fetchone()[0]
+                        start = max(self._oldest_from.get(level, 0), lo + 1)
+                        row = conn.execute(first, (start, lo | _SEQ_MASK, source)).fetchone()
                         if row is None:
-                            self._oldest_from[level] = highest + 1
+                            self._oldest_from[level] = max(highest, lo) + 1
                             continue
                         self._oldest_from[level] = row[0]
                         if row[1] is not None:
@@ -806,7 +853,7 @@ class BufferManager:
 
 # tuple.__new__(SpoolRow, row) is SpoolRow._make without its Python frame: C speed per peeked row.
 _new_tuple = tuple.__new__
-_first, _third = operator.itemgetter(0), operator.itemgetter(2)
+_first, _second, _third = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(2)
 
 _PEEK_COLUMNS = ("SELECT id, source, source_priority, priority, topic, key, value, ingest_time, schema_version,"
                  " attempts FROM spool")

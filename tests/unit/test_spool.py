@@ -72,7 +72,7 @@ def test_ack_deletes_only_the_given_ids_when_they_have_gaps(tmp_path):
     # depth/bytes must follow exactly what was deleted (including ids interleaved with another level).
     spool = make(tmp_path)
     spool.put_batch(batch("iot", [f"k{i}" for i in range(10)], [N, N, H, N, N, N, L, N, N, N]))
-    rows = sorted(spool.peek_batch(100), key=lambda r: r.id)
+    rows = sorted(spool.peek_batch(100), key=lambda r: int(r.key[1:]))  # arrival order
     acked = [rows[i].id for i in (0, 1, 2, 4, 5, 8, 9)] + [rows[0].id, 10**9]  # duplicate and unknown id
     assert spool.ack(acked) == 7
     assert sorted(keys_in(spool)) == ["k3", "k6", "k7"]
@@ -80,11 +80,49 @@ def test_ack_deletes_only_the_given_ids_when_they_have_gaps(tmp_path):
     assert spool.stats().bytes["iot"] == {"NORMAL": len(rows[3].value) + len(rows[7].value),
                                           "LOW": len(rows[6].value)}
     spool.put_batch(batch("iot", [f"m{i:02d}" for i in range(40)]))
-    fresh = sorted(spool.peek_batch(100), key=lambda r: r.id)[-40:]
+    fresh = sorted((r for r in spool.peek_batch(100) if r.key.startswith("m")), key=lambda r: r.id)
     # every other id: 20 separate runs, more than ack deletes as ranges, so the IN path is used
     assert spool.ack([r.id for r in fresh[::2]]) == 20
     assert sorted(keys_in(spool)) == sorted(["k3", "k6", "k7", *(r.key for r in fresh[1::2])])
     assert spool.depth() == 23
+
+
+# The layout of stores written before level-ordered ids (AUTOINCREMENT ids and a drain index).
+OLD_LAYOUT = """
+CREATE TABLE spool (id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, source_priority INTEGER NOT NULL,
+    priority INTEGER NOT NULL, topic TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, ingest_time REAL NOT NULL,
+    schema_version INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX spool_drain ON spool (source_priority, priority, id);
+CREATE TABLE depth (source TEXT NOT NULL, priority INTEGER NOT NULL, records INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    PRIMARY KEY (source, priority));
+"""
+
+
+def test_a_store_in_the_old_layout_is_moved_over_with_order_and_depth_kept(tmp_path):
+    conn = sqlite3.connect(tmp_path / "spool.db")
+    conn.executescript(OLD_LAYOUT)
+    old = [("iot", 6, 2, "t-iot", "n1"), ("alerts", 10, 0, "t-alerts", "c1"), ("iot", 6, 2, "t-iot", "n2"),
+           ("iot", 6, 1, "t-iot", "h1"), ("era5", 1, 3, "t-era5", "l1")]
+    conn.executemany("INSERT INTO spool (source, source_priority, priority, topic, key, value, ingest_time,"
+                     " schema_version, attempts) VALUES (?, ?, ?, ?, ?, x'7b7d', 0, 1, 2)", old)
+    conn.execute("INSERT INTO depth SELECT source, priority, count(*), sum(length(value)) FROM spool"
+                 " GROUP BY source, priority")
+    conn.commit()
+    conn.close()
+    spool = make(tmp_path)
+    assert keys_in(spool) == ["c1", "h1", "n1", "n2", "l1"]  # drain order, FIFO within a level
+    assert spool.depth() == 5 and {r.attempts for r in spool.peek_batch(10)} == {2}
+    spool.put_batch(batch("iot", ["n3"]))  # continues above the moved rows
+    assert keys_in(spool) == ["c1", "h1", "n1", "n2", "n3", "l1"]
+    assert spool.max_id() == 6
+    assert spool.ack([r.id for r in spool.peek_batch(10) if r.key in ("n1", "n3")]) == 2
+    assert keys_in(spool) == ["c1", "h1", "n2", "l1"] and spool.depth() == 4
+    spool.close()
+    reopened = make(tmp_path)  # a second open leaves the moved store as it is
+    assert keys_in(reopened) == ["c1", "h1", "n2", "l1"]
+    indexes = sqlite3.connect(tmp_path / "spool.db").execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'spool'").fetchall()
+    assert indexes == []
 
 
 def test_put_batch_rejects_non_string_keys_into_dead_letters(tmp_path):
