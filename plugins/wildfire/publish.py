@@ -510,7 +510,7 @@ class SpoolPublisher:
             return self._done(stats)
         limit = 1 if probing else min(max_records or self.peek_size, room)
         # Woken by a delivery report or by the acker's own deletes, the worker would re-read every drain
-        # level (~40 index seeks, ~0.4 ms) to find nothing new: at 1x that was most of its CPU. One seek
+        # level (~40 rowid range seeks, ~0.4 ms) to find nothing new: at 1x that was most of its CPU. One seek
         # for the highest id tells whether anything was written since the last complete read.
         top = self.spool.max_id()
         if self._top_read is not None and top <= self._top_read:
@@ -541,7 +541,7 @@ class SpoolPublisher:
         if probing:
             rows = rows[:1]
         # A page is produced in slices; between slices, CRITICAL rows committed meanwhile go out at once (an
-        # index seek per CRITICAL level, ~tens of µs) instead of waiting for the rest of the page (a 2,000-row
+        # rowid range seek per CRITICAL level, ~tens of µs) instead of waiting for the rest of the page (a 2,000-row
         # page takes 20-40 ms on a busy 2-core host).
         full = False
         for start in range(0, len(rows), _SEND_SLICE):
@@ -575,7 +575,7 @@ class SpoolPublisher:
     def _send_critical_only(self, stats: PublishStats) -> None:
         """Send waiting CRITICAL rows even though the bulk in-flight window is full.
 
-        The peek reads only CRITICAL levels (index seeks), so only their cursors move; bulk rows are untouched.
+        The peek reads only CRITICAL levels (rowid range seeks), so only their cursors move; bulk rows are untouched.
         """
         if self.breaker.state is not CircuitState.CLOSED:
             return

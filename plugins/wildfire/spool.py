@@ -154,7 +154,8 @@ class SpoolRow(NamedTuple):
     """
 
     id: int
-    """Row id: FIFO order within a (source priority, priority) level; what ``ack`` takes."""
+    """Row id: ``(source_priority * 8 + priority) << 40 | sequence``, so ascending ids are FIFO within a
+    level (not across levels); what ``ack`` takes."""
     source: str
     """Configured source name."""
     source_priority: int
@@ -632,7 +633,7 @@ class BufferManager:
         """Up to ``limit`` rows in drain order, WITHOUT deleting them.
 
         ``after`` skips rows already handed out: per (source priority, priority) level, only ids above
-        ``after[level]``. Ids grow monotonically, so new rows are never hidden by a cursor. ``priority``
+        ``after[level]``. Within a level ids grow with arrival, so new rows are never hidden by a cursor. ``priority``
         restricts the peek to that record priority's levels (the publisher's CRITICAL lane).
         """
         limit = limit or self.config.drain_batch_size
@@ -665,7 +666,7 @@ class BufferManager:
 
     @staticmethod
     def _levels(conn: sqlite3.Connection) -> list[tuple[int, int]]:
-        # At most 10 x 4 levels, each read with an index seek; empty ones cost microseconds.
+        # At most 10 x 4 levels, each a rowid range seek; empty ones cost microseconds.
         prios = sorted(row[0] for row in conn.execute(
             "SELECT priority FROM depth GROUP BY priority HAVING sum(records) > 0").fetchall())
         return [(sp, p) for sp in range(10, 0, -1) for p in prios]
@@ -817,7 +818,7 @@ class BufferManager:
         oldest = {}
         if depth:
             # Rows are FIFO within a drain level (source priority, record priority), so a source's oldest row
-            # is the first of its rows in one of the levels: an index seek per level, not a scan of the whole
+            # is the first of its rows in one of the levels: a rowid range seek per level, not a scan of the whole
             # spool (seconds at 150,000 records, on every /status and metrics scrape). Levels are shared
             # between sources, so the seek walks other sources' rows ahead of this one's; ``_oldest_from``
             # remembers per (source, level) the id where the walk may start next time. Ids only grow and
