@@ -327,6 +327,7 @@ class Sample:
     throttle_level: int | None
     lag: int | None
     cpu: dict[str, float]
+    throttled: bool | None = None  # level 0 is the first throttled level, so the level alone cannot say
 
 
 class LatencyReader:
@@ -547,6 +548,7 @@ class LoadRun:
                 t=time.time() - self.t0, offered=sum(self.offered.values()), accepted=acc, spool_depth=depth,
                 backpressure=self.ingestor.backpressure.state.name,
                 breaker=(st.get("breaker") or {}).get("state"), throttle_level=(st.get("throttle") or {}).get("level"),
+                throttled=(st.get("throttle") or {}).get("throttled"),
                 lag=(st.get("throttle") or {}).get("lag"), cpu=cpu))
 
     def _account_cpu(self, psutil: Any, wanted: dict[str, int]) -> None:
@@ -839,8 +841,9 @@ class LoadRun:
             "critical_accept_s": _pct(self.critical_accept_s),
             "stored_latency_s": self._stored_latency(),
             "spool_depth": {"max": max(depth, default=0), "avg": round(sum(depth) / max(1, len(depth)), 1)},
-            "throttle": {"max_level": max(levels, default=0), "samples_throttled": sum(1 for x in levels if x),
-                         "transitions": transitions("throttle_level")},
+            "throttle": {"max_level": max(levels, default=0),
+                         "samples_throttled": sum(1 for s in self.samples if s.throttled),
+                         "transitions": transitions("throttled") + transitions("throttle_level")},
             "backpressure_transitions": transitions("backpressure"),
             "breaker_transitions": transitions("breaker"),
             "cpu_percent_of_one_core": cpu_summary,
@@ -861,6 +864,7 @@ class LoadRun:
                 "backpressure": [s.backpressure for s in self.samples],
                 "breaker": [s.breaker for s in self.samples],
                 "throttle_level": [s.throttle_level for s in self.samples],
+                "throttled": [s.throttled for s in self.samples],
                 "lag": [s.lag for s in self.samples],
                 "ack_p99_per_s": _per_second_p99(reader),
             },
@@ -1035,7 +1039,9 @@ def write_chart(res: dict[str, Any], path: Path) -> None:
     ax[2].step(s["t"], [bp_levels.get(v, 0) for v in s["backpressure"]], where="post", label="backpressure (0-3)")
     ax[2].step(s["t"], [br_levels.get(v, 0) if v else 0 for v in s["breaker"]], where="post",
                label="breaker (0 closed, 1 half-open, 2 open)")
-    ax[2].step(s["t"], [v or 0 for v in s["throttle_level"]], where="post", label="throttle level")
+    # 0 = not throttled, 1 + level while throttled (level 0 is the first throttled level)
+    ax[2].step(s["t"], [(lv or 0) + 1 if th else 0 for lv, th in zip(s["throttle_level"], s.get("throttled") or
+               [None] * len(s["t"]), strict=True)], where="post", label="throttle (0 off, 1 + level)")
     for t, what in res.get("events", []):
         for a in ax:
             a.axvline(t, color="grey", lw=0.5, ls=":")
