@@ -142,7 +142,7 @@ def build() -> dict[str, Any]:
     d.row("Kafka and storage")
     d.panel("Consumer lag per group",
             [("max by (group) (wildfire_consumer_lag_total)", "{{group}}")], unit="short",
-            description="throttling.target_consumer_lag 20,000 / critical_consumer_lag 100,000")
+            description="throttling.target_consumer_lag 50,000 / critical_consumer_lag 200,000")
     d.panel("Consumer lag per topic",
             [('sum by (group, topic) (wildfire_consumer_lag{topic!=""})', "{{group}} {{topic}}")], unit="short")
     d.panel("Kafka delivery latency p50 / p95",

@@ -159,8 +159,8 @@ class ThrottlingConfig(_Model):
     # Not the guide's 1,000 / 5,000: the storage consumer commits offsets once per batch (5,000 records by
     # default), so a consumer that keeps up at 10,000 events/s shows 10,000-15,000 of committed lag; a target
     # below that throttles the worker to one page per 1.5 s while nothing is behind (measured, docs/streaming.md).
-    target_consumer_lag: int = Field(20_000, ge=0)
-    critical_consumer_lag: int = Field(100_000, ge=0)
+    target_consumer_lag: int = Field(50_000, ge=0)
+    critical_consumer_lag: int = Field(200_000, ge=0)
     adjustment_factor: float = Field(1.5, ge=1.0, le=10.0)
     base_delay_s: float = Field(1.0, ge=0)
     max_level: int = Field(5, ge=0, le=20)

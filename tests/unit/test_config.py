@@ -28,8 +28,8 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_shipped_config_is_valid_and_equals_code_defaults():
     cfg = load_config(DEFAULT_CONFIG_PATH, environ={})
     assert cfg == StreamConfig()
-    assert cfg.throttling.target_consumer_lag == 20_000
-    assert cfg.throttling.critical_consumer_lag == 100_000
+    assert cfg.throttling.target_consumer_lag == 50_000
+    assert cfg.throttling.critical_consumer_lag == 200_000
     assert cfg.backpressure.warning_threshold == 0.7
     assert cfg.circuit_breaker.failure_threshold == 10
     assert cfg.queue.max_size == 10_000
@@ -46,7 +46,7 @@ def test_shipped_config_is_valid_and_equals_code_defaults():
         ("queue:\n  max_size: -1\n", "queue.max_size", "got -1"),
         ("queue:\n  overflow_strategy: random\n", "queue.overflow_strategy", "'drop_oldest', 'drop_lowest' or 'block'"),
         ("backpressure:\n  warning_threshold: 0.95\n", "backpressure", "thresholds out of order"),
-        ("throttling:\n  target_consumer_lag: 150000\n", "throttling", "target_consumer_lag < critical_consumer_lag"),
+        ("throttling:\n  target_consumer_lag: 250000\n", "throttling", "target_consumer_lag < critical_consumer_lag"),
         ("kafka:\n  linger_ms: fast\n", "kafka.linger_ms", "valid integer"),
         ("kafka:\n  bootstrap_server: x\n", "kafka.bootstrap_server", "Extra inputs are not permitted"),
         ("sources:\n  nasa_firms:\n    record_priority: URGENT\n", "sources.nasa_firms.record_priority", "unknown priority 'URGENT'"),
