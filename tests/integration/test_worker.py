@@ -213,13 +213,14 @@ def test_config_file_and_runtime_overrides_are_picked_up_and_bad_ones_refused(en
                           endpoints=Endpoints(nws_url="http://127.0.0.1:9"))
     thread = run_in_thread(worker)
     try:
+        running = worker.config.throttling.target_consumer_lag
         data = yaml.safe_load(env["path"].read_text())
         data["throttling"]["target_consumer_lag"] = -5
         time.sleep(0.05)
         env["path"].write_text(yaml.safe_dump(data))
         wait_for(lambda: worker._config_error is not None, timeout=10, what="the bad file to be refused")
         assert "throttling.target_consumer_lag" in worker._config_error
-        assert worker.config.throttling.target_consumer_lag == 20_000  # running config kept
+        assert worker.config.throttling.target_consumer_lag == running != -5  # running config kept
 
         data["throttling"]["target_consumer_lag"] = 2500
         env["path"].write_text(yaml.safe_dump(data))

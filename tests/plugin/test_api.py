@@ -168,8 +168,8 @@ def test_patch_invalid_is_rejected_with_the_field_named_and_nothing_audited(ops:
 
 
 def test_patch_cross_field_rule_uses_the_whole_config(ops: Ops, ops_engine: sa.Engine) -> None:
-    # 150000 alone is a valid int, but not below the file's critical_consumer_lag (100000 default).
-    resp = ops.client.patch("/config", json={"throttling": {"target_consumer_lag": 150000}})
+    # 250000 alone is a valid int, but not below the file's critical_consumer_lag (200000 default).
+    resp = ops.client.patch("/config", json={"throttling": {"target_consumer_lag": 250000}})
     assert resp.status_code == 422
     assert "target_consumer_lag < critical_consumer_lag" in resp.json()["detail"]["errors"][0]
 
