@@ -239,6 +239,28 @@ def test_ttl_expires_counts_and_archives_but_never_critical(tmp_path):
     assert lines[0]["record"]["key"] == "old" and lines[0]["reason"] == "expired"
 
 
+def test_rows_dropped_while_in_flight_and_then_delivered_leave_the_drop_counts(tmp_path):
+    # The publisher holds peeked rows in flight; an overflow eviction or a TTL expiry can remove them
+    # meanwhile. When Kafka then acknowledges them, they were not lost after all: the counts must say so.
+    clock = ManualClock()
+    spool = make(tmp_path, clock=clock, capacity_per_source=3, overflow_strategy="drop_oldest", ttl_seconds=3600)
+    spool.put_batch(batch("iot", ["a", "b", "c"]))
+    in_flight = spool.peek_batch(10)                         # handed to Kafka
+    out = spool.put_batch(batch("iot", ["d", "e"]))            # evicts a and b
+    assert out.dropped == {"overflow": 2} and spool.stats().drops["iot"] == {"overflow": 2}
+    assert spool.ack([r.id for r in in_flight]) == 1           # only c was still there
+    assert spool.stats().drops["iot"] == {"overflow": 0}       # a and b reached Kafka
+    assert sorted(keys_in(spool)) == ["d", "e"] and spool.depth() == 2
+    late = spool.peek_batch(10)
+    clock.advance(3601)
+    assert spool.expire() == 2
+    assert spool.stats().drops["iot"] == {"overflow": 0, "expired": 2}
+    assert spool.ack([late[0].id]) == 0                        # delivered after it expired
+    assert spool.stats().drops["iot"] == {"overflow": 0, "expired": 1}
+    assert spool.ack([late[0].id, 10**9]) == 0                 # a second ack corrects nothing twice
+    assert spool.stats().drops["iot"] == {"overflow": 0, "expired": 1}
+
+
 def test_durability_per_priority(tmp_path):
     spool = make(tmp_path)
     spool.put(record("n", N))
