@@ -69,6 +69,7 @@ bench: services  ## every micro-benchmark (figures recorded in docs/benchmarks.m
 	$(PY) tests/performance/bench_streaming.py
 	$(PY) tests/performance/bench_connectors.py
 	$(PY) tests/performance/bench_publish.py --records 100000
+	$(PY) tests/performance/bench_spool_layout.py
 	$(PY) tests/performance/bench_storage.py
 
 constraints: $(STAMP)  ## regenerate constraints.txt from the installed venv
