@@ -1,17 +1,17 @@
-"""Benchmark: what the spool's storage layout costs per record, one SQLite row per record vs per chunk.
+"""Benchmark: what the spool's storage layout costs per record, in SQLite alone.
 
     .venv/bin/python tests/performance/bench_spool_layout.py            # 100,000 records, 7 rounds
     .venv/bin/python tests/performance/bench_spool_layout.py --records 200000 --chunk 500
 
-The question behind issue #4's unmet write goal (200,000 records/s) and the stream worker's per-record
-CPU in the saturation load test: how much of it is SQLite's per-row work (a B-tree insert into the
-table and into the drain index, and later the same two deletes), which no Python change can remove.
-Both layouts use the spool's own settings (WAL, synchronous=NORMAL, 16 KiB pages) and commit every
-5,000 records, like ``BufferManager.put_batch`` callers; rounds alternate between the layouts so a
-noisy machine slows both alike. Each round: insert every record, then delete them all in the
-id-range deletes the acker uses (one DELETE per 2,000 records). The chunk layout stores ``--chunk``
-records per row as one msgpack body (keys and values), which is what a chunked spool would write;
-its figure includes the encoding. This measures storage only: no depth bookkeeping, no peeks.
+Three layouts, rounds alternating between them so a noisy machine slows each alike:
+- one row per record with AUTOINCREMENT ids and the drain index (source_priority, priority, id): the
+  spool until 2026-11-28, the baseline;
+- one row per record with level-ordered ids and no index: the spool now (``BufferManager``);
+- one row per ``--chunk`` records (keys and values as one msgpack body): what a chunked spool would
+  write; its figure includes the encoding.
+Each uses the spool's settings (WAL, synchronous=NORMAL, 16 KiB pages, secure_delete off) and commits
+every 5,000 records; then every row is deleted in id ranges of 2,000 records, one transaction each, as
+the acker does. Storage only: no depth bookkeeping, no peeks, no Python per-record work of the spool.
 """
 
 from __future__ import annotations
@@ -22,26 +22,34 @@ import sqlite3
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
-PER_RECORD = """
+INDEXED = """
 CREATE TABLE spool (
     id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, source_priority INTEGER NOT NULL,
     priority INTEGER NOT NULL, topic TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
     ingest_time REAL NOT NULL, schema_version INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX spool_drain ON spool (source_priority, priority, id);
 """
+LEVEL_ORDERED = """
+CREATE TABLE spool (
+    id INTEGER PRIMARY KEY, source TEXT NOT NULL, source_priority INTEGER NOT NULL,
+    priority INTEGER NOT NULL, topic TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
+    ingest_time REAL NOT NULL, schema_version INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);
+"""
 PER_CHUNK = """
 CREATE TABLE spool (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, source_priority INTEGER NOT NULL,
+    id INTEGER PRIMARY KEY, source TEXT NOT NULL, source_priority INTEGER NOT NULL,
     priority INTEGER NOT NULL, topic TEXT NOT NULL, records INTEGER NOT NULL, body BLOB NOT NULL,
     ingest_time REAL NOT NULL, schema_version INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX spool_drain ON spool (source_priority, priority, id);
 """
 COMMIT_EVERY = 5_000
 ACK_EVERY = 2_000
+LEVEL = (10 * 8 + 1) << 40  # source priority 10, HIGH: the id base BufferManager gives this level
 
 
 def connect(path: Path, schema: str) -> sqlite3.Connection:
@@ -55,51 +63,59 @@ def connect(path: Path, schema: str) -> sqlite3.Connection:
     return conn
 
 
-def per_record(path: Path, keys: list[str], values: list[bytes]) -> tuple[float, float]:
-    conn = connect(path, PER_RECORD)
-    sql = ("INSERT INTO spool (source, source_priority, priority, topic, key, value, ingest_time, schema_version)"
-           " VALUES ('nasa_firms', 10, ?, 'wildfire.firms.detections', ?, ?, 1764300000.0, 1)")
+def timed_puts(conn: sqlite3.Connection, sql: str, batches: Iterable[list[tuple[Any, ...]]]) -> float:
     t = time.perf_counter()
-    for i in range(0, len(keys), COMMIT_EVERY):
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(sql, zip([1] * COMMIT_EVERY, keys[i:i + COMMIT_EVERY], values[i:i + COMMIT_EVERY], strict=True))
-        conn.execute("COMMIT")
-    put = time.perf_counter() - t
-    t = time.perf_counter()
-    for lo in range(1, len(keys) + 1, ACK_EVERY):
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("DELETE FROM spool WHERE id BETWEEN ? AND ?", (lo, lo + ACK_EVERY - 1))
-        conn.execute("COMMIT")
-    ack = time.perf_counter() - t
-    assert conn.execute("SELECT count(*) FROM spool").fetchone()[0] == 0
-    conn.close()
-    return put, ack
-
-
-def per_chunk(path: Path, keys: list[str], values: list[bytes], chunk: int) -> tuple[float, float]:
-    conn = connect(path, PER_CHUNK)
-    encode = msgspec.msgpack.Encoder().encode
-    sql = ("INSERT INTO spool (source, source_priority, priority, topic, records, body, ingest_time, schema_version)"
-           " VALUES ('nasa_firms', 10, ?, 'wildfire.firms.detections', ?, ?, 1764300000.0, 1)")
-    t = time.perf_counter()
-    for i in range(0, len(keys), COMMIT_EVERY):
-        rows = [(1, len(keys[j:j + chunk]), encode((keys[j:j + chunk], values[j:j + chunk])))
-                for j in range(i, min(i + COMMIT_EVERY, len(keys)), chunk)]
+    for rows in batches:  # building a batch's rows is timed too: it is part of the write
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany(sql, rows)
         conn.execute("COMMIT")
-    put = time.perf_counter() - t
-    per_ack = max(1, ACK_EVERY // chunk)
-    top = conn.execute("SELECT max(id) FROM spool").fetchone()[0]
+    return time.perf_counter() - t
+
+
+def timed_acks(conn: sqlite3.Connection, first: int, last: int, step: int) -> float:
+    """Delete ids first..last in id ranges of ``step`` rows, one transaction each, like the acker."""
     t = time.perf_counter()
-    for lo in range(1, top + 1, per_ack):
+    for lo in range(first, last + 1, step):
         conn.execute("BEGIN IMMEDIATE")
-        conn.execute("DELETE FROM spool WHERE id BETWEEN ? AND ?", (lo, lo + per_ack - 1))
+        conn.execute("DELETE FROM spool WHERE id BETWEEN ? AND ?", (lo, min(lo + step - 1, last)))
         conn.execute("COMMIT")
-    ack = time.perf_counter() - t
+    elapsed = time.perf_counter() - t
     assert conn.execute("SELECT count(*) FROM spool").fetchone()[0] == 0
     conn.close()
-    return put, ack
+    return elapsed
+
+
+def per_record(path: Path, keys: list[str], values: list[bytes], *, indexed: bool) -> tuple[float, float]:
+    """One row per record: the spool before 2026-11-28 (AUTOINCREMENT + drain index) or now (level ids)."""
+    conn = connect(path, INDEXED if indexed else LEVEL_ORDERED)
+    columns = "source, source_priority, priority, topic, key, value, ingest_time, schema_version"
+    constants = "'nasa_firms', 10, 1, 'wildfire.firms.detections', ?, ?, 1764300000.0, 1"
+    if indexed:
+        sql = f"INSERT INTO spool ({columns}) VALUES ({constants})"
+        batches = (list(zip(keys[i:i + COMMIT_EVERY], values[i:i + COMMIT_EVERY], strict=True))
+                   for i in range(0, len(keys), COMMIT_EVERY))
+        base = 0
+    else:
+        sql = f"INSERT INTO spool (id, {columns}) VALUES (?, {constants})"
+        batches = (list(zip(range(LEVEL + i + 1, LEVEL + i + 1 + COMMIT_EVERY), keys[i:i + COMMIT_EVERY],
+                            values[i:i + COMMIT_EVERY], strict=True)) for i in range(0, len(keys), COMMIT_EVERY))
+        base = LEVEL
+    put = timed_puts(conn, sql, batches)
+    return put, timed_acks(conn, base + 1, base + len(keys), ACK_EVERY)
+
+
+def per_chunk(path: Path, keys: list[str], values: list[bytes], chunk: int) -> tuple[float, float]:
+    """One row per ``chunk`` records (msgpack keys and values): what a chunked spool would write."""
+    conn = connect(path, PER_CHUNK)
+    encode = msgspec.msgpack.Encoder().encode
+    sql = ("INSERT INTO spool (id, source, source_priority, priority, topic, records, body, ingest_time,"
+           " schema_version) VALUES (?, 'nasa_firms', 10, 1, 'wildfire.firms.detections', ?, ?, 1764300000.0, 1)")
+    batches = ([(LEVEL + j // chunk + 1, len(keys[j:j + chunk]), encode((keys[j:j + chunk], values[j:j + chunk])))
+                for j in range(i, min(i + COMMIT_EVERY, len(keys)), chunk)]
+               for i in range(0, len(keys), COMMIT_EVERY))
+    put = timed_puts(conn, sql, batches)
+    rows = -(-len(keys) // chunk)
+    return put, timed_acks(conn, LEVEL + 1, LEVEL + rows, max(1, ACK_EVERY // chunk))
 
 
 def main() -> int:
@@ -114,25 +130,30 @@ def main() -> int:
             for i in range(n)]
     values = [b'{"source":"nasa_firms","kind":"fire_detection","key":"' + k.encode() + b'","payload":{' +
               os.urandom(120).hex().encode() + b"}}" for k in keys]
-    rec_put, rec_ack, chk_put, chk_ack = [], [], [], []
+    layouts: dict[str, Callable[[Path], tuple[float, float]]] = {
+        "record + drain index (before)": lambda p: per_record(p, keys, values, indexed=True),
+        "record, level ids (now)": lambda p: per_record(p, keys, values, indexed=False),
+        f"chunk of {args.chunk}": lambda p: per_chunk(p, keys, values, args.chunk),
+    }
+    puts: dict[str, list[float]] = {name: [] for name in layouts}
+    acks: dict[str, list[float]] = {name: [] for name in layouts}
     with tempfile.TemporaryDirectory(prefix="wf-layout-") as tmp:
         path = Path(tmp) / "spool.db"
         for r in range(args.rounds):
-            p, a = per_record(path, keys, values)
-            rec_put.append(n / p)
-            rec_ack.append(n / a)
-            p, a = per_chunk(path, keys, values, args.chunk)
-            chk_put.append(n / p)
-            chk_ack.append(n / a)
-            print(f"round {r + 1}: per-record put {rec_put[-1]:>11,.0f}/s ack {rec_ack[-1]:>11,.0f}/s | "
-                  f"chunk of {args.chunk} put {chk_put[-1]:>11,.0f}/s ack {chk_ack[-1]:>11,.0f}/s", flush=True)
+            line = []
+            for name, run in layouts.items():  # alternating, so a noisy machine slows every layout alike
+                put, ack = run(path)
+                puts[name].append(n / put)
+                acks[name].append(n / ack)
+                line.append(f"{name}: put {n / put:,.0f}/s ack {n / ack:,.0f}/s")
+            print(f"round {r + 1}: " + " | ".join(line), flush=True)
     med = statistics.median
     print(f"\nmedians of {args.rounds} rounds, {n:,} records of ~{sum(map(len, values)) // n} bytes, "
           f"load {os.getloadavg()[0]:.1f}:")
-    print(f"  one row per record : put {med(rec_put):>11,.0f} records/s, ack-delete {med(rec_ack):>11,.0f} records/s")
-    print(f"  one row per {args.chunk:<6} : put {med(chk_put):>11,.0f} records/s, ack-delete {med(chk_ack):>11,.0f} "
-          f"records/s")
-    print(f"  ratio chunk / record: put {med(chk_put) / med(rec_put):.1f}x, ack-delete {med(chk_ack) / med(rec_ack):.1f}x")
+    base = "record + drain index (before)"
+    for name in layouts:
+        print(f"  {name:<30} put {med(puts[name]):>11,.0f} records/s ({med(puts[name]) / med(puts[base]):.1f}x), "
+              f"ack-delete {med(acks[name]):>11,.0f} records/s ({med(acks[name]) / med(acks[base]):.1f}x)")
     return 0
 
 
