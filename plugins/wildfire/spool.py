@@ -317,7 +317,9 @@ class BufferManager:
                 f"INSERT INTO spool_layout2 SELECT ((source_priority * 8 + priority) << {_SEQ_BITS}) | id, source,"
                 " source_priority, priority, topic, key, value, ingest_time, schema_version, attempts FROM spool"
             ).rowcount
-            top = conn.execute("SELECT coalesce(max(id), 0) FROM spool").fetchone()[0]
+            # AUTOINCREMENT's counter may be above the largest id left (rows acked at the top): continue above both.
+            top = conn.execute("SELECT max((SELECT coalesce(max(id), 0) FROM spool), coalesce((SELECT max(seq)"
+                               " FROM sqlite_sequence WHERE name = 'spool'), 0))").fetchone()[0]
             conn.execute("DROP TABLE spool")  # and its drain index
             conn.execute("ALTER TABLE spool_layout2 RENAME TO spool")
             conn.execute("CREATE TABLE IF NOT EXISTS spool_seq (seq INTEGER NOT NULL)")
