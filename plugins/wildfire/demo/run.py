@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sqlite3
 import sys
 import time
 import urllib.error
@@ -22,7 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from wildfire.config import PROJECT_ROOT, load_config
+from wildfire.config import PROJECT_ROOT, load_config, resolve_path
 from wildfire.priority import Priority
 from wildfire.storage.schema import KIND_TABLES, RECORD_TABLES
 
@@ -90,6 +91,29 @@ def worker_state(engine: sa.Engine) -> dict[str, Any]:
     return rows[0]["state"] if rows else {}
 
 
+def spool_drops(path: Any) -> dict[str, int]:
+    """The spool file's cumulative drop counts, keyed like the worker's status (``reason/spool``).
+
+    The counts live in the file and add up over every run that used it; the demo subtracts what was
+    there before it started. Read-only: the file may not exist yet, or be busy with another writer.
+    """
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = conn.execute("SELECT reason, sum(records) FROM drops GROUP BY reason").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return {}
+    return {f"{reason}/spool": int(n) for reason, n in rows}
+
+
+def this_run(dropped: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    """Drops of this run: the spool's cumulative counts minus those before it; shed counts are per run already."""
+    out = {k: n - before.get(k, 0) for k, n in dropped.items()}
+    return {k: n for k, n in out.items() if n}
+
+
 def latency_by_priority(engine: sa.Engine, since: datetime) -> dict[str, dict[str, float]]:
     """Accepted (ingest_time) -> stored (stored_at) seconds per priority, over the rows of this demo run."""
     samples: dict[int, list[float]] = {}
@@ -138,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     af = Airflow(args.airflow)
     dags = ["wildfire_stream", "storage_consumer", "firms_batch", "nws_alerts_batch", "nws_observations_batch",
             "purpleair_batch", "era5_backfill", "fire_activity_summary", "dlq_replay", "wildfire_maintenance"]
+    drops_before = spool_drops(resolve_path(cfg.spool.path))
     print("waiting for Airflow to parse the DAGs ...", flush=True)
     wait_for_dags(af, dags)
     for dag_id in dags:
@@ -189,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
               f"deduplicated {agg.get('deduplicated', 0):6d}  rejected {agg.get('rejected', 0):4d}  "
               f"dead letters {agg.get('dead_letters', 0):4d}  shed {shed or 0}")
     print(f"published to Kafka: {state.get('published', 0)}   dead-lettered by the publisher: "
-          f"{state.get('dead_lettered', 0)}   dropped (since the spool file was created, all runs): "
-          f"{state.get('dropped') or 0}")
+          f"{state.get('dead_lettered', 0)}   dropped or shed in this run: "
+          f"{this_run(state.get('dropped') or {}, drops_before) or 0}")
     print("stored rows by kind: " + ", ".join(f"{k} {v}" for k, v in stored.items()))
     print("accepted -> stored latency (s) by priority:")
     for prio, s in latency_by_priority(engine, started_at).items():
