@@ -103,7 +103,9 @@ class PublishMetrics:
     """Prometheus counters for the publisher; ``registry`` is a ``prometheus_client.CollectorRegistry``."""
 
     def __init__(self, registry: Any) -> None:
-        from prometheus_client import Counter, Gauge, Histogram
+        from prometheus_client import Counter, Gauge
+
+        from wildfire.streaming.metrics import BulkHistogram
 
         self.delivered = Counter("wildfire_publish_delivered_records", "records acknowledged by Kafka",
                                  ["source"], registry=registry)
@@ -111,8 +113,11 @@ class PublishMetrics:
                                ["reason"], registry=registry)
         self.dead_letters = Counter("wildfire_publish_dead_letters", "records moved to the dead-letter path",
                                     ["source"], registry=registry)
-        self.latency = Histogram("wildfire_publish_delivery_latency_seconds", "produce to acknowledgement",
-                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=registry)
+        # observe("", seconds, count): a page's deliveries share a few distinct latencies, and
+        # prometheus_client's Histogram.observe once per record cost ~1.2 µs, a tenth of the drain's CPU.
+        self.latency = BulkHistogram("wildfire_publish_delivery_latency_seconds", "produce to acknowledgement",
+                                     None, (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        registry.register(self.latency)
         self.in_flight = Gauge("wildfire_publish_in_flight_records", "produced, not yet acknowledged",
                                registry=registry)
         self.breaker_state = Gauge("wildfire_publish_breaker_state", "0 closed, 1 open, 2 half-open",
@@ -293,7 +298,7 @@ class ProducerWrapper:
             # One breaker success per poll is enough to close it and reset the failure count.
             self._succeeded = True
             if self.metrics:
-                self.metrics.latency.observe(latency)
+                self.metrics.latency.observe("", latency)
         elif outcome == RETRIABLE:
             self.breaker.record_failure()
         on_delivery(Delivery(row, outcome, None if err is None else err.str(), latency))
@@ -330,12 +335,12 @@ class ProducerWrapper:
 
     def _breaker_success(self) -> None:
         if self._ok_started:
-            # Latency of send_rows deliveries, observed once per poll (the callbacks ran inside it).
-            now = self.clock.monotonic()
-            observe = self.metrics.latency.observe if self.metrics else None
-            for started in self._ok_started:
-                if observe:
-                    observe(now - started)
+            # Latency of send_rows deliveries, observed once per poll (the callbacks ran inside it): one
+            # observation per distinct start time, counted, not one per record.
+            if self.metrics:
+                now = self.clock.monotonic()
+                for started, n in Counter(self._ok_started).items():
+                    self.metrics.latency.observe("", now - started, n)
             self._ok_started.clear()
         if self._succeeded:
             self._succeeded = False

@@ -48,13 +48,13 @@ WAIT_BUCKETS: tuple[float, ...] = (0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 
 
 
 class BulkHistogram(Collector):
-    """A labelled histogram that accepts ``observe(value, count)``: many records with one wait time.
+    """A histogram that accepts ``observe(label_value, value, count)``: many records with one value.
 
     prometheus_client's Histogram has no weighted observe; a queue segment of 500 records that waited
-    the same time would otherwise cost 500 calls.
+    the same time would otherwise cost 500 calls. ``label=None`` makes it unlabelled (pass ``""``).
     """
 
-    def __init__(self, name: str, documentation: str, label: str, buckets: Iterable[float]) -> None:
+    def __init__(self, name: str, documentation: str, label: str | None, buckets: Iterable[float]) -> None:
         self.name = name
         self.documentation = documentation
         self.label = label
@@ -90,7 +90,7 @@ class BulkHistogram(Collector):
             self._sums[label_value] += total
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
-        fam = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        fam = HistogramMetricFamily(self.name, self.documentation, labels=self._labels())
         with self._lock:
             for lv, counts in sorted(self._counts.items()):
                 cumulative, buckets = 0, []
@@ -99,11 +99,14 @@ class BulkHistogram(Collector):
                     buckets.append((_fmt(bound), cumulative))
                 cumulative += counts[-1]
                 buckets.append(("+Inf", cumulative))
-                fam.add_metric([lv], buckets, self._sums[lv])
+                fam.add_metric([lv] if self.label else [], buckets, self._sums[lv])
         yield fam
 
     def describe(self) -> Iterator[HistogramMetricFamily]:
-        yield HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self._labels())
+
+    def _labels(self) -> list[str]:
+        return [self.label] if self.label else []
 
 
 def _fmt(x: float) -> str:
