@@ -114,11 +114,6 @@ _DROPPED_IDS_KEEP_S = 3600.0  # longer than any delivery may take (librdkafka's 
 _SEQ_BITS = 40
 _SEQ_MASK = (1 << _SEQ_BITS) - 1
 _LAYOUT_VERSION = 2  # PRAGMA user_version of a store in this layout; 0 = AUTOINCREMENT ids + drain index
-
-
-def _level_id(source_priority: int, priority: int) -> int:
-    """The id below every row of a drain level: its rows have ids in (_level_id, _level_id + _SEQ_MASK]."""
-    return (int(source_priority) * 8 + int(priority)) << _SEQ_BITS
 _BUSY_TIMEOUT_MS = 60_000
 _WAL_CHECKPOINT_BYTES = 64 * 1024 * 1024
 # Writers (ingest) leave checkpoints to the drain side: a PASSIVE checkpoint runs inside the commit that
@@ -126,6 +121,11 @@ _WAL_CHECKPOINT_BYTES = 64 * 1024 * 1024
 # writer may be the one putting an evacuation alert. The acking connection checkpoints at 64 MB; writers
 # only at 4x that, a safety net for a spool written with no worker draining it.
 _WRITER_CHECKPOINT_BYTES = 4 * _WAL_CHECKPOINT_BYTES
+
+
+def _level_id(source_priority: int, priority: int) -> int:
+    """The id below every row of a drain level: its rows have ids in (_level_id, _level_id + _SEQ_MASK]."""
+    return (int(source_priority) * 8 + int(priority)) << _SEQ_BITS
 
 
 class SpoolError(Exception):
@@ -273,6 +273,7 @@ class BufferManager:
         # stats(): per (source, source priority, priority) the lowest id that may still be this source's
         # oldest row in that level (see stats).
         self._oldest_from: dict[tuple[str, int, int], int] = {}
+        self._next_dropped_prune = 0.0  # wall-clock time of the next dropped_ids prune (_remember_dropped)
         self.quarantined: list[Path] = []
         self._pending_quarantine_rows: list[tuple[str, str]] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -573,11 +574,15 @@ class BufferManager:
 
     def _remember_dropped(self, conn: sqlite3.Connection, deleted: Sequence[tuple], reason: str) -> None:
         now = self.clock.time()
-        conn.execute("DELETE FROM dropped_ids WHERE at < ?", (now - _DROPPED_IDS_KEEP_S,))
+        if now >= self._next_dropped_prune:
+            # A scan of the table (no index on ``at``): at most once a minute per process, not on every put
+            # that overflows during a flood.
+            conn.execute("DELETE FROM dropped_ids WHERE at < ?", (now - _DROPPED_IDS_KEEP_S,))
+            self._next_dropped_prune = now + 60.0
         conn.executemany("INSERT OR REPLACE INTO dropped_ids VALUES (?, ?, ?, ?, ?)",
                          ((rid, s, p, reason, now) for rid, s, p, _size in deleted))
 
-    def _undrop(self, conn: sqlite3.Connection, ids: list[int]) -> int:
+    def _undrop(self, conn: sqlite3.Connection, ids: list[int]) -> None:
         """Delivered rows that had been dropped meanwhile: take them back out of ``drops``."""
         back = conn.execute("DELETE FROM dropped_ids WHERE id IN (SELECT value FROM json_each(?))"
                             " RETURNING source, priority, reason", (orjson.dumps(ids),)).fetchall()
@@ -589,7 +594,6 @@ class BufferManager:
                              " AND reason = ?3", ((s, p, r, n) for (s, p, r), n in counts.items()))
             log.info("%d records counted as dropped were acknowledged by Kafka before the drop; drop counts"
                      " corrected (%s)", len(back), ", ".join(f"{s}/{r}: {n}" for (s, _p, r), n in counts.items()))
-        return len(back)
 
     @staticmethod
     def _count_drops(conn: sqlite3.Connection, counts: Mapping[tuple[str, int], int], reason: str) -> None:
