@@ -593,7 +593,16 @@ class SpoolPublisher:
         self.producer.poll(0)
 
     def _serve_reports(self) -> PublishStats:
-        """The start of every step: serve librdkafka's callbacks, apply delivery reports and finished deletes."""
+        """The start of every step: serve librdkafka's callbacks, apply delivery reports and finished deletes,
+        and every ``expire_every_s`` apply the spool's TTL (here, so that every driver of the steps does it:
+        the stream worker calls the steps itself, and ``run`` only once did)."""
+        now = self.clock.monotonic()
+        if now >= self._next_expire:
+            self._next_expire = now + self.expire_every_s
+            try:
+                self.spool.expire()
+            except Exception as exc:  # noqa: BLE001 - TTL is upkeep: a busy or failing store must not stop the drain
+                log.error("spool TTL expiry failed, trying again in %.0f s: %s", self.expire_every_s, exc)
         stats = PublishStats()
         self.producer.poll(0)
         self._settle(stats)
@@ -719,9 +728,6 @@ class SpoolPublisher:
             now = self.clock.monotonic()
             if deadline is not None and now >= deadline:
                 break
-            if now >= self._next_expire:
-                self.spool.expire()
-                self._next_expire = now + self.expire_every_s
             stats = self.run_once()
             if stats.produced or stats.delivered:
                 continue

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import create_topic, delete_topic
 from tests.integration.test_spool_crash import consume_keys
+from wildfire.clock import ManualClock
 from wildfire.config import CircuitBreakerConfig, KafkaConfig, SourceConfig, SpoolConfig
 from wildfire.priority import Priority
 from wildfire.publish import PERMANENT, RETRIABLE, UNKNOWN_TOPIC, ProducerWrapper, SpoolPublisher, classify
@@ -187,6 +188,25 @@ def test_steps_with_nothing_new_skip_the_spool_read_and_new_rows_still_go(tmp_pa
     publisher.run(threading.Event(), deadline=time.monotonic() + 60, until_empty=True)
     assert spool.depth() == 0
     assert sorted(m.key() for m in read_all(kafka_bootstrap, kafka_topic, 3)) == [b"a-1", b"i-1", b"i-2"]
+
+
+def test_steps_alone_apply_the_spool_ttl(tmp_path, kafka_bootstrap, kafka_topic, dlq_topic):
+    # The stream worker drives run_once / run_critical_once itself, never run(): TTL must happen in the steps.
+    clock = ManualClock()
+    sources = {"iot": SourceConfig(source_type="iot_mqtt", topic=kafka_topic, priority=6)}
+    spool = BufferManager(SpoolConfig(archive_expired_path=None, ttl_seconds=60), sources,
+                          path=tmp_path / "spool.db", clock=clock)
+    producer = ProducerWrapper(KafkaConfig(bootstrap_servers=kafka_bootstrap, dlq_topic=dlq_topic),
+                               breaker=CircuitBreaker(CircuitBreakerConfig()))
+    publisher = SpoolPublisher(spool, producer, expire_every_s=60.0)
+    spool.put_batch(EncodedBatch("iot", ["stale"], [Priority.NORMAL], [b"{}"]))
+    clock.advance(61)
+    spool.put_batch(EncodedBatch("iot", ["fresh"], [Priority.NORMAL], [b"{}"]))
+    stats = publisher.run_critical_once()  # a throttled worker's step expires too
+    assert stats.produced == 0 and spool.stats().drops["iot"] == {"expired": 1}
+    assert publisher.run_once().produced == 1  # only the fresh row is left to send
+    publisher.run(threading.Event(), deadline=time.monotonic() + 60, until_empty=True)
+    assert [m.key() for m in read_all(kafka_bootstrap, kafka_topic, 1)] == [b"fresh"]
 
 
 def test_retry_backoff_is_1_2_4_seconds_then_stays(tmp_path):
