@@ -477,9 +477,9 @@ class SpoolPublisher:
         self._recheck_acking = False  # a rewind reset the cursor while deletes were queued
         self._next_expire = clock.monotonic()
         self._read_all = False  # the last peek found nothing past the cursor
-        # The spool's highest id before the last peek that read everything past the cursor (fewer rows
-        # than asked for), or None. Ids only grow, so while the spool's highest id stays at or below it
-        # there is nothing new to read: see run_once.
+        # The spool's last sequence number (``max_id()``) before the last peek that read everything past the
+        # cursor (fewer rows than asked for), or None. Sequence numbers only grow, so while it stays there
+        # nothing new was written: see run_once.
         self._top_read: int | None = None
         self.totals = PublishStats()
 
@@ -515,8 +515,8 @@ class SpoolPublisher:
             return self._done(stats)
         limit = 1 if probing else min(max_records or self.peek_size, room)
         # Woken by a delivery report or by the acker's own deletes, the worker would re-read every drain
-        # level (~40 rowid range seeks, ~0.4 ms) to find nothing new: at 1x that was most of its CPU. One seek
-        # for the highest id tells whether anything was written since the last complete read.
+        # level (~40 rowid range seeks, ~0.4 ms) to find nothing new: at 1x that was most of its CPU. One read
+        # of the spool's sequence number tells whether anything was written since the last complete read.
         top = self.spool.max_id()
         if self._top_read is not None and top <= self._top_read:
             self._read_all = True
@@ -545,7 +545,7 @@ class SpoolPublisher:
             rows = chosen
         if probing:
             rows = rows[:1]
-        # A page is produced in slices; between slices, CRITICAL rows committed meanwhile go out at once (an
+        # A page is produced in slices; between slices, CRITICAL rows committed meanwhile go out at once (a
         # rowid range seek per CRITICAL level, ~tens of µs) instead of waiting for the rest of the page (a 2,000-row
         # page takes 20-40 ms on a busy 2-core host).
         full = False
