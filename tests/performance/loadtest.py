@@ -331,13 +331,20 @@ class Sample:
 
 
 class LatencyReader:
-    """Reads every topic of the run and times each record: broker append time minus accept time."""
+    """Reads every topic of the run and times each record: broker append time minus accept time.
+
+    The partitions are assigned, not subscribed: a new consumer group waits out the broker's initial
+    rebalance delay (3 s by default) and, after a broker restart, rejoins again, so a short run could end
+    before the reader had read anything. ``stop()`` reads on to the high watermarks it finds then, so the
+    count does not depend on how far behind the reader was.
+    """
 
     def __init__(self, bootstrap: str, topics: list[str], t0: float) -> None:
         self.bootstrap, self.topics, self.t0 = bootstrap, topics, t0
         self.by_prio: dict[str, array] = {p: array("d") for p in PRIOS}
         self.at: dict[str, array] = {p: array("d") for p in PRIOS}
         self.messages = 0
+        self.caught_up: bool | None = None  # set by stop(): did the reader reach the high watermarks in time
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="latency-reader", daemon=True)
 
@@ -345,18 +352,35 @@ class LatencyReader:
         self._thread.start()
         return self
 
-    def _run(self) -> None:
-        from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, Consumer
+    def _run(self, catch_up_s: float = 30.0) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_LOG_APPEND_TIME, Consumer, TopicPartition
 
         c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"lt-reader-{uuid.uuid4().hex[:8]}",
-                      "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                      "fetch.wait.max.ms": 20})
-        c.subscribe(self.topics)
+                      "enable.auto.commit": False, "fetch.wait.max.ms": 20})
         try:
-            while not self._stop.is_set():
+            meta = c.list_topics(timeout=30)
+            parts = [TopicPartition(t, p, OFFSET_BEGINNING)
+                     for t in self.topics for p in sorted(meta.topics[t].partitions)]
+            c.assign(parts)
+            next_offset: dict[tuple[str, int], int] = {}
+            targets: dict[tuple[str, int], int] | None = None
+            deadline = 0.0
+            while True:
+                if self._stop.is_set() and targets is None:
+                    targets = {}
+                    for tp in parts:
+                        _low, high = c.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
+                        targets[(tp.topic, tp.partition)] = high
+                    deadline = time.monotonic() + catch_up_s
+                if targets is not None:
+                    done = all(next_offset.get(k, 0) >= high for k, high in targets.items())
+                    if done or time.monotonic() > deadline:
+                        self.caught_up = done
+                        return
                 for m in c.consume(2000, 0.2):
                     if m.error() is not None:
                         continue
+                    next_offset[(m.topic(), m.partition())] = m.offset() + 1
                     key = m.key()
                     ts_type, ts_ms = m.timestamp()
                     if key is None or not key.startswith(b"lt|") or ts_type != TIMESTAMP_LOG_APPEND_TIME:
@@ -371,8 +395,9 @@ class LatencyReader:
             c.close()
 
     def stop(self) -> None:
+        """Read on to the current end of every partition (30 s at most), then stop."""
         self._stop.set()
-        self._thread.join(30)
+        self._thread.join(60)
 
 
 # ---------------------------------------------------------------- one run
@@ -838,6 +863,7 @@ class LoadRun:
             "accepted_per_s": round(total_acc / load_s, 1),
             "stored_per_s": round(n_stored / max(1e-9, hi_st - lo_in), 1) if n_stored else 0.0,
             "ack_latency_s": {p: _pct(reader.by_prio[p]) for p in PRIOS},
+            "latency_reader_caught_up": reader.caught_up,
             "critical_accept_s": _pct(self.critical_accept_s),
             "stored_latency_s": self._stored_latency(),
             "spool_depth": {"max": max(depth, default=0), "avg": round(sum(depth) / max(1, len(depth)), 1)},
