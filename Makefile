@@ -11,7 +11,7 @@ export PYTHONPATH := $(CURDIR)/plugins
 export WILDFIRE_TEST_DATABASE_URL ?= postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire
 
 .PHONY: help venv services services-down services-status topics db-upgrade run stop demo test test-unit lint loadtest \
-        constraints clean bench
+        constraints clean bench screenshot
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -71,6 +71,10 @@ bench: services  ## every micro-benchmark (figures recorded in docs/benchmarks.m
 	$(PY) tests/performance/bench_publish.py --records 100000
 	$(PY) tests/performance/bench_spool_layout.py
 	$(PY) tests/performance/bench_storage.py
+
+screenshot: services  ## refresh docs/img/ops-page.png (the operations page, captured by its browser test)
+	bash scripts/ensure_chromium.sh
+	WILDFIRE_SCREENSHOT=$(CURDIR)/docs/img/ops-page.png $(PY) -m pytest tests/plugin/test_ops_page_browser.py -k live_numbers
 
 constraints: $(STAMP)  ## regenerate constraints.txt from the installed venv
 	{ echo "# Resolved constraints for Python 3.11 (pip freeze of a clean install of requirements*.txt)."; \

@@ -2,7 +2,9 @@
 
 Signs in through the Airflow UI, opens the page from the Airflow navigation (Browse -> Wildfire
 operations, shown in an iframe inside the UI), writes worker_status rows the way a stream worker
-does, and checks the numbers on the page follow. Saves ``docs/img/ops-page.png``.
+does, and checks the numbers on the page follow. Saves a screenshot in the test's temporary folder, or
+where ``WILDFIRE_SCREENSHOT`` says (``make screenshot`` refreshes ``docs/img/ops-page.png``), so a test
+run leaves the working tree as it found it.
 
 Needs ``/usr/bin/chromium`` (``bash scripts/ensure_chromium.sh``); a missing browser fails the test.
 ``playwright install`` is never used: it would download a browser build of its own.
@@ -22,9 +24,8 @@ from wildfire import ops_state
 
 pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("WILDFIRE_CHROMIUM", "/usr/bin/chromium")
-SCREENSHOT = ROOT / "docs" / "img" / "ops-page.png"
+SCREENSHOT_ENV = "WILDFIRE_SCREENSHOT"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 # Long enough for a 2 s poll on a busy 2-core machine; a wait for a condition, not a speed claim.
@@ -70,7 +71,7 @@ def metric(frame: Any, name: str) -> Any:
 
 
 def test_ops_page_inside_airflow_ui_shows_live_numbers(browser: Any, airflow_server: Any,
-                                                       clean_ops_tables: sa.Engine) -> None:
+                                                       clean_ops_tables: sa.Engine, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
     engine = clean_ops_tables
@@ -120,8 +121,10 @@ def test_ops_page_inside_airflow_ui_shows_live_numbers(browser: Any, airflow_ser
     # The health pill is filled from /health once the first poll returns (worker fresh, Kafka and DB up).
     expect(metric(frame, "health")).to_have_text("OK")
 
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    shot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "ops-page.png")
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 0
     page.close()
 
 
