@@ -25,6 +25,7 @@ Guarantees:
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -47,6 +48,16 @@ from wildfire.connectors.base import (
 )
 from wildfire.priority import Priority
 from wildfire.records import SCHEMA_VERSION, EncodedBatch, format_time
+
+try:
+    # The compiled fast path (native/firms_fast, built by `make venv`). Images that do not build it
+    # run the polars parser alone, with the same output.
+    import wildfire_firms_fast as _native
+except ImportError:
+    _native = None
+
+log = logging.getLogger(__name__)
+_native_missing_noted = False
 
 KIND = "fire_detection"
 CALIFORNIA_BBOX = (-124.48, 32.53, -114.13, 42.01)
@@ -304,6 +315,77 @@ def parse_firms_csv(
     seen_keys: Collection[str] | None = None,
 ) -> ParsedFirms:
     """FIRMS area-API CSV bytes -> deduplicated wire-JSON batch, dead letters and counts. Pure.
+
+    A response in the plain shape (every row valid, known columns, no quoting, plain numbers) goes
+    through the compiled fast path (:func:`_parse_native`, byte-identical output); anything else,
+    and every response when the extension is not installed, through the polars parser
+    (:func:`_parse_polars`), which is the reference and the only producer of dead letters.
+    """
+    kwargs = {"priority": priority, "ingest_time": ingest_time, "seen_keys": seen_keys}
+    parsed = _parse_native(data, source_name, satellite_source, **kwargs)
+    return parsed if parsed is not None else _parse_polars(data, source_name, satellite_source, **kwargs)
+
+
+def _parse_native(
+    data: bytes,
+    source_name: str,
+    satellite_source: str,
+    *,
+    priority: Priority = Priority.HIGH,
+    ingest_time: datetime | None = None,
+    seen_keys: Collection[str] | None = None,
+) -> ParsedFirms | None:
+    """The compiled fast path (``wildfire_firms_fast``); None where the polars parser must run.
+
+    None for: the extension missing, an empty or header-only body, a satellite source the polars
+    path refuses, and whatever the extension declines (see docs/connectors.md, "Compiled fast path").
+    """
+    if _native is None:
+        _note_native_missing()
+        return None
+    if not isinstance(data, bytes):
+        return None
+    start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    family = family_of(satellite_source)
+    if _token(family) != family:
+        return None  # the polars path raises the ValueError naming it
+    ingest = format_time(ingest_time or datetime.now(UTC))
+    if seen_keys is not None and not isinstance(seen_keys, (set, frozenset, type({}.keys()))):
+        seen_keys = set(seen_keys)  # one membership test per row: must be a hash lookup
+    result = _native.parse(
+        data, start, family, satellite_source.upper().startswith("LANDSAT"),
+        f'{{"source":{_json_str(source_name)},"kind":"{KIND}","key":"',
+        _json_str(satellite_source),
+        f':00Z","ingest_time":"{ingest}","priority":"{priority.name}","schema_version":{SCHEMA_VERSION}}}',
+        SATELLITES, CONFIDENCE_CLASS, CLASS_SCORE, NADIR_FOOTPRINT_KM2["VIIRS"], NADIR_FOOTPRINT_KM2["MODIS"],
+        seen_keys or None,
+    )
+    if result is None:
+        return None
+    keys, values, dates, duplicates = result
+    summary = RunSummary(source_name)
+    summary.accepted = len(keys)
+    summary.deduplicated = duplicates
+    return ParsedFirms(EncodedBatch(source_name, keys, [priority] * len(keys), values), [], summary, dates)
+
+
+def _note_native_missing() -> None:
+    global _native_missing_noted
+    if not _native_missing_noted:
+        _native_missing_noted = True
+        log.info("FIRMS fast path unavailable (module wildfire_firms_fast not installed): polars parser only")
+
+
+def _parse_polars(
+    data: bytes,
+    source_name: str,
+    satellite_source: str,
+    *,
+    priority: Priority = Priority.HIGH,
+    ingest_time: datetime | None = None,
+    seen_keys: Collection[str] | None = None,
+) -> ParsedFirms:
+    """The polars parser: every input, dead letters included; the fast path's reference.
 
     Everything stays columnar. Rows are grouped by their combination of low-cardinality columns, in
     two independent groups (day/minute/satellite/..., and confidence/pixel size): normalization,
