@@ -16,11 +16,18 @@ export WILDFIRE_TEST_DATABASE_URL ?= postgresql://wildfire:wildfire@127.0.0.1:54
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+# The compiled FIRMS fast path: any change to its sources rebuilds and reinstalls it (release build by
+# the maturin pinned in requirements-dev.txt, hence no isolated build environment to download).
+NATIVE := native/firms_fast
+NATIVE_SRC := $(NATIVE)/Cargo.toml $(NATIVE)/Cargo.lock $(NATIVE)/pyproject.toml $(wildcard $(NATIVE)/src/*.rs)
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt $(NATIVE_SRC)
 	@command -v $(PYTHON_SYS) >/dev/null || { echo "need $(PYTHON_SYS) (Python 3.11)"; exit 1; }
+	@command -v cargo >/dev/null || { echo "need cargo (Rust) to build $(NATIVE): install rustup (https://rustup.rs, then 'rustup default stable') and put ~/.cargo/bin on PATH"; exit 1; }
 	@[ -x $(PY) ] || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation --force-reinstall --no-deps ./$(NATIVE)
 	@touch $@
 
 venv: $(STAMP)  ## create .venv and install pinned dependencies
@@ -78,7 +85,7 @@ screenshot: services  ## refresh docs/img/ops-page.png (the operations page, cap
 
 constraints: $(STAMP)  ## regenerate constraints.txt from the installed venv
 	{ echo "# Resolved constraints for Python 3.11 (pip freeze of a clean install of requirements*.txt)."; \
-	  echo "# Regenerate with: make constraints"; $(PY) -m pip freeze; } > constraints.txt
+	  echo "# Regenerate with: make constraints"; $(PY) -m pip freeze --exclude wildfire-firms-fast; } > constraints.txt
 
 clean: stop services-down  ## stop everything and remove .local (all local data)
 	rm -rf .local
