@@ -17,7 +17,8 @@ help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 # The compiled FIRMS fast path: any change to its sources rebuilds and reinstalls it (release build by
-# the maturin pinned in requirements-dev.txt, hence no isolated build environment to download).
+# the maturin pinned in requirements-dev.txt, hence no isolated build environment to download; its
+# PEP 517 hook runs `maturin` from PATH, so the venv's bin/ goes first).
 NATIVE := native/firms_fast
 NATIVE_SRC := $(NATIVE)/Cargo.toml $(NATIVE)/Cargo.lock $(NATIVE)/pyproject.toml $(wildcard $(NATIVE)/src/*.rs)
 
@@ -27,7 +28,7 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt $(NATIVE_SRC)
 	@[ -x $(PY) ] || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -r requirements.txt -r requirements-dev.txt
-	$(PY) -m pip install -q --no-build-isolation --force-reinstall --no-deps ./$(NATIVE)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pip install -q --no-build-isolation --force-reinstall --no-deps ./$(NATIVE)
 	@touch $@
 
 venv: $(STAMP)  ## create .venv and install pinned dependencies
