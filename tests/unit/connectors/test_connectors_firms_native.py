@@ -121,6 +121,9 @@ def test_format_variants() -> None:
         "unknown_column": write([{**r, "type": "0", "country_id": "USA"} for r in rs], [*cols, "type", "country_id"]),
         "empty_optional": write([{**r, "frp": "", "daynight": "", "scan": "", "version": ""} if i % 3 == 0 else r
                                  for i, r in enumerate(rs)], cols),
+        # scan/track in metres past 1e16 and below 1e-5 are written in exponent notation ("1e+16", "1e-6").
+        "extreme_scan": write([{**r, "scan": ["99999999999999", "0.000000001", "0.00000001", "12345678901234.5",
+                                              "0", "-0.5"][i % 6]} for i, r in enumerate(rs)], cols),
         "satellite_codes": write([{**r, "satellite": code} for r, code in
                                   zip(rs, [k for k in SATELLITES if k.isupper() or k.isdigit()] * 400, strict=False)],
                                  cols),
