@@ -233,7 +233,9 @@ fn push_token_json(out: &mut Vec<u8>, v: Option<&[u8]>) -> Option<()> {
 }
 
 fn is_column_name(v: &[u8]) -> bool {
-    !v.is_empty() && v.iter().all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    !v.is_empty()
+        && v.iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// Column positions from the header line, or None for any header the fast path does not take
@@ -248,8 +250,22 @@ fn layout(header: &[u8], landsat: bool) -> Option<Layout> {
     // The polars path takes the first of each pair that is present, in this order.
     let brightness = find("bright_ti4").or_else(|| find("brightness"))?;
     let known = [
-        "latitude", "longitude", "acq_date", "acq_time", "satellite", "confidence", "instrument", "daynight",
-        "version", "scan", "track", "bright_ti4", "brightness", "bright_ti5", "bright_t31", "frp",
+        "latitude",
+        "longitude",
+        "acq_date",
+        "acq_time",
+        "satellite",
+        "confidence",
+        "instrument",
+        "daynight",
+        "version",
+        "scan",
+        "track",
+        "bright_ti4",
+        "brightness",
+        "bright_ti5",
+        "bright_t31",
+        "frp",
     ];
     let instrument_default = if landsat {
         "OLI"
@@ -274,7 +290,9 @@ fn layout(header: &[u8], landsat: bool) -> Option<Layout> {
         brightness: Some(brightness),
         brightness_2: find("bright_ti5").or_else(|| find("bright_t31")),
         frp: find("frp"),
-        unused: (0..names.len()).filter(|&i| !known.contains(&std::str::from_utf8(names[i]).unwrap_or(""))).collect(),
+        unused: (0..names.len())
+            .filter(|&i| !known.contains(&std::str::from_utf8(names[i]).unwrap_or("")))
+            .collect(),
         instrument_default,
     })
 }
@@ -354,7 +372,13 @@ fn derive_when(
     wire.extend_from_slice(&time[2..]);
     wire.extend_from_slice(ctx.tail);
     let date_text = std::str::from_utf8(date).ok()?;
-    Some(When { prefix_id, prefix, is_modis: instrument == b"MODIS", wire, acq_date: PyString::new(py, date_text).unbind() })
+    Some(When {
+        prefix_id,
+        prefix,
+        is_modis: instrument == b"MODIS",
+        wire,
+        acq_date: PyString::new(py, date_text).unbind(),
+    })
 }
 
 fn derive_how(ctx: &Context<'_>, lay: &Layout, fields: &[&[u8]], is_modis: bool) -> Option<How> {
@@ -415,7 +439,12 @@ struct Interner<T> {
 
 impl<T> Interner<T> {
     fn new() -> Self {
-        Self { index: HashMap::with_hasher(RandomState::with_seeds(1, 2, 3, 4)), items: Vec::new(), last_key: Vec::new(), last: usize::MAX }
+        Self {
+            index: HashMap::with_hasher(RandomState::with_seeds(1, 2, 3, 4)),
+            items: Vec::new(),
+            last_key: Vec::new(),
+            last: usize::MAX,
+        }
     }
 
     fn get_or(&mut self, key: &[u8], derive: impl FnOnce() -> Option<T>) -> Option<usize> {
@@ -504,7 +533,9 @@ fn lines(body: &[u8]) -> Option<Vec<&[u8]>> {
 type Parsed<'py> = (Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>, usize);
 
 fn string_map(d: &Bound<'_, PyDict>) -> PyResult<HashMap<Vec<u8>, Vec<u8>>> {
-    d.iter().map(|(k, v)| Ok((k.extract::<String>()?.into_bytes(), v.extract::<String>()?.into_bytes()))).collect()
+    d.iter()
+        .map(|(k, v)| Ok((k.extract::<String>()?.into_bytes(), v.extract::<String>()?.into_bytes())))
+        .collect()
 }
 
 /// Parses one FIRMS CSV response; see the module docs for the contract. `start` skips a BOM without
@@ -536,10 +567,16 @@ fn parse<'py>(
     if !data.is_ascii() || memchr::memchr(b'"', data).is_some() {
         return Ok(None);
     }
-    let Some(header_end) = memchr::memchr(b'\n', data) else { return Ok(None) };
+    let Some(header_end) = memchr::memchr(b'\n', data) else {
+        return Ok(None);
+    };
     let header = data[..header_end].strip_suffix(b"\r").unwrap_or(&data[..header_end]);
-    let Some(lay) = layout(header, landsat) else { return Ok(None) };
-    let Some(rows) = lines(&data[header_end + 1..]) else { return Ok(None) };
+    let Some(lay) = layout(header, landsat) else {
+        return Ok(None);
+    };
+    let Some(rows) = lines(&data[header_end + 1..]) else {
+        return Ok(None);
+    };
     if rows.is_empty() {
         return Ok(None);
     }
@@ -559,7 +596,7 @@ fn parse<'py>(
         nadir_modis,
     };
     let seen = seen.filter(|s| !s.is_none());
-    Ok(parse_rows(py, &ctx, &lay, &rows, seen)?)
+    parse_rows(py, &ctx, &lay, &rows, seen)
 }
 
 /// What the first pass keeps of an accepted row for the second.
@@ -578,7 +615,14 @@ fn parse_rows<'py>(
     lines: &[&[u8]],
     seen: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Option<Parsed<'py>>> {
-    let when_cols = [Some(lay.acq_date), Some(lay.acq_time), Some(lay.satellite), lay.instrument, lay.daynight, lay.version];
+    let when_cols = [
+        Some(lay.acq_date),
+        Some(lay.acq_time),
+        Some(lay.satellite),
+        lay.instrument,
+        lay.daynight,
+        lay.version,
+    ];
     let how_cols = [Some(lay.confidence), lay.scan, lay.track];
     let mut whens: Interner<When> = Interner::new();
     let mut hows: Interner<How> = Interner::new();
@@ -592,7 +636,11 @@ fn parse_rows<'py>(
         if !split_line(line, &mut fields, lay.fields) {
             return Ok(None);
         }
-        if lay.unused.iter().any(|&c| fields[c].iter().any(|&b| b < b' ' || b == 0x7f)) {
+        if lay
+            .unused
+            .iter()
+            .any(|&c| fields[c].iter().any(|&b| b < b' ' || b == 0x7f))
+        {
             return Ok(None);
         }
         join_fields(&mut scratch, &fields, &when_cols);
@@ -616,7 +664,12 @@ fn parse_rows<'py>(
                 return Ok(None);
             }
         }
-        rows.push(Row { when: w as u32, how: h as u32, lat, lon });
+        rows.push(Row {
+            when: w as u32,
+            how: h as u32,
+            lat,
+            lon,
+        });
     }
 
     let repeated = repeated_rows(&rows, &whens.items);
@@ -667,7 +720,12 @@ fn parse_rows<'py>(
         values.push(PyBytes::new(py, &wire).into_any());
         dates.push(when.acq_date.bind(py).clone().into_any());
     }
-    Ok(Some((PyList::new(py, keys)?, PyList::new(py, values)?, PyList::new(py, dates)?, duplicates)))
+    Ok(Some((
+        PyList::new(py, keys)?,
+        PyList::new(py, values)?,
+        PyList::new(py, dates)?,
+        duplicates,
+    )))
 }
 
 /// Rows (ascending) whose key already occurred on an earlier row; exact, first occurrence kept.
@@ -683,8 +741,11 @@ fn repeated_rows(rows: &[Row], whens: &[When]) -> Vec<usize> {
     let hashes: Vec<u64> = rows.iter().map(|r| state.hash_one(identity(r))).collect();
     let mut sorted = hashes.clone();
     sorted.sort_unstable();
-    let twice: HashSet<u64, RandomState> =
-        sorted.windows(2).filter(|p| p[0] == p[1]).map(|p| p[0]).collect::<HashSet<_, _>>();
+    let twice: HashSet<u64, RandomState> = sorted
+        .windows(2)
+        .filter(|p| p[0] == p[1])
+        .map(|p| p[0])
+        .collect::<HashSet<_, _>>();
     if twice.is_empty() {
         return Vec::new();
     }
