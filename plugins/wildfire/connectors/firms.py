@@ -3,9 +3,11 @@
 Guarantees:
 
 - Parsing is vectorized (polars): CSV bytes become an :class:`EncodedBatch` of wire JSON without a
-  Python object per row. Both column sets (VIIRS ``bright_ti4/bright_ti5``, MODIS
-  ``brightness/bright_t31``), any column order, with or without ``instrument``/``country_id``,
-  CRLF line ends and a UTF-8 BOM are accepted.
+  Python object per row. A response in the plain, well-formed shape is parsed by the compiled fast
+  path instead (``wildfire_firms_fast``, ``native/firms_fast``) with byte-identical output; anything
+  else, and everything when the extension is not installed, by polars. Both column sets (VIIRS
+  ``bright_ti4/bright_ti5``, MODIS ``brightness/bright_t31``), any column order, with or without
+  ``instrument``/``country_id``, CRLF line ends and a UTF-8 BOM are accepted.
 - The natural key is ``family|satellite|instrument|acq_date|HHMM|lat|lon`` (lat/lon rounded to 4
   decimals, HHMM zero-padded, family = the source without its processing suffix, so an NRT row
   and its standard-processing re-issue share a key). ``version`` is never part of the key.
@@ -58,6 +60,7 @@ except ImportError:
 
 log = logging.getLogger(__name__)
 _native_missing_noted = False
+_KEYS_VIEW: type = type({}.keys())  # dict.keys(): the cursor's form of seen_keys, already a hash lookup
 
 KIND = "fire_detection"
 CALIFORNIA_BBOX = (-124.48, 32.53, -114.13, 42.01)
@@ -321,9 +324,16 @@ def parse_firms_csv(
     and every response when the extension is not installed, through the polars parser
     (:func:`_parse_polars`), which is the reference and the only producer of dead letters.
     """
-    kwargs = {"priority": priority, "ingest_time": ingest_time, "seen_keys": seen_keys}
-    parsed = _parse_native(data, source_name, satellite_source, **kwargs)
-    return parsed if parsed is not None else _parse_polars(data, source_name, satellite_source, **kwargs)
+    # One ingest time for both paths, so a declined response gets the time the fast path would have used.
+    ingest_time = ingest_time or datetime.now(UTC)
+    parsed = _parse_native(
+        data, source_name, satellite_source, priority=priority, ingest_time=ingest_time, seen_keys=seen_keys
+    )
+    if parsed is not None:
+        return parsed
+    return _parse_polars(
+        data, source_name, satellite_source, priority=priority, ingest_time=ingest_time, seen_keys=seen_keys
+    )
 
 
 def _parse_native(
@@ -350,7 +360,7 @@ def _parse_native(
     if _token(family) != family:
         return None  # the polars path raises the ValueError naming it
     ingest = format_time(ingest_time or datetime.now(UTC))
-    if seen_keys is not None and not isinstance(seen_keys, (set, frozenset, type({}.keys()))):
+    if seen_keys is not None and not isinstance(seen_keys, (set, frozenset, _KEYS_VIEW)):
         seen_keys = set(seen_keys)  # one membership test per row: must be a hash lookup
     result = _native.parse(
         data, start, family, satellite_source.upper().startswith("LANDSAT"),
