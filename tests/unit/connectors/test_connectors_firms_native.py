@@ -179,6 +179,24 @@ def test_a_large_varied_file() -> None:
     handled(write(rs, VIIRS_COLS))
 
 
+def test_line_end_and_column_edge_cases() -> None:
+    crlf = VIIRS.replace(b"\n", b"\r\n")
+    last = VIIRS.rstrip(b"\n").rsplit(b"\n", 1)
+    for data in (
+        crlf.rstrip(b"\n"),  # CRLF file whose last line ends in a bare CR
+        crlf.rstrip(b"\r\n"),  # CRLF file without a final line end
+        last[0] + b"\n" + last[1] + b"\r\n",  # one CRLF line in an LF file
+        write([{**r, "frp": r["frp"] + "0"} for r in rows(VIIRS)], VIIRS_COLS).rstrip(b"\n"),  # "3.730" copied
+    ):
+        handled(data)
+    # Both brightness columns: the polars path takes bright_ti4 (and VIIRS as instrument).
+    handled(write([{**r, "brightness": "999.5", "bright_t31": "1"} for r in rows(VIIRS)],
+                  [*VIIRS_COLS, "brightness", "bright_t31"]))
+    # A blank line at the end is a dead letter in the polars path; a tab in an unused column is left to it.
+    declined(VIIRS + b"\n")
+    declined(write([{**r, "type": "a\tb"} for r in rows(VIIRS)[:20]], [*VIIRS_COLS, "type"]))
+
+
 BAD_VALUES = {
     "latitude": ["95.1", "abc", "", "+24.25", ".5", "1e1", " 24.2"],
     "longitude": ["-180.5", "x", "1E2"],
