@@ -7,8 +7,9 @@
 //! check below errs on the side of "not handled here": a value the polars path would accept but that
 //! needs re-formatting, trimming or case folding is declined, never approximated.
 //!
-//! Single-threaded on purpose (the goal is per core); the GIL is held throughout because every
-//! accepted row becomes Python objects anyway.
+//! Two passes: validation and derivation (pure Rust, the GIL released), then the Python objects of
+//! the accepted rows (keys, wire JSON `bytes`, acq_dates; the GIL held). Single-threaded on purpose:
+//! the goal is per core.
 
 use std::collections::{HashMap, HashSet};
 
@@ -65,7 +66,8 @@ struct When {
     is_modis: bool,
     /// JSON from `,"satellite_source":` to the end of the record.
     wire: Vec<u8>,
-    acq_date: Py<PyString>,
+    /// The cursor's acq_date; one Python `str` per combination is made from it in pass 2.
+    acq_date: String,
 }
 
 /// Derived once per distinct (confidence, scan, track, instrument is MODIS).
@@ -323,7 +325,6 @@ fn scaled(fields: &[&[u8]], col: Option<usize>, factor: f64) -> Option<Option<f6
 }
 
 fn derive_when(
-    py: Python<'_>,
     ctx: &Context<'_>,
     lay: &Layout,
     fields: &[&[u8]],
@@ -371,13 +372,12 @@ fn derive_when(
     wire.push(b':');
     wire.extend_from_slice(&time[2..]);
     wire.extend_from_slice(ctx.tail);
-    let date_text = std::str::from_utf8(date).ok()?;
     Some(When {
         prefix_id,
         prefix,
         is_modis: instrument == b"MODIS",
         wire,
-        acq_date: PyString::new(py, date_text).unbind(),
+        acq_date: std::str::from_utf8(date).ok()?.to_owned(),
     })
 }
 
@@ -608,13 +608,17 @@ struct Row {
     lon: f64,
 }
 
-fn parse_rows<'py>(
-    py: Python<'py>,
-    ctx: &Context<'_>,
-    lay: &Layout,
-    lines: &[&[u8]],
-    seen: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Option<Parsed<'py>>> {
+/// Pass 1 of [`parse_rows`]: every row validated (None at the first doubt), the per-combination
+/// parts derived once each, the rows to drop as repeats found. Pure Rust: runs without the GIL.
+struct Validated {
+    whens: Vec<When>,
+    hows: Vec<How>,
+    rows: Vec<Row>,
+    /// Rows (ascending) whose key occurred on an earlier row.
+    repeated: Vec<usize>,
+}
+
+fn validate(ctx: &Context<'_>, lay: &Layout, lines: &[&[u8]]) -> Option<Validated> {
     let when_cols = [
         Some(lay.acq_date),
         Some(lay.acq_time),
@@ -630,39 +634,30 @@ fn parse_rows<'py>(
     let mut rows: Vec<Row> = Vec::with_capacity(lines.len());
     let mut fields: Vec<&[u8]> = Vec::with_capacity(lay.fields);
     let mut scratch = Vec::with_capacity(128);
-
-    // Pass 1: validate every row (any doubt -> None), derive the per-combination parts once each.
     for &line in lines {
         if !split_line(line, &mut fields, lay.fields) {
-            return Ok(None);
+            return None;
         }
         if lay
             .unused
             .iter()
             .any(|&c| fields[c].iter().any(|&b| b < b' ' || b == 0x7f))
         {
-            return Ok(None);
+            return None;
         }
         join_fields(&mut scratch, &fields, &when_cols);
-        let Some(w) = whens.get_or(&scratch, || derive_when(py, ctx, lay, &fields, &mut prefixes)) else {
-            return Ok(None);
-        };
+        let w = whens.get_or(&scratch, || derive_when(ctx, lay, &fields, &mut prefixes))?;
         let is_modis = whens.items[w].is_modis;
         join_fields(&mut scratch, &fields, &how_cols);
         scratch.push(u8::from(is_modis));
-        let Some(h) = hows.get_or(&scratch, || derive_how(ctx, lay, &fields, is_modis)) else {
-            return Ok(None);
-        };
-        let (Some(lat), Some(lon)) = (plain_value(fields[lay.latitude]), plain_value(fields[lay.longitude])) else {
-            return Ok(None);
-        };
+        let h = hows.get_or(&scratch, || derive_how(ctx, lay, &fields, is_modis))?;
+        let lat = plain_value(fields[lay.latitude])?;
+        let lon = plain_value(fields[lay.longitude])?;
         if lat.abs() > 90.0 || lon.abs() > 180.0 {
-            return Ok(None);
+            return None;
         }
         for col in [lay.brightness, lay.brightness_2, lay.frp] {
-            if number_text(&fields, col).is_none() {
-                return Ok(None);
-            }
+            number_text(&fields, col)?;
         }
         rows.push(Row {
             when: w as u32,
@@ -671,8 +666,34 @@ fn parse_rows<'py>(
             lon,
         });
     }
-
     let repeated = repeated_rows(&rows, &whens.items);
+    Some(Validated {
+        whens: whens.items,
+        hows: hows.items,
+        rows,
+        repeated,
+    })
+}
+
+fn parse_rows<'py>(
+    py: Python<'py>,
+    ctx: &Context<'_>,
+    lay: &Layout,
+    lines: &[&[u8]],
+    seen: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Option<Parsed<'py>>> {
+    // Pass 1 touches no Python object: other threads (an Airflow task's heartbeat) may run meanwhile.
+    let Some(Validated {
+        whens,
+        hows,
+        rows,
+        repeated,
+    }) = py.detach(|| validate(ctx, lay, lines))
+    else {
+        return Ok(None);
+    };
+    let acq_dates: Vec<Bound<'py, PyString>> = whens.iter().map(|w| PyString::new(py, &w.acq_date)).collect();
+    let mut fields: Vec<&[u8]> = Vec::with_capacity(lay.fields);
     let mut keys: Vec<Bound<'py, PyAny>> = Vec::with_capacity(rows.len());
     let mut values: Vec<Bound<'py, PyAny>> = Vec::with_capacity(rows.len());
     let mut dates: Vec<Bound<'py, PyAny>> = Vec::with_capacity(rows.len());
@@ -688,7 +709,7 @@ fn parse_rows<'py>(
             continue;
         }
         split_line(line, &mut fields, lay.fields);
-        let when = &whens.items[row.when as usize];
+        let when = &whens[row.when as usize];
         key.clear();
         key.extend_from_slice(&when.prefix);
         push_round4(&mut key, row.lat);
@@ -709,7 +730,7 @@ fn parse_rows<'py>(
         wire.extend_from_slice(fields[lay.latitude]);
         wire.extend_from_slice(b",\"lon\":");
         wire.extend_from_slice(fields[lay.longitude]);
-        wire.extend_from_slice(&hows.items[row.how as usize].wire);
+        wire.extend_from_slice(&hows[row.how as usize].wire);
         wire.extend_from_slice(checked_number_text(&fields, lay.brightness));
         wire.extend_from_slice(b",\"brightness_2_k\":");
         wire.extend_from_slice(checked_number_text(&fields, lay.brightness_2));
@@ -718,7 +739,7 @@ fn parse_rows<'py>(
         wire.extend_from_slice(&when.wire);
         keys.push(key_str.into_any());
         values.push(PyBytes::new(py, &wire).into_any());
-        dates.push(when.acq_date.bind(py).clone().into_any());
+        dates.push(acq_dates[row.when as usize].clone().into_any());
     }
     Ok(Some((
         PyList::new(py, keys)?,
