@@ -9,6 +9,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)/plugins
 export WILDFIRE_TEST_DATABASE_URL ?= postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire
+# rustup installs cargo under ~/.cargo/bin and puts it on PATH only through shell start-up files, which a
+# non-interactive CI shell may not read.
+export PATH := $(if $(wildcard $(HOME)/.cargo/bin),$(HOME)/.cargo/bin:,)$(PATH)
 
 .PHONY: help venv services services-down services-status topics db-upgrade run stop demo test test-unit lint loadtest \
         constraints clean bench screenshot

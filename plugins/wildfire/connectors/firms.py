@@ -362,14 +362,23 @@ def _parse_native(
     ingest = format_time(ingest_time or datetime.now(UTC))
     if seen_keys is not None and not isinstance(seen_keys, (set, frozenset, _KEYS_VIEW)):
         seen_keys = set(seen_keys)  # one membership test per row: must be a hash lookup
-    result = _native.parse(
-        data, start, family, satellite_source.upper().startswith("LANDSAT"),
-        f'{{"source":{_json_str(source_name)},"kind":"{KIND}","key":"',
-        _json_str(satellite_source),
-        f':00Z","ingest_time":"{ingest}","priority":"{priority.name}","schema_version":{SCHEMA_VERSION}}}',
-        SATELLITES, CONFIDENCE_CLASS, CLASS_SCORE, NADIR_FOOTPRINT_KM2["VIIRS"], NADIR_FOOTPRINT_KM2["MODIS"],
-        seen_keys or None,
-    )
+    try:
+        result = _native.parse(
+            data, start, family, satellite_source.upper().startswith("LANDSAT"),
+            f'{{"source":{_json_str(source_name)},"kind":"{KIND}","key":"',
+            _json_str(satellite_source),
+            f':00Z","ingest_time":"{ingest}","priority":"{priority.name}","schema_version":{SCHEMA_VERSION}}}',
+            SATELLITES, CONFIDENCE_CLASS, CLASS_SCORE, NADIR_FOOTPRINT_KM2["VIIRS"], NADIR_FOOTPRINT_KM2["MODIS"],
+            seen_keys or None,
+        )
+    except BaseException as exc:
+        # A bug in the extension must cost speed, not the response: a Rust panic arrives as pyo3's
+        # PanicException, which derives from BaseException so that plain `except Exception` misses it.
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise  # KeyboardInterrupt, SystemExit, ...
+        log.warning("FIRMS fast path failed on a %d-byte %s response (%s: %s); parsing it with polars",
+                    len(data), satellite_source, type(exc).__name__, exc)
+        return None
     if result is None:
         return None
     keys, values, dates, duplicates = result

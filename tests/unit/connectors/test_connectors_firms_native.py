@@ -267,6 +267,34 @@ def test_without_the_extension_the_polars_parser_runs_and_says_so_once(monkeypat
     assert len(b.batch) > 0
 
 
+class PanicException(BaseException):
+    """Stands in for pyo3's PanicException (what a Rust panic becomes): a BaseException, not an Exception."""
+
+
+class _Broken:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def parse(self, *args: object) -> None:
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc", [PanicException("index out of bounds"), TypeError("parse() argument 7")])
+def test_a_failing_extension_costs_speed_not_the_response(monkeypatch, caplog, exc: BaseException) -> None:
+    monkeypatch.setattr(firms, "_native", _Broken(exc))
+    with caplog.at_level(logging.WARNING, logger="wildfire.connectors.firms"):
+        got = parse_firms_csv(VIIRS, "nasa_firms", "VIIRS_NOAA21_NRT", ingest_time=INGEST)
+    assert_identical(got, _parse_polars(VIIRS, "nasa_firms", "VIIRS_NOAA21_NRT", ingest_time=INGEST))
+    assert any(type(exc).__name__ in r.getMessage() and "parsing it with polars" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_keyboard_interrupt_in_the_extension_is_not_swallowed(monkeypatch) -> None:
+    monkeypatch.setattr(firms, "_native", _Broken(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        parse_firms_csv(VIIRS, "nasa_firms", "VIIRS_NOAA21_NRT", ingest_time=INGEST)
+
+
 # ---------------------------------------------------------------- generated well-formed responses
 
 @st.composite
