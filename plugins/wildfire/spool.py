@@ -134,6 +134,21 @@ class SpoolError(Exception):
     retriable: ClassVar[bool] = False
 
 
+# RETURNING (3.35) is how puts take their sequence numbers and acks learn what they deleted.
+MIN_SQLITE = (3, 35, 0)
+
+
+def check_sqlite_version(version: tuple[int, int, int] | None = None) -> None:
+    """Raise :class:`SpoolError` naming the cause when this process's SQLite is older than :data:`MIN_SQLITE`."""
+    version = version or sqlite3.sqlite_version_info
+    if tuple(version) < MIN_SQLITE:
+        raise SpoolError(
+            f"the spool needs SQLite >= {'.'.join(map(str, MIN_SQLITE))}, but this process loaded SQLite "
+            f"{'.'.join(map(str, version))}: a library bundling an older SQLite (the eccodes wheels' "
+            "eckitlib.libs, loaded by cfgrib) was imported before Python's sqlite3. Import wildfire (or "
+            "sqlite3) before cfgrib/eccodes in this process.")
+
+
 class SpoolFullError(SpoolError):
     """A ``block`` source stayed at capacity for ``block_timeout_s``; ``accepted`` records went in first."""
 
@@ -261,6 +276,7 @@ class BufferManager:
         metrics: Any = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        check_sqlite_version()
         self.config = config
         self.sources = dict(sources)
         self.path = Path(path) if path is not None else resolve_path(config.path)
