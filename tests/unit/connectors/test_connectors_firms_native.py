@@ -6,8 +6,6 @@ import below), it is never skipped.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import random
 from datetime import UTC, datetime
@@ -18,6 +16,7 @@ import wildfire_firms_fast  # noqa: F401  (a missing extension must fail here, n
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.unit.connectors.firms_csv import rows, write
 from wildfire.connectors import firms
 from wildfire.connectors.firms import SATELLITES, ParsedFirms, _parse_native, _parse_polars, parse_firms_csv
 from wildfire.connectors.synthetic import large_firms_csv
@@ -32,18 +31,6 @@ VIIRS_COLS = ["latitude", "longitude", "bright_ti4", "scan", "track", "acq_date"
               "confidence", "version", "bright_ti5", "frp", "daynight"]
 MODIS_COLS = ["latitude", "longitude", "brightness", "scan", "track", "acq_date", "acq_time", "satellite",
               "confidence", "version", "bright_t31", "frp", "daynight"]
-
-
-def rows(data: bytes) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
-
-
-def write(rows_: list[dict[str, str]], columns: list[str], line_end: str = "\n") -> bytes:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, lineterminator=line_end, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows_)
-    return buf.getvalue().encode()
 
 
 def assert_identical(got: ParsedFirms, want: ParsedFirms) -> None:

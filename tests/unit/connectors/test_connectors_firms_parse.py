@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from tests.unit.connectors.firms_csv import rows, write
 from wildfire.connectors.firms import family_of, parse_firms_csv, prune_seen
 from wildfire.priority import Priority
 from wildfire.records import Record
@@ -21,18 +20,6 @@ INGEST = datetime(2025, 4, 7, 8, 0, tzinfo=UTC)
 
 def parse(data: bytes, src: str = "VIIRS_NOAA21_NRT", **kw):
     return parse_firms_csv(data, "nasa_firms", src, ingest_time=INGEST, **kw)
-
-
-def rows(data: bytes) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
-
-
-def write(rows_: list[dict[str, str]], columns: list[str], line_end: str = "\n") -> bytes:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, lineterminator=line_end, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows_)
-    return buf.getvalue().encode()
 
 
 def test_real_viirs_sample_every_value_decodes_as_a_record() -> None:
