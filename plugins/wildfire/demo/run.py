@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,15 +32,38 @@ AIRFLOW_HOME = PROJECT_ROOT / ".local" / "airflow"
 DEMO_DIR = PROJECT_ROOT / ".local" / "demo"
 
 
-def _http(method: str, url: str, body: Any = None, token: str | None = None, timeout: float = 10) -> Any:
+# Answers worth another try: airflow standalone keeps its metadata in SQLite, and a request that meets
+# the scheduler's write lock fails with 500 ("database is locked") after 5 s; the transaction was
+# rolled back, so repeating it is safe.
+_TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
+
+
+def _http(method: str, url: str, body: Any = None, token: str | None = None, timeout: float = 10,
+          attempts: int = 5, backoff_s: float = 1.0, sleep: Callable[[float], None] = time.sleep) -> Any:
+    """One JSON request; transient failures (5xx, refused connections) are retried with doubling waits."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method)
-    req.add_header("Content-Type", "application/json")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        text = resp.read().decode()
-    return json.loads(text) if text else None
+    for attempt in range(1, attempts + 1):
+        req = urllib.request.Request(url, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                text = resp.read().decode()
+            return json.loads(text) if text else None
+        except urllib.error.HTTPError as exc:
+            if exc.code not in _TRANSIENT_STATUS or attempt == attempts:
+                raise
+            why = f"HTTP {exc.code}"
+        except urllib.error.URLError as exc:
+            if attempt == attempts:
+                raise
+            why = str(exc.reason)
+        wait = backoff_s * 2 ** (attempt - 1)
+        print(f"  {method} {url.split('?')[0]}: {why}; trying again in {wait:g} s ({attempt}/{attempts})",
+              file=sys.stderr)
+        sleep(wait)
+    raise AssertionError("unreachable")  # the last attempt returns or raises
 
 
 class Airflow:
