@@ -44,6 +44,9 @@ class UpstreamReplay:
         self._lock = threading.Lock()
         self._polls: dict[str, int] = {}
         self._alerts: list[dict[str, Any]] = []
+        # Alert ids are unique per replay (its start second), so a demo's alert is never taken for the
+        # previous demo's, which the cursor and the database already hold under the same natural key.
+        self._run_token = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
         self.server = ReplayServer(port)
         s = self.server
         s.route_prefix("/api/area/csv/", self._firms)
@@ -79,7 +82,7 @@ class UpstreamReplay:
         with self._lock:
             n = len(self._alerts) + 1
             now = datetime.now(UTC)
-            alert_id = f"urn:oid:2.49.0.1.840.0.demo.{n}"
+            alert_id = f"urn:oid:2.49.0.1.840.0.demo.{self._run_token}.{n}"
             self._alerts.append({
                 "id": f"https://api.weather.gov/alerts/{alert_id}", "type": "Feature", "geometry": None,
                 "properties": {
