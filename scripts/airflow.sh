@@ -21,6 +21,8 @@ start() {
   [ -x "$AIRFLOW" ] || { log "no .venv: run 'make venv' first"; exit 1; }
   log "migrating the metadata database (SQLite in $AIRFLOW_HOME)"
   "$AIRFLOW" db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/db-migrate.log"; exit 1; }
+  # Nothing of this home runs now, so task instances still 'running' are orphans of a stopped Airflow.
+  PYTHONPATH="$ROOT/plugins" "$ROOT/.venv/bin/python" -m wildfire.airflow.orphans
   log "starting airflow standalone (log: $LOG)"
   setsid nohup "$AIRFLOW" standalone >"$LOG" 2>&1 </dev/null &
   echo $! >"$PIDFILE"

@@ -42,7 +42,5 @@ curl -fsS "$UP/_demo/stats" >/dev/null || { cat "$DEMO/serve.log"; echo "[demo] 
 
 echo "[demo] (re)starting Airflow with its Connections pointed at the replay"
 bash "$ROOT/scripts/airflow.sh" stop >/dev/null 2>&1 || true
-AIRFLOW_STARTED_AT="$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"  # task instances 'running' from before are orphans
 bash "$ROOT/scripts/airflow.sh" start
-exec "$ROOT/.venv/bin/python" -m wildfire.demo.run --minutes "${DEMO_MINUTES:-4}" --upstream "$UP" \
-  --airflow-started-at "$AIRFLOW_STARTED_AT"
+exec "$ROOT/.venv/bin/python" -m wildfire.demo.run --minutes "${DEMO_MINUTES:-4}" --upstream "$UP"

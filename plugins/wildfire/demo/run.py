@@ -97,30 +97,6 @@ def wait_for_dags(af: Airflow, wanted: list[str], timeout: float = 180) -> None:
     raise SystemExit(f"DAGs not parsed within {timeout:.0f} s: missing {sorted(set(wanted) - have)}")
 
 
-def fail_orphaned_tasks(af: Airflow, dag_ids: list[str], before: datetime) -> list[str]:
-    """Mark failed the task instances left 'running' by an Airflow stopped before ``before``.
-
-    ``make stop`` kills the task processes but their rows stay 'running' until the scheduler's heartbeat
-    timeout (5 min) finds them; meanwhile a continuous DAG (one active run) starts nothing, and a demo
-    begun right after a stop ran its whole scenario with no stream worker. Failing the orphan ends its
-    run, so the scheduler starts the next one at once.
-    """
-    failed = []
-    for dag_id in dag_ids:
-        tis = af.get(f"/dags/{dag_id}/dagRuns/~/taskInstances?state=running&limit=100")["task_instances"]
-        for ti in tis:
-            started = ti.get("start_date")
-            if started is None or datetime.fromisoformat(started) >= before:
-                continue
-            path = f"/dags/{dag_id}/dagRuns/{ti['dag_run_id']}/taskInstances/{ti['task_id']}"
-            if ti.get("map_index", -1) >= 0:
-                path += f"?map_index={ti['map_index']}"
-            af.patch(path, {"new_state": "failed",
-                            "note": "orphaned: its Airflow was stopped; failed by make demo on restart"})
-            failed.append(f"{dag_id}.{ti['task_id']} (started {started[:19]})")
-    return failed
-
-
 def stored_counts(engine: sa.Engine) -> dict[str, int]:
     out = {}
     with engine.connect() as conn:
@@ -201,8 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--airflow", default="http://localhost:8080")
     parser.add_argument("--upstream", default="http://127.0.0.1:8765")
     parser.add_argument("--interval", type=float, default=5.0)
-    parser.add_argument("--airflow-started-at", type=datetime.fromisoformat,
-                        help="when scripts/demo.sh (re)started Airflow: tasks 'running' since before then are orphans")
     args = parser.parse_args(argv)
 
     cfg = load_config()
@@ -215,9 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     drops_before = spool_drops(resolve_path(cfg.spool.path))
     print("waiting for Airflow to parse the DAGs ...", flush=True)
     wait_for_dags(af, dags)
-    if args.airflow_started_at:
-        for orphan in fail_orphaned_tasks(af, dags, args.airflow_started_at):
-            print(f"  {orphan}: left running by the previous Airflow, marked failed so its DAG starts again")
     for dag_id in dags:
         af.patch(f"/dags/{dag_id}", {"is_paused": False})
     era5_dir = DEMO_DIR / "era5"
