@@ -5,8 +5,9 @@ Every connector run, batch DAG task or real-time loop calls :meth:`Ingestor.acce
 1. reads the source's spool fill (records / capacity, shared by every process through the spool file)
    and feeds it to the backpressure state machine;
 2. admits records by priority: CRITICAL always, others with the state's rejection probability; the
-   rejected ones are *shed*, counted by source, priority and reason ``backpressure`` (pull sources
-   re-fetch them on their next poll);
+   rejected ones are *shed*, counted by source, priority and reason ``backpressure``, and their keys are
+   reported (``IngestReport.not_accepted``) so a poll's cursor can be rewound over them
+   (``wildfire.sources.rewind_cursor``): pull sources fetch them again on their next poll;
 3. writes the admitted records to the spool, where they wait until Kafka acknowledges them;
 4. turns connector dead letters (rows that could not become records) into messages for the
    dead-letter topic, spooled like any record so they reach Kafka and the ``dead_letters`` table.
@@ -52,6 +53,8 @@ class IngestReport:
     """records the spool dropped for room or as invalid, by reason."""
     dead_letters: int = 0
     """connector dead letters spooled for the dead-letter topic."""
+    not_accepted: list[str] = field(default_factory=list)
+    """keys of the records handed in that are not in the spool (shed); the poll's cursor must not pass them."""
     backpressure_state: str = "NORMAL"
     retry_after_s: float | None = None
     utilization: float = 0.0
@@ -121,7 +124,10 @@ class Ingestor:
             admitted = self.backpressure.admit_many(len(idx), p, source)
             if admitted < len(idx):
                 # Which ones are shed does not matter for correctness; a random subset keeps no bias by order.
-                idx = sorted(self.rng.sample(idx, admitted))
+                kept = sorted(self.rng.sample(idx, admitted))
+                kept_set = set(kept)
+                report.not_accepted.extend(batch.keys[i] for i in idx if i not in kept_set)
+                idx = kept
                 report.shed[p.name] = report.offered[p.name] - admitted
             keep.extend(idx)
         keep.sort()

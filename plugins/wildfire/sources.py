@@ -7,6 +7,22 @@ and from environment variables elsewhere (``Endpoints.from_env()``: ``WILDFIRE_F
 
 Cursors (FIRMS keys already seen, PurpleAir ``modified_since``, NWS alert hashes) are JSON files in a
 ``cursors`` folder beside the spool file, written atomically; a lost cursor only means duplicates, which storage upserts away.
+
+A cursor never passes a record that was not accepted: :func:`rewind_cursor` takes the cursor a poll returned
+and the keys admission shed, and gives back the cursor to save, so the next poll fetches those records again:
+
+==================  ==========================================================================================
+source type         what a shed record does to the cursor
+==================  ==========================================================================================
+nasa_firms          its key leaves ``seen``: the next poll (same day range) returns the row and it is new again
+nws_alerts          its id leaves ``alerts``: the next poll treats the alert as new (or changed)
+nws_observations    its station's ``latest`` goes back to the previous poll's value: the latest observation is new
+purpleair           ``modified_since`` stays at the previous poll's value: every sensor changed since is re-sent
+other               the previous cursor is kept whole (a repeated poll only costs duplicates, which storage upserts)
+==================  ==========================================================================================
+
+What is not guaranteed: a shed NWS observation is re-fetched only while it is still the station's latest, and
+a FIRMS row only while it is inside the poll's day range (both are what the upstream can still give).
 """
 
 from __future__ import annotations
@@ -14,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +133,42 @@ def build_connector(name: str, config: StreamConfig, endpoints: Endpoints, *, cl
                      f"polled types are {', '.join(POLLING_SOURCE_TYPES)}")
 
 
+def rewind_cursor(source_type: str, previous: dict[str, Any] | None, new: dict[str, Any],
+                  not_accepted: Iterable[str]) -> dict[str, Any]:
+    """The cursor to save after a poll whose records with keys ``not_accepted`` did not enter the spool.
+
+    ``previous`` is the cursor the poll started from, ``new`` the one the connector returned. With nothing
+    to rewind, ``new`` itself is returned.
+    """
+    keys = set(not_accepted)
+    if not keys:
+        return new
+    previous = previous or {}
+    if source_type == "nasa_firms":
+        seen = {k: v for k, v in (new.get("seen") or {}).items() if k not in keys}
+        return {**new, "seen": seen}
+    if source_type == "nws_alerts":
+        alerts = {k: v for k, v in (new.get("alerts") or {}).items() if k not in keys}
+        return {**new, "alerts": alerts}
+    if source_type == "nws_observations":
+        before = previous.get("latest") or {}
+        latest: dict[str, Any] = {}
+        for station, key in (new.get("latest") or {}).items():
+            if key not in keys:
+                latest[station] = key
+            elif station in before and before[station] not in keys:
+                latest[station] = before[station]
+        return {**new, "latest": latest}
+    if source_type == "purpleair":
+        rewound = {**new}
+        if previous.get("modified_since") is None:
+            rewound.pop("modified_since", None)
+        else:
+            rewound["modified_since"] = previous["modified_since"]
+        return rewound
+    return dict(previous)
+
+
 class CursorStore:
     """One JSON file per source; writes are atomic (temp file + rename), reads tolerate a bad file."""
 
@@ -160,3 +213,17 @@ async def fetch_once(name: str, config: StreamConfig, endpoints: Endpoints, *, c
     finally:
         if own:
             await client.aclose()
+
+
+async def poll_source(name: str, connector: Any, ingestor: Any, cursors: CursorStore) -> tuple[Any, Any]:
+    """One poll of ``name`` into the spool: fetch from the saved cursor, admit, save the rewound cursor.
+
+    Returns ``(ConnectorResult, IngestReport)``. If admission raises (spool full in ``block`` mode, a spool
+    error), the cursor is not saved at all, so the next poll repeats this one.
+    """
+    previous = cursors.load(name)
+    result = await connector.fetch(previous)
+    report = ingestor.accept(name, result.batch, dead_letters=result.dead_letters)
+    source_type = ingestor.config.source(name).source_type
+    cursors.save(name, rewind_cursor(source_type, previous, result.cursor, report.not_accepted))
+    return result, report

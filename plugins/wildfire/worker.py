@@ -50,7 +50,7 @@ from wildfire.config import ConfigError, StreamConfig, load_config, resolve_path
 from wildfire.ingest import Ingestor
 from wildfire.priority import Priority
 from wildfire.publish import ProducerWrapper, PublishMetrics, SpoolPublisher, freeze_startup_heap
-from wildfire.sources import POLLING_SOURCE_TYPES, CursorStore, Endpoints, build_connector
+from wildfire.sources import POLLING_SOURCE_TYPES, CursorStore, Endpoints, build_connector, poll_source
 from wildfire.spool import BufferManager, SpoolRow
 from wildfire.streaming.backpressure import BackpressureManager
 from wildfire.streaming.breaker import CircuitBreaker, CircuitState
@@ -221,9 +221,8 @@ class StreamWorker:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                result = await connector.fetch(self.cursors.load(name))
-                report = self.ingestor.accept(name, result.batch, dead_letters=result.dead_letters)
-                self.cursors.save(name, result.cursor)
+                # Shed records stay ahead of the saved cursor, so the next poll fetches them again.
+                result, report = await poll_source(name, connector, self.ingestor, self.cursors)
                 self._note_fetch(name, result.summary.as_dict(), report.as_dict())
                 self._fetch_errors.pop(name, None)
             except Exception as exc:  # noqa: BLE001 - counted and retried on the next poll

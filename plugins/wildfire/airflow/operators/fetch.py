@@ -40,7 +40,7 @@ class FetchToSpoolOperator(BaseOperator):
         import asyncio
 
         from wildfire.config import load_config
-        from wildfire.sources import CursorStore, Endpoints, fetch_once
+        from wildfire.sources import CursorStore, Endpoints, fetch_once, rewind_cursor
 
         config = load_config()
         src = config.source(self.source)
@@ -48,13 +48,15 @@ class FetchToSpoolOperator(BaseOperator):
             self.log.info("source %s is disabled in the config; nothing to do", self.source)
             return {"source": self.source, "skipped": "disabled"}
         cursors = CursorStore.for_config(config)
-        result = asyncio.run(fetch_once(self.source, config, Endpoints.from_airflow(), cursor=cursors.load(self.source)))
+        previous = cursors.load(self.source)
+        result = asyncio.run(fetch_once(self.source, config, Endpoints.from_airflow(), cursor=previous))
         spool, ingestor = open_pipeline(config)
         try:
             report = ingestor.accept(self.source, result.batch, dead_letters=result.dead_letters)
         finally:
             spool.close()
-        cursors.save(self.source, result.cursor)
+        # Shed records stay ahead of the cursor, so the next run fetches them again.
+        cursors.save(self.source, rewind_cursor(src.source_type, previous, result.cursor, report.not_accepted))
         self.log.info("%s", result.summary.describe() if hasattr(result.summary, "describe") else result.summary)
         self.log.info("admission: %s", report.as_dict())
         return {"summary": result.summary.as_dict(), "admission": report.as_dict()}
