@@ -17,6 +17,8 @@ with DAG(
     tags=["wildfire", "backfill", "era5"],
     default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
     doc_md=__doc__,
+    # Params reach the operator as the values the trigger form gave (download=False stays a bool, not "False").
+    render_template_as_native_obj=True,
     params={
         "start_date": Param("2017-01-01", type="string", format="date", title="First day"),
         "end_date": Param("2017-01-01", type="string", format="date", title="Last day (inclusive)"),

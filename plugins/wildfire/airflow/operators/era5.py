@@ -7,6 +7,18 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off", ""}
+
+
+def param_bool(value: Any, name: str) -> bool:
+    """A DAG param that must be a boolean: a bool, or its rendered text (``"False"`` is false, not truthy)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"param {name!r} must be true or false, got {value!r}")
+
 
 class Era5DayToSpoolOperator(BaseOperator):
     """Load ``{data_dir}/era5_{day}.grib``; if absent and ``download`` is true, fetch it with cdsapi first.
@@ -14,7 +26,7 @@ class Era5DayToSpoolOperator(BaseOperator):
     Without CDS credentials and without a file the day fails with a message saying both options.
     """
 
-    template_fields: Sequence[str] = ("day", "data_dir")
+    template_fields: Sequence[str] = ("day", "data_dir", "download")
 
     def __init__(self, *, day: str, data_dir: str = "include/era5", download: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -29,12 +41,13 @@ class Era5DayToSpoolOperator(BaseOperator):
         from wildfire.config import load_config, resolve_path
         from wildfire.connectors.era5 import download_era5, load_era5_file
 
+        download = param_bool(self.download, "download")
         config = load_config()
         day = date.fromisoformat(str(self.day)[:10])
         folder = resolve_path(self.data_dir)
         path = folder / f"era5_{day.isoformat()}.grib"
         if not path.exists():
-            if not self.download:
+            if not download:
                 raise FileNotFoundError(
                     f"no ERA5 file {path}: put one there, or set the DAG param download=true with CDS credentials "
                     "(~/.cdsapirc or CDSAPI_URL/CDSAPI_KEY)")
