@@ -117,8 +117,13 @@ _OPEN_BUSY_TIMEOUT_S = 1.0
 _OPEN_BACKOFF_S = 0.1
 _OPEN_BACKOFF_MAX_S = 5.0
 _READ_ONLY_BUSY_TIMEOUT_S = 2.0  # health checks answer quickly: a store locked longer is reported as locked
-# The one place connections are made (tests wrap it to inject I/O errors SQLite cannot be made to raise).
-_connect = sqlite3.connect
+
+
+def _connect(database: str | os.PathLike[str], **kwargs: Any) -> sqlite3.Connection:
+    # The one place connections are made; sqlite3.connect is looked up at call time, so a test can inject
+    # I/O errors that a real disk cannot be made to raise on demand.
+    return sqlite3.connect(database, **kwargs)
+
 _DROPPED_IDS_KEEP_S = 3600.0  # longer than any delivery may take (librdkafka's message.timeout.ms is 300 s)
 
 # Row ids: (source_priority * 8 + priority) << _SEQ_BITS | sequence. Ids of one drain level are one

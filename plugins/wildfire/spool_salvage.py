@@ -133,7 +133,13 @@ class _Reader:
                 raise
             self._error(exc)
             return False
-        return None if row is None else row[0]
+        if row is None:
+            return None
+        if not isinstance(row[0], int) or not after < row[0] < _TOP_ID:
+            # A damaged page can hand back garbage cells without an error: an id out of order or out of range
+            # is damage too, never a place to continue from (it would skip every row below it).
+            return False
+        return row[0]
 
     def _skip_damage(self, after: int) -> int:
         """A position past the damaged page that the seek from ``after`` runs into (see the module docstring)."""
@@ -159,7 +165,8 @@ class _Reader:
     def _valid(row: tuple) -> bool:
         rid, source, sp, prio, topic, key, value, ingest_time, schema_version, attempts = row
         return (isinstance(rid, int) and isinstance(source, str) and isinstance(sp, int) and 1 <= sp <= 10
-                and isinstance(prio, int) and 0 <= prio <= 3 and isinstance(topic, str) and topic != ""
+                and isinstance(prio, int) and 0 <= prio <= 3 and rid >> 40 == sp * 8 + prio  # id fits its level
+                and isinstance(topic, str) and topic != ""
                 and isinstance(key, str) and key != "" and isinstance(value, bytes)
                 and isinstance(ingest_time, int | float) and isinstance(schema_version, int)
                 and isinstance(attempts, int))
@@ -181,13 +188,15 @@ class _Reader:
                     if not page:
                         return
                     for row in page:
-                        if self._valid(row):
-                            self.report.read += 1
-                            yield row
-                        else:
-                            self.report.unreadable_rows += 1
-                    pos = page[-1][0]
-                    continue
+                        if not self._valid(row) or row[0] <= pos:
+                            # Garbage from a damaged page: from here on one row at a time (that path counts it).
+                            slow = _SLOW_STEPS
+                            break
+                        self.report.read += 1
+                        yield row
+                        pos = row[0]
+                    if not slow:
+                        continue
             slow -= 1
             rid = self._next_id(pos)
             if rid is None:
