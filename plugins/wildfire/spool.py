@@ -9,8 +9,8 @@ Guarantees:
   the others survive a process crash but may be lost on a power cut (``synchronous=NORMAL``).
 * **A row leaves only when told to.** ``peek_batch`` never deletes; rows go away only through
   ``ack`` (the publisher calls it from Kafka delivery callbacks), ``dead_letter`` (moved to the
-  ``dead_letters`` table, never deleted), ``expire`` (TTL, counted and archived) and overflow
-  eviction (counted by source, priority and reason).
+  ``dead_letters`` table, kept until the retention limits), ``expire`` (TTL, counted and archived)
+  and overflow eviction (counted by source, priority and reason).
 * **CRITICAL is never dropped**: overflow evicts only non-CRITICAL rows (a source full of CRITICAL
   rows keeps accepting CRITICAL beyond its capacity) and TTL expiry skips CRITICAL rows.
 * **Multi-process safe.** SQLite in WAL mode: several writer processes and one draining worker
@@ -18,8 +18,21 @@ Guarantees:
   process and thread. Depth and bytes per source and priority live in the database (table
   ``depth``), updated in the same transaction as the rows, so every process reads the same numbers.
 * **A corrupt store never stops ingestion.** On open the file gets ``PRAGMA quick_check``; a corrupt
-  or non-SQLite file is renamed to ``<name>.corrupt-<timestamp>`` (kept for inspection), logged,
-  counted (``stats().quarantined``) and a fresh store is created.
+  or non-SQLite file (``SQLITE_CORRUPT``/``SQLITE_NOTADB`` or a failed quick_check, nothing else) is renamed
+  to ``<name>.corrupt-<timestamp>`` (kept; ``python -m wildfire.spool salvage FILE`` publishes what can still
+  be read), logged, counted (``stats().quarantined``) and a fresh store is created.
+* **A transient error never moves the live file.** A lock, an I/O error or a full disk at open is retried
+  with backoff for ``spool.open_retry_s``, logged and counted (``stats().transient_errors``,
+  ``stats().unavailable``), then raised as :class:`SpoolUnavailableError` (retriable). A write that meets
+  one is rolled back and raises :class:`SpoolUnavailableError`: its records were not accepted (the caller
+  still has them), so nothing accepted is lost.
+* **Health reads read-only.** :meth:`BufferManager.open_read_only` (SQLite ``mode=ro``) never creates,
+  migrates or quarantines.
+* **One draining process.** :meth:`BufferManager.acquire_drain_lock` (called by ``SpoolPublisher``) holds an
+  exclusive ``flock`` on ``<spool>.drain.lock``; a second drainer gets :class:`DrainLockedError` naming the
+  holder. Writers need no lock.
+* **Bounded.** ``dead_letters`` and the expiry archive are kept by age and size (``spool.dead_letter_*``,
+  ``spool.archive_*``); what retention deletes is counted (``stats().retention_dropped``).
 
 Drain order: source priority descending (10 first), then record priority (CRITICAL first), then FIFO.
 No ordering guarantee across sources of equal priority beyond that.
