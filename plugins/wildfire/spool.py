@@ -131,12 +131,6 @@ _OPEN_BACKOFF_S = 0.1
 _OPEN_BACKOFF_MAX_S = 5.0
 _READ_ONLY_BUSY_TIMEOUT_S = 2.0  # health checks answer quickly: a store locked longer is reported as locked
 
-
-def _connect(database: str | os.PathLike[str], **kwargs: Any) -> sqlite3.Connection:
-    # The one place connections are made; sqlite3.connect is looked up at call time, so a test can inject
-    # I/O errors that a real disk cannot be made to raise on demand.
-    return sqlite3.connect(database, **kwargs)
-
 _DROPPED_IDS_KEEP_S = 3600.0  # longer than any delivery may take (librdkafka's message.timeout.ms is 300 s)
 
 # Row ids: (source_priority * 8 + priority) << _SEQ_BITS | sequence. Ids of one drain level are one
@@ -154,6 +148,12 @@ _WAL_CHECKPOINT_BYTES = 64 * 1024 * 1024
 # writer may be the one putting an evacuation alert. The acking connection checkpoints at 64 MB; writers
 # only at 4x that, a safety net for a spool written with no worker draining it.
 _WRITER_CHECKPOINT_BYTES = 4 * _WAL_CHECKPOINT_BYTES
+
+
+def _connect(database: str | os.PathLike[str], **kwargs: Any) -> sqlite3.Connection:
+    # The one place connections are made; sqlite3.connect is looked up at call time, so a test can inject
+    # I/O errors that a real disk cannot be made to raise on demand.
+    return sqlite3.connect(database, **kwargs)
 
 
 def _level_id(source_priority: int, priority: int) -> int:
