@@ -91,6 +91,22 @@ class SpoolConfig(_Model):
         description="records of these priorities are fsynced before the write returns",
     )
     block_timeout_s: float = Field(30.0, ge=0)
+    open_retry_s: float = Field(
+        60.0, ge=0, le=3600,
+        description="how long opening the spool retries a transient error (locked, I/O, disk full) with backoff "
+                    "before raising a retriable SpoolUnavailableError; the file is never moved aside for one")
+    dead_letter_retention_days: float = Field(
+        30.0, gt=0, description="rows of the spool's dead_letters table older than this are deleted (counted)")
+    dead_letter_max_rows: int = Field(
+        100_000, ge=1, le=100_000_000,
+        description="the dead_letters table keeps at most this many rows; the oldest beyond it are deleted (counted)")
+    archive_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=4096,
+        description="the expiry archive (archive_expired_path) is rotated to <name>.1 once it reaches this size")
+    archive_keep_files: int = Field(
+        5, ge=0, le=1000, description="rotated expiry-archive files kept (<name>.1 .. <name>.N); older are deleted")
+    archive_retention_days: float = Field(
+        30.0, gt=0, description="rotated expiry-archive files older than this (modification time) are deleted")
 
 
 class FireSeasonConfig(_Model):

@@ -447,6 +447,7 @@ class SpoolPublisher:
                  before_send: Callable[[list[SpoolRow]], list[SpoolRow]] | None = None,
                  expire_every_s: float = 60.0, metrics: PublishMetrics | None = None,
                  background_ack: bool = True) -> None:
+        spool.acquire_drain_lock()  # one draining process per spool: DrainLockedError names the holder
         self.spool = spool
         self.producer = producer
         self.breaker = producer.breaker

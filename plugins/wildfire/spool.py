@@ -9,8 +9,8 @@ Guarantees:
   the others survive a process crash but may be lost on a power cut (``synchronous=NORMAL``).
 * **A row leaves only when told to.** ``peek_batch`` never deletes; rows go away only through
   ``ack`` (the publisher calls it from Kafka delivery callbacks), ``dead_letter`` (moved to the
-  ``dead_letters`` table, never deleted), ``expire`` (TTL, counted and archived) and overflow
-  eviction (counted by source, priority and reason).
+  ``dead_letters`` table, kept until the retention limits), ``expire`` (TTL, counted and archived)
+  and overflow eviction (counted by source, priority and reason).
 * **CRITICAL is never dropped**: overflow evicts only non-CRITICAL rows (a source full of CRITICAL
   rows keeps accepting CRITICAL beyond its capacity) and TTL expiry skips CRITICAL rows.
 * **Multi-process safe.** SQLite in WAL mode: several writer processes and one draining worker
@@ -18,8 +18,21 @@ Guarantees:
   process and thread. Depth and bytes per source and priority live in the database (table
   ``depth``), updated in the same transaction as the rows, so every process reads the same numbers.
 * **A corrupt store never stops ingestion.** On open the file gets ``PRAGMA quick_check``; a corrupt
-  or non-SQLite file is renamed to ``<name>.corrupt-<timestamp>`` (kept for inspection), logged,
-  counted (``stats().quarantined``) and a fresh store is created.
+  or non-SQLite file (``SQLITE_CORRUPT``/``SQLITE_NOTADB`` or a failed quick_check, nothing else) is renamed
+  to ``<name>.corrupt-<timestamp>`` (kept; ``python -m wildfire.spool salvage FILE`` publishes what can still
+  be read), logged, counted (``stats().quarantined``) and a fresh store is created.
+* **A transient error never moves the live file.** A lock, an I/O error or a full disk at open is retried
+  with backoff for ``spool.open_retry_s``, logged and counted (``stats().transient_errors``,
+  ``stats().unavailable``), then raised as :class:`SpoolUnavailableError` (retriable). A write that meets
+  one is rolled back and raises :class:`SpoolUnavailableError`: its records were not accepted (the caller
+  still has them), so nothing accepted is lost.
+* **Health reads read-only.** :meth:`BufferManager.open_read_only` (SQLite ``mode=ro``) never creates,
+  migrates or quarantines.
+* **One draining process.** :meth:`BufferManager.acquire_drain_lock` (called by ``SpoolPublisher``) holds an
+  exclusive ``flock`` on ``<spool>.drain.lock``; a second drainer gets :class:`DrainLockedError` naming the
+  holder. Writers need no lock.
+* **Bounded.** ``dead_letters`` and the expiry archive are kept by age and size (``spool.dead_letter_*``,
+  ``spool.archive_*``); what retention deletes is counted (``stats().retention_dropped``).
 
 Drain order: source priority descending (10 first), then record priority (CRITICAL first), then FIFO.
 No ordering guarantee across sources of equal priority beyond that.
@@ -32,9 +45,12 @@ import fcntl
 import logging
 import operator
 import os
+import socket
 import sqlite3
 import threading
 import time
+import urllib.parse
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -100,10 +116,21 @@ CREATE TABLE IF NOT EXISTS dropped_ids (
 CREATE TABLE IF NOT EXISTS quarantine (
     path TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL
 );
+-- Records removed by retention limits (dead_letters past age/row limits, expiry-archive lines in deleted files).
+CREATE TABLE IF NOT EXISTS retention (
+    store TEXT PRIMARY KEY, records INTEGER NOT NULL
+);
 """
 
 
 _PAGE_SIZE = 16_384
+# Opening: each attempt waits at most this long for a lock inside SQLite; the retry loop backs off between
+# attempts, from _OPEN_BACKOFF_S doubling to _OPEN_BACKOFF_MAX_S, until spool.open_retry_s has passed.
+_OPEN_BUSY_TIMEOUT_S = 1.0
+_OPEN_BACKOFF_S = 0.1
+_OPEN_BACKOFF_MAX_S = 5.0
+_READ_ONLY_BUSY_TIMEOUT_S = 2.0  # health checks answer quickly: a store locked longer is reported as locked
+
 _DROPPED_IDS_KEEP_S = 3600.0  # longer than any delivery may take (librdkafka's message.timeout.ms is 300 s)
 
 # Row ids: (source_priority * 8 + priority) << _SEQ_BITS | sequence. Ids of one drain level are one
@@ -121,6 +148,12 @@ _WAL_CHECKPOINT_BYTES = 64 * 1024 * 1024
 # writer may be the one putting an evacuation alert. The acking connection checkpoints at 64 MB; writers
 # only at 4x that, a safety net for a spool written with no worker draining it.
 _WRITER_CHECKPOINT_BYTES = 4 * _WAL_CHECKPOINT_BYTES
+
+
+def _connect(database: str | os.PathLike[str], **kwargs: Any) -> sqlite3.Connection:
+    # The one place connections are made; sqlite3.connect is looked up at call time, so a test can inject
+    # I/O errors that a real disk cannot be made to raise on demand.
+    return sqlite3.connect(database, **kwargs)
 
 
 def _level_id(source_priority: int, priority: int) -> int:
@@ -164,6 +197,70 @@ class SpoolFullError(SpoolError):
 
 class UnknownSourceError(SpoolError):
     """The record names a source that is not configured."""
+
+
+class SpoolUnavailableError(SpoolError):
+    """The store could not be used for a transient reason (locked, I/O error, disk full); the file is untouched.
+
+    On a write, ``accepted`` records of the call went in before the failure (0 unless the source blocks and an
+    earlier round committed); the rest were NOT accepted: the caller keeps them and tries again later.
+    """
+
+    retriable: ClassVar[bool] = True
+
+    def __init__(self, message: str, *, errorname: str = "", accepted: int = 0) -> None:
+        self.errorname, self.accepted = errorname, accepted
+        super().__init__(message)
+
+
+class SpoolMissingError(SpoolError):
+    """A read-only open found no spool file (a read-only open never creates one)."""
+
+
+class SpoolCorruptError(SpoolError):
+    """SQLite reported corruption while the store was in use; the next open quarantines the file."""
+
+
+class DrainLockedError(SpoolError):
+    """Another process already drains this spool (holds ``<spool>.drain.lock``)."""
+
+    retriable: ClassVar[bool] = True
+
+    def __init__(self, lock_path: Path, holder: str) -> None:
+        self.lock_path, self.holder = lock_path, holder
+        super().__init__(f"spool drain refused: {lock_path} is held by {holder}; only one process may drain a spool"
+                         " (writers need no lock). Stop the other worker or wait for it to exit")
+
+
+# sqlite3 error names (``sqlite_errorname``, Python 3.11) that mean the file itself is damaged: only these
+# (or a failed quick_check) move a spool aside. Extended codes (SQLITE_CORRUPT_INDEX, ...) match by prefix.
+_CORRUPT_PREFIXES = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+# Errors where the same call can succeed later: another connection holds a lock, the disk or the file system
+# failed or is full, the file cannot be opened right now. The live file stays where it is.
+_TRANSIENT_PREFIXES = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN",
+                       "SQLITE_READONLY", "SQLITE_PROTOCOL", "SQLITE_NOMEM", "SQLITE_NOLFS")
+
+
+def sqlite_error_kind(exc: BaseException) -> str:
+    """``"corrupt"``, ``"transient"`` or ``"other"`` for an exception raised by sqlite3."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return "other"
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    if name.startswith(_CORRUPT_PREFIXES):
+        return "corrupt"
+    if name.startswith(_TRANSIENT_PREFIXES):
+        return "transient"
+    if not name:
+        # Raised without an error code (rare): judge by SQLite's message, erring on the side of keeping the file.
+        text = str(exc).lower()
+        if "malformed" in text or "not a database" in text:
+            return "corrupt"
+        return "transient"
+    return "other"
+
+
+def _errorname(exc: BaseException) -> str:
+    return getattr(exc, "sqlite_errorname", None) or type(exc).__name__
 
 
 class SpoolRow(NamedTuple):
@@ -233,6 +330,13 @@ class SpoolStats:
     """rows in the ``dead_letters`` table."""
     quarantined: list[str]
     """corrupt files moved aside (paths), since the store was created."""
+    retention_dropped: dict[str, int] = field(default_factory=dict)
+    """records removed by retention limits, by store: ``dead_letters`` (table rows past age/row limits),
+    ``archive`` (expiry-archive lines in rotated files deleted past ``archive_keep_files``/age)."""
+    transient_errors: dict[str, int] = field(default_factory=dict)
+    """transient SQLite failures seen by THIS process (this BufferManager), by SQLite error name."""
+    unavailable: str | None = None
+    """the last transient failure, when no operation has succeeded since (this process); None when healthy."""
 
     @property
     def total(self) -> int:
@@ -275,8 +379,10 @@ class BufferManager:
         fire_season: bool = False,
         metrics: Any = None,
         sleep: Callable[[float], None] = time.sleep,
+        read_only: bool = False,
     ) -> None:
         check_sqlite_version()
+        self.read_only = read_only
         self.config = config
         self.sources = dict(sources)
         self.path = Path(path) if path is not None else resolve_path(config.path)
@@ -292,16 +398,84 @@ class BufferManager:
         self._next_dropped_prune = 0.0  # wall-clock time of the next dropped_ids prune (_remember_dropped)
         self.quarantined: list[Path] = []
         self._pending_quarantine_rows: list[tuple[str, str]] = []
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._open_checked()
+        # Transient failures seen by this process (read by stats() and the metrics collector).
+        self.transient_errors: dict[str, int] = defaultdict(int)
+        self.unavailable: str | None = None
+        self._drain_token: object | None = None
+        if read_only:
+            self._open_read_only()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._open_checked()
         if metrics is not None:
             metrics.register(SpoolCollector(self))
+
+    @classmethod
+    def open_read_only(cls, config: SpoolConfig, sources: Mapping[str, SourceConfig], *,
+                       path: str | os.PathLike[str] | None = None, clock: Clock = SYSTEM_CLOCK) -> BufferManager:
+        """A view of an existing spool for health checks and reports: opened with SQLite's ``mode=ro``, so it
+        never creates, migrates, checkpoints or quarantines anything. Reads (``stats``, ``depth``,
+        ``peek_batch``, ``dead_letters``) work; writes fail. Raises :class:`SpoolMissingError` (no file),
+        :class:`SpoolUnavailableError` (locked or unreadable right now), :class:`SpoolCorruptError`, or
+        :class:`SpoolError` (a file that is not an initialised spool)."""
+        return cls(config, sources, path=path, clock=clock, read_only=True)
+
+    def _open_read_only(self) -> None:
+        if not self.path.is_file():
+            raise SpoolMissingError(f"no spool file at {self.path}")
+        try:
+            self._conn().execute("SELECT count(*) FROM depth").fetchone()
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            kind = sqlite_error_kind(exc)
+            if kind == "transient":
+                self._note_transient("read-only open", exc)
+                raise SpoolUnavailableError(
+                    f"spool {self.path} cannot be read right now ({_errorname(exc)}: {exc}); opened read-only, "
+                    "nothing was changed", errorname=_errorname(exc)) from exc
+            if kind == "corrupt":
+                raise SpoolCorruptError(
+                    f"spool {self.path} is corrupt ({_errorname(exc)}: {exc}); a read-only open leaves it in place "
+                    "(the next worker or writer open moves it aside)") from exc
+            raise SpoolError(f"{self.path} is not an initialised spool ({_errorname(exc)}: {exc})") from exc
 
     # ------------------------------------------------------------ opening and integrity
 
     def _open_checked(self) -> None:
+        """Check, maybe quarantine, create or migrate the store; transient failures are retried, never quarantined.
+
+        A lock held by another connection, an I/O error or a full disk says nothing about the file: it is
+        retried with exponential backoff (``_OPEN_BACKOFF_S`` doubling up to ``_OPEN_BACKOFF_MAX_S``, on the
+        injected clock and sleep) for ``spool.open_retry_s``, logged and counted (``stats().transient_errors``,
+        ``stats().unavailable``), then raised as :class:`SpoolUnavailableError` (retriable). The file stays.
+        """
+        deadline = self.clock.monotonic() + self.config.open_retry_s
+        delay = _OPEN_BACKOFF_S
+        while True:
+            try:
+                self._open_once()
+            except sqlite3.DatabaseError as exc:
+                self.close()
+                if sqlite_error_kind(exc) != "transient":
+                    raise
+                self._note_transient("open", exc)
+                left = deadline - self.clock.monotonic()
+                if left <= 0:
+                    raise SpoolUnavailableError(
+                        f"spool {self.path} unavailable at open after retrying {self.config.open_retry_s:.0f} s: "
+                        f"{_errorname(exc)}: {exc}; the file was left in place", errorname=_errorname(exc)) from exc
+                log.warning("spool %s: open failed (%s: %s), retrying in %.2f s; the file stays in place",
+                            self.path, _errorname(exc), exc, min(delay, left))
+                self._sleep(min(delay, left))
+                delay = min(delay * 2, _OPEN_BACKOFF_MAX_S)
+                continue
+            self._note_ok()
+            return
+
+    def _open_once(self) -> None:
         # One process at a time checks (and maybe replaces) the file, so two starting workers
-        # cannot both move the same file aside or create the schema concurrently.
+        # cannot both move the same file aside or create the schema concurrently. Taken per attempt:
+        # a process backing off from a locked store does not hold up the others' opens.
         with open(str(self.path) + ".lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -309,16 +483,59 @@ class BufferManager:
                 if problem:
                     self._quarantine(problem)
                 conn = self._conn()
-                with self._write(conn, sync=True):
-                    self._migrate_layout(conn)
-                    for stmt in _SCHEMA.split(";"):
-                        if stmt.strip():
-                            conn.execute(stmt)
-                    for moved, reason in self._pending_quarantine_rows:
-                        conn.execute("INSERT INTO quarantine VALUES (?, ?, ?)", (moved, reason, self.clock.time()))
+                # A short busy timeout while opening: a held lock is waited out by the retry loop above
+                # (with backoff, counted), not inside one 60 s SQLite call.
+                conn.execute(f"PRAGMA busy_timeout={int(_OPEN_BUSY_TIMEOUT_S * 1000)}")
+                try:
+                    with self._write(conn, sync=True, raw=True):
+                        self._migrate_layout(conn)
+                        for stmt in _SCHEMA.split(";"):
+                            if stmt.strip():
+                                conn.execute(stmt)
+                        for moved, reason in self._pending_quarantine_rows:
+                            conn.execute("INSERT INTO quarantine VALUES (?, ?, ?)",
+                                         (moved, reason, self.clock.time()))
+                finally:
+                    conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
                 self._pending_quarantine_rows = []
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------ the drain lock
+
+    def drain_lock_path(self) -> Path:
+        return Path(str(self.path) + ".drain.lock")
+
+    def acquire_drain_lock(self) -> None:
+        """Make this process the only one draining the spool, for as long as this BufferManager lives.
+
+        An exclusive ``flock`` on ``<spool>.drain.lock`` (the holder writes its pid and host into it). A second
+        process raises :class:`DrainLockedError` naming the file and the holder; two drains of one spool would
+        send every row twice and race each other's acks. Writers (``put``/``put_batch``) take no drain lock.
+        Within one process the lock is shared (several BufferManagers of one process on one path may drain):
+        it is released when the last of them calls :meth:`release_drain_lock` or is garbage collected, and by
+        the kernel when the process exits, however it exits (kill -9 included).
+        """
+        if self._drain_token is not None:
+            return
+        key = os.path.realpath(self.drain_lock_path())
+        _acquire_process_drain_lock(key)
+        self._drain_token = weakref.finalize(self, _release_process_drain_lock, key, os.getpid())
+
+    def release_drain_lock(self) -> None:
+        token, self._drain_token = self._drain_token, None
+        if isinstance(token, weakref.finalize):
+            token()
+
+    def _note_transient(self, op: str, exc: BaseException) -> None:
+        name = _errorname(exc)
+        self.transient_errors[name] += 1
+        self.unavailable = f"{op}: {name}: {exc}"
+
+    def _note_ok(self) -> None:
+        if self.unavailable is not None:
+            log.warning("spool %s usable again (after %s)", self.path, self.unavailable)
+            self.unavailable = None
 
     def _migrate_layout(self, conn: sqlite3.Connection) -> None:
         """Move the rows of a store written by a version before level-ordered ids into this layout.
@@ -346,14 +563,17 @@ class BufferManager:
         conn.execute(f"PRAGMA user_version = {_LAYOUT_VERSION}")
 
     def _integrity_problem(self) -> str | None:
+        """What is wrong with the file (corruption only), or None. Transient errors are raised, not returned."""
         try:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn = _connect(self.path, timeout=_OPEN_BUSY_TIMEOUT_S, isolation_level=None)
             try:
                 result = conn.execute("PRAGMA quick_check").fetchall()
             finally:
                 conn.close()
         except sqlite3.DatabaseError as exc:
-            return f"{type(exc).__name__}: {exc}"
+            if sqlite_error_kind(exc) != "corrupt":
+                raise  # locked, I/O error, full disk: nothing says the file is damaged
+            return f"{_errorname(exc)}: {exc}"
         if [r[0] for r in result] != ["ok"]:
             return "quick_check: " + "; ".join(str(r[0]) for r in result[:5])
         return None
@@ -379,7 +599,14 @@ class BufferManager:
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == os.getpid():
             return conn
-        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=True)
+        if self.read_only:
+            # mode=ro: SQLite refuses every write on this connection, and nothing is created if the file vanished.
+            conn = _connect(f"file:{urllib.parse.quote(str(self.path.absolute()))}?mode=ro", uri=True,
+                            timeout=_READ_ONLY_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=True)
+            self._local.conn, self._local.pid, self._local.sync_full = conn, os.getpid(), False
+            self._local.checkpointer, self._local.page = True, _PAGE_SIZE
+            return conn
+        conn = _connect(self.path, timeout=60, isolation_level=None, check_same_thread=True)
         # 16 KiB pages for a new store (ignored for an existing one): ~15 % less CPU per inserted and per
         # deleted row than 4 KiB for ~400 B records (fewer page splits, WAL frames and checksums).
         conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
@@ -399,21 +626,46 @@ class BufferManager:
         return conn
 
     @contextlib.contextmanager
-    def _write(self, conn: sqlite3.Connection, *, sync: bool, urgent: bool = False) -> Iterator[None]:
-        # synchronous is per connection; switch only when it changes (FULL = fsync WAL on commit).
-        if sync != self._local.sync_full:
-            conn.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
-            self._local.sync_full = sync
-        if urgent:
-            _begin_urgent(conn)
-        else:
-            conn.execute("BEGIN IMMEDIATE")
+    def _write(self, conn: sqlite3.Connection, *, sync: bool, urgent: bool = False, raw: bool = False
+               ) -> Iterator[None]:
+        """One write transaction. A transient SQLite failure (lock timeout, I/O error, full disk) rolls it back
+        and is raised as :class:`SpoolUnavailableError` (retriable): nothing of the transaction was written, so
+        the caller still holds every record it tried to add. ``raw`` re-raises sqlite3's own error (open)."""
+        if self.read_only:
+            raise SpoolError(f"spool {self.path} was opened read-only (open_read_only): it takes no writes")
         try:
-            yield
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            # synchronous is per connection; switch only when it changes (FULL = fsync WAL on commit).
+            if sync != self._local.sync_full:
+                conn.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
+                self._local.sync_full = sync
+            if urgent:
+                _begin_urgent(conn)
+            else:
+                conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                conn.execute("COMMIT")
+            except BaseException:
+                # After SQLITE_FULL/IOERR SQLite may already have rolled back; a second ROLLBACK would raise.
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+        except sqlite3.DatabaseError as exc:
+            kind = sqlite_error_kind(exc)
+            if raw or kind == "other":
+                raise
+            if kind == "corrupt":
+                raise SpoolCorruptError(f"spool {self.path} is corrupt ({_errorname(exc)}: {exc}); the write was"
+                                        " rolled back and the file is moved aside at the next open") from exc
+            self._note_transient("write", exc)
+            log.error("spool %s: write failed (%s: %s); rolled back, the caller may retry", self.path,
+                      _errorname(exc), exc)
+            raise SpoolUnavailableError(
+                f"spool {self.path} unavailable ({_errorname(exc)}: {exc}): the write was rolled back, none of its"
+                " records were accepted; retry later", errorname=_errorname(exc)) from exc
+        if self.unavailable is not None:
+            self._note_ok()
 
     def close(self) -> None:
         """Close the calling thread's connection (other threads keep theirs; the next call reopens)."""
@@ -504,17 +756,22 @@ class BufferManager:
             deadline = self.clock.monotonic() + self.config.block_timeout_s
             pending = rows
             while pending:
-                with self._write(conn, sync=sync, urgent=urgent):
-                    # CRITICAL is never held back: it goes in even above capacity.
-                    free = capacity - self._depth(conn, source)
-                    take = [r for r in pending if r[0] == Priority.CRITICAL]
-                    rest = [r for r in pending if r[0] != Priority.CRITICAL]
-                    take += rest[: max(0, free - len(take))]
-                    if take:
-                        self._insert(conn, source, cfg.priority, topic, take, ingest_time, schema_version)
-                        taken = {id(r) for r in take}
-                        pending = [r for r in pending if id(r) not in taken]
-                        outcome.accepted += len(take)
+                try:
+                    with self._write(conn, sync=sync, urgent=urgent):
+                        # CRITICAL is never held back: it goes in even above capacity.
+                        free = capacity - self._depth(conn, source)
+                        take = [r for r in pending if r[0] == Priority.CRITICAL]
+                        rest = [r for r in pending if r[0] != Priority.CRITICAL]
+                        take += rest[: max(0, free - len(take))]
+                        if take:
+                            self._insert(conn, source, cfg.priority, topic, take, ingest_time, schema_version)
+                except SpoolUnavailableError as exc:
+                    exc.accepted = outcome.accepted  # earlier rounds committed; this one did not
+                    raise
+                if take:
+                    taken = {id(r) for r in take}
+                    pending = [r for r in pending if id(r) not in taken]
+                    outcome.accepted += len(take)
                 if pending:
                     now = self.clock.monotonic()
                     if now >= deadline:
@@ -810,7 +1067,14 @@ class BufferManager:
 
     def expire(self) -> int:
         """Remove non-CRITICAL rows older than ``ttl_seconds``; count them and append them to the archive
-        (JSONL, fsynced before the deletion commits) when ``archive_expired_path`` is set."""
+        (JSONL, fsynced before the deletion commits) when ``archive_expired_path`` is set. Then apply the
+        retention limits (:meth:`enforce_retention`). The publisher calls this every ``expire_every_s``."""
+        self.rotate_archive()
+        n = self._expire()
+        self.enforce_retention()
+        return n
+
+    def _expire(self) -> int:
         now = self.clock.time()
         cutoff = now - self.config.ttl_seconds
         conn = self._conn()
@@ -846,6 +1110,96 @@ class BufferManager:
     def archive_path(self) -> Path | None:
         p = self.config.archive_expired_path
         return resolve_path(p) if p else None
+
+    # ------------------------------------------------------------ retention
+
+    def enforce_retention(self) -> int:
+        """Delete ``dead_letters`` rows older than ``dead_letter_retention_days`` and the oldest beyond
+        ``dead_letter_max_rows``; count them (``stats().retention_dropped["dead_letters"]``). Returns rows deleted.
+
+        Dead letters are kept for inspection and replay, not forever: a poison source must not fill the disk.
+        With ``kafka.enable_dlq`` every dead letter was also produced to the DLQ topic.
+        """
+        cfg = self.config
+        conn = self._conn()
+        cutoff = self.clock.time() - cfg.dead_letter_retention_days * 86_400
+        # Looked at outside the write lock first: usually nothing is due, and no writer should wait for this.
+        rows, oldest = conn.execute("SELECT count(*), min(failed_at) FROM dead_letters").fetchone()
+        if rows <= cfg.dead_letter_max_rows and (oldest is None or oldest >= cutoff):
+            return 0
+        with self._write(conn, sync=False):
+            by_age = conn.execute("DELETE FROM dead_letters WHERE failed_at < ?", (cutoff,)).rowcount
+            over = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0] - cfg.dead_letter_max_rows
+            by_size = 0
+            if over > 0:
+                by_size = conn.execute("DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters"
+                                       " ORDER BY id LIMIT ?)", (over,)).rowcount
+            if by_age or by_size:
+                self._count_retention(conn, "dead_letters", by_age + by_size)
+        if by_age or by_size:
+            log.warning("spool %s: retention deleted %d dead letters (%d older than %.0f days, %d beyond %d rows)",
+                        self.path, by_age + by_size, by_age, cfg.dead_letter_retention_days, by_size,
+                        cfg.dead_letter_max_rows)
+        return by_age + by_size
+
+    def rotate_archive(self) -> int:
+        """Rotate the expiry archive once it reaches ``archive_max_bytes`` (``expired.jsonl`` -> ``.1`` -> ``.2``
+        ...), delete rotated files beyond ``archive_keep_files`` or older than ``archive_retention_days``, and
+        count the lines (records) of deleted files (``stats().retention_dropped["archive"]``). Returns them.
+
+        Runs in the draining process (from :meth:`expire`), which the drain lock makes the only one.
+        """
+        archive = self.archive_path()
+        if archive is None:
+            return 0
+        cfg = self.config
+        keep = cfg.archive_keep_files
+        dropped = 0
+        files = 0
+
+        def rotated(i: int) -> Path:
+            return archive.with_name(f"{archive.name}.{i}")
+
+        try:
+            if archive.exists() and archive.stat().st_size >= cfg.archive_max_bytes:
+                if keep == 0:
+                    dropped += _count_lines(archive)
+                    files += 1
+                    archive.unlink()
+                else:
+                    if rotated(keep).exists():
+                        dropped += _count_lines(rotated(keep))
+                        files += 1
+                        rotated(keep).unlink()
+                    for i in range(keep - 1, 0, -1):
+                        if rotated(i).exists():
+                            os.replace(rotated(i), rotated(i + 1))
+                    os.replace(archive, rotated(1))
+                log.info("expiry archive %s rotated at %d bytes", archive, cfg.archive_max_bytes)
+            cutoff = self.clock.time() - cfg.archive_retention_days * 86_400
+            prefix = archive.name + "."
+            for old in archive.parent.glob(prefix + "*"):
+                suffix = old.name[len(prefix):]
+                if not suffix.isdigit():
+                    continue
+                if int(suffix) > keep or old.stat().st_mtime < cutoff:
+                    dropped += _count_lines(old)
+                    files += 1
+                    old.unlink()
+        except FileNotFoundError:
+            pass  # raced with a manual clean-up: nothing left to rotate
+        if files:
+            conn = self._conn()
+            with self._write(conn, sync=False):
+                self._count_retention(conn, "archive", dropped)
+            log.warning("expiry archive %s: retention deleted %d rotated files holding %d records (keep %d files, "
+                        "%.0f days)", archive, files, dropped, keep, cfg.archive_retention_days)
+        return dropped
+
+    @staticmethod
+    def _count_retention(conn: sqlite3.Connection, store: str, n: int) -> None:
+        conn.execute("INSERT INTO retention (store, records) VALUES (?1, ?2)"
+                     " ON CONFLICT (store) DO UPDATE SET records = records + ?2", (store, n))
 
     # ------------------------------------------------------------ reading state
 
@@ -909,7 +1263,74 @@ class BufferManager:
             drops[source][reason] = n
         dead = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
         quarantined = [r[0] for r in conn.execute("SELECT path FROM quarantine ORDER BY at")]
-        return SpoolStats(dict(depth), dict(size), oldest, util, dict(drops), dead, quarantined)
+        try:
+            retention = dict(conn.execute("SELECT store, records FROM retention").fetchall())
+        except sqlite3.OperationalError:
+            retention = {}  # a read-only view of a store written before the table existed
+        return SpoolStats(dict(depth), dict(size), oldest, util, dict(drops), dead, quarantined, retention,
+                          dict(self.transient_errors), self.unavailable)
+
+
+@dataclass(slots=True)
+class _HeldDrainLock:
+    fd: int
+    pid: int
+    holders: int
+
+
+# Drain locks this process holds, by lock-file path. flock conflicts between two open files even in one process,
+# so each process opens a lock file once and counts its BufferManagers on it.
+_drain_locks: dict[str, _HeldDrainLock] = {}
+_drain_locks_guard = threading.Lock()
+
+
+def _acquire_process_drain_lock(key: str) -> None:
+    with _drain_locks_guard:
+        held = _drain_locks.get(key)
+        if held is not None and held.pid != os.getpid():
+            # Inherited through fork: the parent holds that lock, not this process. Drop our copy of the fd
+            # (the parent's lock stays) and try for our own.
+            with contextlib.suppress(OSError):
+                os.close(held.fd)
+            del _drain_locks[key]
+            held = None
+        if held is None:
+            fd = os.open(key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                try:
+                    holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+                finally:
+                    os.close(fd)
+                raise DrainLockedError(Path(key), holder or "another process (pid not yet written)") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            held = _drain_locks[key] = _HeldDrainLock(fd, os.getpid(), 0)
+            log.info("drain lock %s taken by pid %d", key, os.getpid())
+        held.holders += 1
+
+
+def _release_process_drain_lock(key: str, pid: int) -> None:
+    with _drain_locks_guard:
+        held = _drain_locks.get(key)
+        if held is None or held.pid != pid or pid != os.getpid():
+            return
+        held.holders -= 1
+        if held.holders <= 0:
+            del _drain_locks[key]
+            with contextlib.suppress(OSError):
+                os.ftruncate(held.fd, 0)
+            with contextlib.suppress(OSError):
+                os.close(held.fd)  # closing the only fd of the open file releases the flock
+
+
+def _count_lines(path: Path) -> int:
+    n = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            n += chunk.count(b"\n")
+    return n
 
 
 # tuple.__new__(SpoolRow, row) is SpoolRow._make without its Python frame: C speed per peeked row.
@@ -1001,4 +1422,24 @@ class SpoolCollector:
         dead.add_metric([], s.dead_letters)
         quarantined = GaugeMetricFamily("wildfire_spool_quarantined_files", "corrupt spool files moved aside")
         quarantined.add_metric([], len(s.quarantined))
-        yield from (depth, size, age, util, drops, dead, quarantined)
+        retention = CounterMetricFamily("wildfire_spool_retention_dropped_records",
+                                        "records deleted by retention limits", labels=["store"])
+        for store, n in s.retention_dropped.items():
+            retention.add_metric([store], n)
+        transient = CounterMetricFamily("wildfire_spool_transient_errors",
+                                        "transient SQLite failures (locked, I/O, full) in this process",
+                                        labels=["error"])
+        for name, n in s.transient_errors.items():
+            transient.add_metric([name], n)
+        unavailable = GaugeMetricFamily("wildfire_spool_unavailable",
+                                        "1 while the last spool operation of this process failed transiently")
+        unavailable.add_metric([], 0 if s.unavailable is None else 1)
+        yield from (depth, size, age, util, drops, dead, quarantined, retention, transient, unavailable)
+
+
+if __name__ == "__main__":
+    # python -m wildfire.spool salvage FILE: the command line lives in its own module, so that this run of
+    # the file as __main__ does not define a second copy of the spool's classes next to wildfire.spool's.
+    from wildfire.spool_salvage import main
+
+    raise SystemExit(main())

@@ -159,7 +159,9 @@ def check_spool(cfg: StreamConfig) -> Check:
     try:
         from wildfire.spool import BufferManager
 
-        spool = BufferManager(cfg.spool, cfg.sources, path=path)
+        # Read-only (SQLite mode=ro): health never creates, migrates or moves the spool aside; a locked or
+        # corrupt file is reported below, left for the worker to handle.
+        spool = BufferManager.open_read_only(cfg.spool, cfg.sources, path=path)
         try:
             stats = spool.stats()
         finally:
