@@ -48,6 +48,7 @@ class Ops:
         self.app.dependency_overrides[get_user] = lambda: person
         self.app.dependency_overrides[api.require_reader] = lambda: None
         self.app.dependency_overrides[api.require_config_writer] = lambda: None
+        self.app.dependency_overrides[api.require_config_reader] = lambda: None
         self.client = TestClient(self.app)
 
     def now(self) -> datetime:
