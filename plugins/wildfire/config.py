@@ -585,6 +585,7 @@ def redact_url(value: str) -> str:
         from sqlalchemy.engine import make_url
 
         url = make_url(value)
+        url.get_dialect()  # raises for schemes SQLAlchemy has no dialect for (https, mqtt, ...)
         if url.password is not None:
             url = url.set(password=REDACTED)
         if url.query:
