@@ -231,3 +231,26 @@ def test_worker_prunes_old_status_rows_and_applies_only_live_overrides_on_postgr
         worker.stop("test done")
         thread.join(60)
         engine.dispose()
+
+
+def test_kafka_authorization_failure_degrades_the_worker_health(tmp_path, topics):
+    from confluent_kafka import KafkaError
+
+    from wildfire.publish import AUTHORIZATION, Delivery
+    from wildfire.spool import SpoolRow
+
+    topic, dlq = topics
+    worker = worker_for(write_config(tmp_path, topic, dlq, None))
+    try:
+        assert worker.health() == (True, [], [])
+        err = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "Broker: Topic authorization failed")
+        row = SpoolRow(id=1, source="nws_alerts", source_priority=10, priority=int(Priority.CRITICAL), topic=topic,
+                       key="k", value=b"{}", ingest_time=time.time(), schema_version=1, attempts=0)
+        worker.publisher._authorization_failed(Delivery(row, AUTHORIZATION, err.str(), 0.0))
+        ok, reasons, warnings = worker.health()
+        assert ok and reasons == []  # degraded, not dead: restarting the worker would not fix an ACL
+        assert warnings == [f"Kafka refuses topic {topic!r}: Broker: Topic authorization failed "
+                            "(records held in the spool, retried)"]
+        assert worker.snapshot()["kafka_authorization_errors"] == {topic: "Broker: Topic authorization failed"}
+    finally:
+        worker.spool.close()
