@@ -536,6 +536,17 @@ def check_overrides(overrides: Mapping[str, Any]) -> list[str]:
     return errors
 
 
+def runtime_errors(cfg: StreamConfig) -> list[str]:
+    """Rules a running layer enforces beyond field validation, so that ``PATCH /config`` refuses (422) what
+    the worker's ``apply_config`` would refuse (``BackpressureManager.reconfigure``)."""
+    bp = cfg.backpressure
+    if not bp.fire_season.critical_threshold <= bp.shedding_threshold:
+        return ["backpressure.fire_season.critical_threshold: thresholds out of order: need "
+                "fire_season.critical_threshold <= shedding_threshold, got "
+                f"{bp.fire_season.critical_threshold} > {bp.shedding_threshold}"]
+    return []
+
+
 def live_overrides(overrides: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """(the part of ``overrides`` that can be applied live, the reasons the rest cannot)."""
     errors = check_overrides(overrides)

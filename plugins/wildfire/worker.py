@@ -493,15 +493,27 @@ class StreamWorker:
             self.summary.config_errors.append(str(exc))
             log.error("config reload refused, keeping the running config: %s", exc)
             return
-        self._config_error = None
         if new == self.config:
+            self._config_error = None
             return
-        self.apply_config(new)
+        try:
+            self.apply_config(new)
+        except Exception as exc:  # noqa: BLE001 - a config a layer refuses must not stop the worker
+            self._config_error = f"kept the running config: {type(exc).__name__}: {exc}"
+            self.summary.config_errors.append(str(exc))
+            log.error("config reload refused by a layer, keeping the running config: %s", exc)
+            return
+        self._config_error = None
 
     def apply_config(self, new: StreamConfig) -> None:
-        """Apply what can change at run time; Kafka client settings need a new run."""
-        self.breaker.reconfigure(new.circuit_breaker)
+        """Apply what can change at run time (``config.LIVE_OVERRIDES``); Kafka client settings need a new run.
+
+        The backpressure layer goes first: it is the one that can still refuse a config, and it does so before
+        changing anything, so a refusal leaves every layer on the running config.
+        """
         self.backpressure.reconfigure(new.backpressure)
+        self.spool.fire_season = self.backpressure.fire_season_active()
+        self.breaker.reconfigure(new.circuit_breaker)
         self.throttle.config = new.throttling
         if new.queue.max_size != self.queue.max_size:
             self.queue.resize(new.queue.max_size)

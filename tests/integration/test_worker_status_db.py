@@ -254,3 +254,34 @@ def test_kafka_authorization_failure_degrades_the_worker_health(tmp_path, topics
         assert worker.snapshot()["kafka_authorization_errors"] == {topic: "Broker: Topic authorization failed"}
     finally:
         worker.spool.close()
+
+
+def test_an_override_a_layer_refuses_keeps_the_running_config_and_the_worker_publishing(tmp_path, topics,
+                                                                                        kafka_bootstrap):
+    from wildfire.storage.migrate import upgrade
+
+    topic, dlq = topics
+    path = write_config(tmp_path, topic, dlq, None)
+    url = f"sqlite:///{tmp_path / 'status.db'}"
+    upgrade(url)
+    engine = sa.create_engine(url)
+    # Written around PATCH /config (which refuses it with 422): valid field by field, refused by the
+    # backpressure layer's reconfigure inside the worker.
+    ops_state.append_audit(engine, "tester", ops_state.CONFIG_PATCH, {"overrides": {"backpressure": {
+        "shedding_threshold": 0.97, "fire_season": {"critical_threshold": 0.99}}}})
+    engine.dispose()
+    worker = worker_for(path)
+    thread = start(worker)
+    try:
+        wait_for(lambda: worker._config_error is not None, timeout=15, what="the override to be refused")
+        assert "fire_season.critical_threshold <= shedding_threshold" in worker._config_error
+        assert thread.is_alive()
+        assert worker.config.backpressure.shedding_threshold == 1.0  # the running config is kept
+        records = critical_alerts(5)
+        worker.ingestor.accept("nws_alerts", records)
+        wanted = {r.key for r in records}
+        wait_for(lambda: wanted <= set(consume_keys(kafka_bootstrap, topic, 0, timeout=5)),
+                 timeout=DELIVERY_BOUND_S, what="the CRITICAL records in Kafka")
+    finally:
+        worker.stop("test done")
+        thread.join(60)

@@ -332,6 +332,15 @@ def test_patch_refuses_keys_a_running_worker_does_not_apply(ops: Ops, ops_engine
     assert ops_state.recent_audit(ops_engine) == []
 
 
+def test_patch_a_layer_would_refuse_is_refused_before_reaching_the_worker(ops: Ops, ops_engine: sa.Engine) -> None:
+    # Valid field by field, but BackpressureManager.reconfigure raises on it inside a running worker.
+    resp = ops.client.patch("/config", json={"backpressure": {"shedding_threshold": 0.97,
+                                                              "fire_season": {"critical_threshold": 0.99}}})
+    assert resp.status_code == 422
+    assert "fire_season.critical_threshold <= shedding_threshold" in resp.json()["detail"]["errors"][0]
+    assert ops_state.recent_audit(ops_engine) == []
+
+
 def test_patch_names_every_refused_key_at_once(ops: Ops) -> None:
     resp = ops.client.patch("/config", json={"spool": {"ttl_seconds": 1, "path": "/x"}, "queue": {"max_size": 5},
                                              "sources": {"purpleair": {"enabled": False}}})

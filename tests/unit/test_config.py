@@ -193,3 +193,13 @@ def test_redact_masks_secret_named_options_anywhere_and_leaves_the_rest():
     assert out["credential_file"] == "***"
     assert out["stations"] == ["https://u:***@x/"]
     assert out["bbox"] == cfg["sources"]["purpleair"]["options"]["bbox"]
+
+
+def test_runtime_errors_catch_what_the_backpressure_layer_would_refuse():
+    # BackpressureManager.reconfigure raises on this; as a runtime override it used to reach the running worker.
+    from wildfire.config import runtime_errors
+
+    bad = build_config({"backpressure": {"shedding_threshold": 0.97, "fire_season": {"critical_threshold": 0.99}}})
+    (error,) = runtime_errors(bad)
+    assert error.startswith("backpressure.fire_season.critical_threshold: thresholds out of order")
+    assert runtime_errors(StreamConfig()) == []

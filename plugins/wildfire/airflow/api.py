@@ -64,6 +64,7 @@ from wildfire.config import (
     read_yaml,
     redact,
     resolve_path,
+    runtime_errors,
 )
 from wildfire.storage.schema import dead_letters
 
@@ -431,9 +432,11 @@ def create_app(
         if refused:
             return _invalid(refused)
         try:
-            build_config(file_layer, env_layer, merged, origin="overrides")
+            layer_errors = runtime_errors(build_config(file_layer, env_layer, merged, origin="overrides"))
         except ConfigError as exc:
             return _invalid(exc.errors)
+        if layer_errors:
+            return _invalid(layer_errors)
         actor = user.get_name()
         ops_state.append_audit(engine, actor, ops_state.CONFIG_PATCH,
                                {"overrides": merged, "changed": dict(patch), "previous": current, "base_id": base_id},
