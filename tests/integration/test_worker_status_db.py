@@ -211,12 +211,17 @@ def test_worker_prunes_old_status_rows_and_applies_only_live_overrides_on_postgr
     # Written around PATCH /config (which refuses them): a path and a key read only at start, beside a live key.
     ops_state.append_audit(engine, "tester", ops_state.CONFIG_PATCH, {"overrides": {
         "circuit_breaker": {"failure_threshold": 4},
+        "backpressure": {"fire_season": {"mode": "on"}},
         "spool": {"archive_expired_path": str(tmp_path / "elsewhere.jsonl"), "ttl_seconds": 0.001},
         "sources": {"nws_alerts": {"enabled": False}}}})
     worker = worker_for(path)
     thread = start(worker)
     try:
         wait_for(lambda: worker.breaker.config.failure_threshold == 4, timeout=15, what="the live override")
+        # Fire season switched on at run time reaches the spool too (its per-source capacity doubles).
+        src = worker.config.sources["nws_alerts"]
+        assert worker.spool.fire_season is True
+        assert worker.spool.capacity("nws_alerts") == 2 * (src.capacity or worker.config.spool.capacity_per_source)
         ids = lambda: {r["worker_id"] for r in ops_state.read_worker_status(engine)}  # noqa: E731
         wait_for(lambda: worker.worker_id in ids(), timeout=15, what="the worker's own status row")
         assert ids() == {worker.worker_id, "stream_worker-recent"}  # the 2-day-old row is gone
