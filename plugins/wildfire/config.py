@@ -255,6 +255,12 @@ class WorkerConfig(_Model):
     shutdown_flush_s: float = Field(30, ge=0, le=600)
     config_reload_s: float = Field(5, gt=0, le=600)
     metrics_port: int = Field(9108, ge=0, le=65535)
+    # The status database (worker_status rows, runtime overrides) is off the data path: it is written by a
+    # background thread with these timeouts, and a failure there never holds a record back.
+    status_connect_timeout_s: float = Field(3.0, gt=0, le=60, description="connect timeout of the status DB")
+    status_statement_timeout_s: float = Field(5.0, gt=0, le=300, description="statement timeout of the status DB")
+    status_retention_s: float = Field(86_400, ge=60, description="worker_status rows older than this are pruned "
+                                                                  "and not shown by /status")
 
 
 def _default_sources() -> dict[str, SourceConfig]:
@@ -450,6 +456,199 @@ def resolve_path(value: str | os.PathLike[str]) -> Path:
     """Relative paths in the config are relative to the project root, not the working directory."""
     p = Path(value)
     return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+# ---------------------------------------------------------------- runtime overrides
+
+
+# Keys a runtime override (PATCH /config, ops_state) may set: exactly what StreamWorker.apply_config changes in a
+# running worker. ``*`` is one path segment (a source name); a pattern ending in ``.**`` covers a whole section.
+LIVE_OVERRIDES: tuple[str, ...] = (
+    "circuit_breaker.**",        # breaker.reconfigure
+    "backpressure.**",           # backpressure.reconfigure
+    "throttling.**",             # the throttle reads its config on every step
+    "queue.**",                  # queue.resize + queue.config
+    "spool.capacity_per_source",  # the spool reads these on every write or expiry
+    "spool.ttl_seconds",
+    "spool.overflow_strategy",
+    "spool.utilization_alert",
+    "spool.block_timeout_s",
+    "sources.*.capacity",        # spool.sources: per-source capacity, overflow and drain priority of new rows
+    "sources.*.overflow_strategy",
+    "sources.*.priority",
+    "worker.config_reload_s",    # read by the loop on every reload
+    "worker.shutdown_flush_s",   # read at shutdown
+    "worker.status_retention_s",  # read by the status thread on every prune
+)
+# Sections no runtime override may touch, with the reason given to the caller.
+FIXED_SECTIONS: dict[str, str] = {
+    "storage": "cannot be overridden at run time (the overrides themselves are stored in that database); "
+               "set it in the config file or WILDFIRE__STORAGE__* variables",
+    "kafka": "Kafka client settings are read when the producer is built: change the config file and restart "
+             "the stream worker",
+    "topics": "topics are created by python -m wildfire.topics from the config file, not at run time",
+    "http": "HTTP client settings are read when the clients are built: change the config file and restart",
+}
+# A TTL shorter than this would let the next expiry delete every non-CRITICAL row still waiting for Kafka.
+MIN_OVERRIDE_TTL_S = 3600.0
+_NOT_LIVE = ("is not applied by a running stream worker (read once at start): change the config file and "
+             "restart the worker instead")
+_PATH_REASON = "paths are not overridable at run time (a runtime override must never point the spool elsewhere)"
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.extend(_leaves(value, path + "."))
+        else:
+            out.append((path, value))
+    return out
+
+
+def _live(path: str) -> bool:
+    parts = path.split(".")
+    for pattern in LIVE_OVERRIDES:
+        pat = pattern.split(".")
+        if pat[-1] == "**":
+            head = pat[:-1]
+            if len(parts) > len(head) and all(p in ("*", q) for p, q in zip(head, parts, strict=False)):
+                return True
+        elif len(pat) == len(parts) and all(p in ("*", q) for p, q in zip(pat, parts, strict=True)):
+            return True
+    return False
+
+
+def _is_path_key(path: str) -> bool:
+    last = path.rsplit(".", 1)[-1]
+    return last == "path" or last.endswith(("_path", "_dir", "_directory"))
+
+
+def check_overrides(overrides: Mapping[str, Any]) -> list[str]:
+    """Why each key of ``overrides`` cannot be applied at run time; ``[]`` when every key can.
+
+    Every key is either applied live by the stream worker (:data:`LIVE_OVERRIDES`) or refused here with its
+    reason: fixed sections, paths, keys a running worker reads only at start, and values outside the runtime
+    bounds (``spool.ttl_seconds`` at least :data:`MIN_OVERRIDE_TTL_S`). ``None`` values (removals) are fine.
+    """
+    if not isinstance(overrides, Mapping):
+        return [f"<overrides>: expected a mapping, got {type(overrides).__name__}"]
+    errors: list[str] = []
+    for section, value in overrides.items():
+        if section in FIXED_SECTIONS and value is not None:
+            errors.append(f"{section}: {FIXED_SECTIONS[section]}")
+    for path, value in _leaves(overrides):
+        if value is None or value == {} or path.split(".", 1)[0] in FIXED_SECTIONS:
+            continue
+        if _is_path_key(path):
+            errors.append(f"{path}: {_PATH_REASON}")
+        elif not _live(path):
+            errors.append(f"{path}: {_NOT_LIVE}")
+        elif path == "spool.ttl_seconds" and (not isinstance(value, int | float) or isinstance(value, bool)
+                                              or value < MIN_OVERRIDE_TTL_S):
+            errors.append(f"{path}: must be at least {MIN_OVERRIDE_TTL_S:.0f} s as a runtime override "
+                          f"(a shorter TTL expires every non-CRITICAL record still waiting), got {value!r}")
+    return errors
+
+
+def runtime_errors(cfg: StreamConfig) -> list[str]:
+    """Rules a running layer enforces beyond field validation, so that ``PATCH /config`` refuses (422) what
+    the worker's ``apply_config`` would refuse (``BackpressureManager.reconfigure``)."""
+    bp = cfg.backpressure
+    if not bp.fire_season.critical_threshold <= bp.shedding_threshold:
+        return ["backpressure.fire_season.critical_threshold: thresholds out of order: need "
+                "fire_season.critical_threshold <= shedding_threshold, got "
+                f"{bp.fire_season.critical_threshold} > {bp.shedding_threshold}"]
+    return []
+
+
+def live_overrides(overrides: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(the part of ``overrides`` that can be applied live, the reasons the rest cannot)."""
+    errors = check_overrides(overrides)
+    if not errors:
+        return copy.deepcopy(dict(overrides)), []
+    bad = {e.split(":", 1)[0] for e in errors}
+    kept: dict[str, Any] = {}
+    for path, value in _leaves(overrides):
+        if path in bad or path.split(".", 1)[0] in bad:
+            continue
+        node = kept
+        parts = path.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = copy.deepcopy(value)
+    return kept, errors
+
+
+# ---------------------------------------------------------------- secrets
+
+REDACTED = "***"
+# Name parts that mark a secret: ``password``, ``api_key``, ``map_key``, ``sasl.password``, ``client_secret``.
+_SECRET_WORDS = frozenset({"password", "passwd", "pwd", "pass", "secret", "token", "key", "apikey", "mapkey",
+                           "credential", "credentials", "auth", "authorization", "signature", "sig", "private"})
+
+
+def is_secret_name(name: str) -> bool:
+    """True for option names that look like they hold a secret (checked by word: ``api_key``, ``MAP_KEY``)."""
+    import re
+
+    lowered = str(name).lower()
+    words = [w for w in re.split(r"[^a-z0-9]+", lowered) if w]
+    return any(w in _SECRET_WORDS or w.endswith(("password", "secret", "token", "apikey")) for w in words)
+
+
+def redact_url(value: str) -> str:
+    """``value`` with any password and secret-named query parameter replaced by ``***``.
+
+    SQLAlchemy URLs (``postgresql://u:p@h/db?password=...``) are parsed with ``make_url``; anything else with
+    ``urllib.parse``. A value that is not a URL comes back unchanged.
+    """
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    if "://" not in value:
+        return value
+    try:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(value)
+        url.get_dialect()  # raises for schemes SQLAlchemy has no dialect for (https, mqtt, ...)
+        if url.password is not None:
+            url = url.set(password=REDACTED)
+        if url.query:
+            url = url.set(query={k: (REDACTED if is_secret_name(k) else v) for k, v in url.query.items()})
+        # render_as_string percent-encodes the mask; show it as written.
+        return url.render_as_string(hide_password=False).replace("%2A%2A%2A", REDACTED)
+    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL (https://..., kafka://...): parse it generically
+        pass
+    try:
+        parts = urlsplit(value)
+        netloc = parts.netloc
+        if "@" in netloc:
+            creds, host = netloc.rsplit("@", 1)
+            user = creds.split(":", 1)[0]
+            netloc = f"{user}:{REDACTED}@{host}" if ":" in creds else f"{REDACTED}@{host}"
+        query = parts.query
+        if query:
+            query = urlencode([(k, REDACTED if is_secret_name(k) else v)
+                               for k, v in parse_qsl(query, keep_blank_values=True)], safe="*")
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment)).replace("%2A%2A%2A", REDACTED)
+    except ValueError:
+        return REDACTED  # unparseable and URL-like: show nothing rather than a possible secret
+
+
+def redact(value: Any, name: str = "") -> Any:
+    """A copy of ``value`` (a config dump, an override set) safe to show: secret-named entries are ``***``
+    and every URL string has its password and secret query parameters masked."""
+    if isinstance(value, Mapping):
+        return {k: (REDACTED if is_secret_name(str(k)) and v not in (None, "", {}, [])
+                    and not isinstance(v, Mapping) else redact(v, str(k)))
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v, name) for v in value]
+    if isinstance(value, str):
+        return redact_url(value)
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,10 @@ so the stream worker and the operations plugin meet here:
   overrides in ``detail["overrides"]``; the newest such row is the set in force (event-sourced, so the
   history of every change and who made it is kept).
 
-The database is the storage layer's (``storage.database_url``, SQLite file when unset).
+The database is the storage layer's (``storage.database_url``, SQLite file when unset). Its schema is
+applied by ``make db-upgrade`` (``python -m wildfire.storage.migrate upgrade``), never by a reader or writer
+here. ``worker_status`` rows older than ``worker.status_retention_s`` are deleted by the stream worker's
+status thread (:func:`prune_worker_status`) and left out of :func:`read_worker_status` with ``since``.
 """
 
 from __future__ import annotations
@@ -60,15 +63,32 @@ def write_worker_status(engine: sa.Engine, worker_id: str, component: str, state
                                                        state=state))
 
 
-def read_worker_status(engine: sa.Engine, component: str | None = None) -> list[dict[str, Any]]:
+def read_worker_status(engine: sa.Engine, component: str | None = None, *, since: datetime | None = None,
+                       limit: int | None = None) -> list[dict[str, Any]]:
+    """Workers newest heartbeat first; only those that beat at or after ``since``, at most ``limit`` of them."""
     query = sa.select(worker_status).order_by(worker_status.c.heartbeat.desc())
     if component:
         query = query.where(worker_status.c.component == component)
+    if since is not None:
+        query = query.where(worker_status.c.heartbeat >= since)
+    if limit is not None:
+        query = query.limit(limit)
     with engine.connect() as conn:
         return [
             {"worker_id": r.worker_id, "component": r.component, "heartbeat": _utc(r.heartbeat), "state": r.state}
             for r in conn.execute(query)
         ]
+
+
+def prune_worker_status(engine: sa.Engine, older_than: timedelta, *, now: datetime | None = None) -> int:
+    """Delete ``worker_status`` rows whose heartbeat is older than ``older_than``; returns how many.
+
+    Every worker process writes its own row (host and pid in the id), so without this the table grows by one
+    row per restart, forever.
+    """
+    cutoff = (now or datetime.now(UTC)) - older_than
+    with engine.begin() as conn:
+        return conn.execute(worker_status.delete().where(worker_status.c.heartbeat < cutoff)).rowcount or 0
 
 
 def latest_heartbeat(engine: sa.Engine, component: str) -> datetime | None:
@@ -109,8 +129,31 @@ def is_stale(heartbeat: datetime | None, *, max_age: timedelta, now: datetime | 
     return (now or datetime.now(UTC)) - heartbeat > max_age
 
 
-def engine_for(config: Any) -> sa.Engine:
-    """Engine on the storage database of a :class:`~wildfire.config.StreamConfig`."""
+def engine_for(config: Any, *, connect_timeout_s: float | None = None,
+               statement_timeout_s: float | None = None) -> sa.Engine:
+    """Engine on the storage database of a :class:`~wildfire.config.StreamConfig`.
+
+    With timeouts (the stream worker's status thread), no call on it waits on the database for much longer
+    than ``connect_timeout_s`` + ``statement_timeout_s``: PostgreSQL gets ``connect_timeout``, a server-side
+    ``statement_timeout`` and ``tcp_user_timeout`` (a peer that stops answering mid-statement); SQLite gets a
+    busy timeout.
+    """
     from wildfire.storage.migrate import database_url, sqlalchemy_url
 
-    return sa.create_engine(sqlalchemy_url(database_url(config.storage)), pool_pre_ping=True)
+    url = sqlalchemy_url(database_url(config.storage))
+    connect_args: dict[str, Any] = {}
+    if url.startswith("postgresql"):
+        if connect_timeout_s is not None:
+            connect_args["connect_timeout"] = max(1, round(connect_timeout_s))  # libpq: whole seconds
+        if statement_timeout_s is not None:
+            connect_args["options"] = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
+            connect_args["tcp_user_timeout"] = int((statement_timeout_s + (connect_timeout_s or 0)) * 1000)
+    elif url.startswith("sqlite") and connect_timeout_s is not None:
+        connect_args["timeout"] = connect_timeout_s
+    return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+
+
+def missing_schema(exc: BaseException) -> bool:
+    """True when ``exc`` says the operations tables do not exist (the database was never migrated)."""
+    text = str(exc).lower()
+    return "no such table" in text or ("relation" in text and "does not exist" in text) or "undefinedtable" in text

@@ -21,7 +21,14 @@ Kafka errors, by what we do with them::
     delivery error
     ├── permanent (MSG_SIZE_TOO_LARGE, INVALID_RECORD, ...)  -> dead letter now
     ├── unknown topic (UNKNOWN_TOPIC_OR_PART, _UNKNOWN_TOPIC) -> retry, dead letter after max_retries
+    ├── authorization (TOPIC/GROUP/CLUSTER_AUTHORIZATION_FAILED, ...) -> retry forever, never dead-lettered,
+    │       alarmed: ERROR log naming the topic, wildfire_publish_authorization_failures_total{topic},
+    │       ``SpoolPublisher.authorization_errors`` (the stream worker's /health is degraded)
     └── everything else (timeouts, transport, broker down)    -> retry forever, breaker failure
+
+An authorization failure is an operator's ACL mistake, not a property of the record: dead-lettering would
+empty the spool of every record bound for that topic. It does not count against the breaker (the broker
+answers; other topics still publish), but the retry backoff slows the whole drain while the ACL is wrong.
 
 Run it as the stream worker's drain loop::
 
@@ -66,7 +73,19 @@ class PermanentPublishError(PublishError):
 
 
 OK, RETRIABLE, UNKNOWN_TOPIC, PERMANENT = "ok", "retriable", "unknown_topic", "permanent"
+AUTHORIZATION = "authorization"
 _CRITICAL_VALUE = int(Priority.CRITICAL)
+
+
+def _authorization_codes() -> frozenset[int]:
+    from confluent_kafka import KafkaError as E
+
+    names = ("TOPIC_AUTHORIZATION_FAILED", "GROUP_AUTHORIZATION_FAILED", "CLUSTER_AUTHORIZATION_FAILED",
+             "TRANSACTIONAL_ID_AUTHORIZATION_FAILED", "DELEGATION_TOKEN_AUTHORIZATION_FAILED")
+    return frozenset(getattr(E, n) for n in names if hasattr(E, n))
+
+
+_AUTHORIZATION_CODES = _authorization_codes()
 
 
 def classify(err: Any) -> str:
@@ -77,9 +96,10 @@ def classify(err: Any) -> str:
 
     code = err.code()
     if code in (E.MSG_SIZE_TOO_LARGE, E.INVALID_RECORD, E.RECORD_LIST_TOO_LARGE, E.INVALID_MSG,
-                E.INVALID_MSG_SIZE, E._INVALID_ARG, E._INVALID_TYPE, E.TOPIC_AUTHORIZATION_FAILED,
-                E.INVALID_TIMESTAMP):
+                E.INVALID_MSG_SIZE, E._INVALID_ARG, E._INVALID_TYPE, E.INVALID_TIMESTAMP):
         return PERMANENT
+    if code in _AUTHORIZATION_CODES:
+        return AUTHORIZATION
     if code in (E.UNKNOWN_TOPIC_OR_PART, E._UNKNOWN_TOPIC, E._UNKNOWN_PARTITION, E.UNKNOWN_TOPIC_ID):
         return UNKNOWN_TOPIC
     return RETRIABLE
@@ -92,7 +112,7 @@ class Delivery:
     row: SpoolRow
     """The spooled record."""
     outcome: str
-    """OK, RETRIABLE, UNKNOWN_TOPIC or PERMANENT."""
+    """OK, RETRIABLE, UNKNOWN_TOPIC, AUTHORIZATION or PERMANENT."""
     error: str | None
     """Kafka's error text, None on success."""
     latency_s: float
@@ -118,6 +138,10 @@ class PublishMetrics:
         self.latency = BulkHistogram("wildfire_publish_delivery_latency_seconds", "produce to acknowledgement",
                                      None, (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         registry.register(self.latency)
+        self.authorization_failures = Counter(
+            "wildfire_publish_authorization_failures",
+            "deliveries refused by the broker's ACLs (kept in the spool and retried, never dead-lettered)",
+            ["topic"], registry=registry)
         self.in_flight = Gauge("wildfire_publish_in_flight_records", "produced, not yet acknowledged",
                                registry=registry)
         self.breaker_state = Gauge("wildfire_publish_breaker_state", "0 closed, 1 open, 2 half-open",
@@ -483,6 +507,9 @@ class SpoolPublisher:
         # nothing new was written: see run_once.
         self._top_read: int | None = None
         self.totals = PublishStats()
+        # topic -> (Kafka's error text, monotonic time of the last ERROR log): topics the broker's ACLs refuse
+        # now; an entry ends when a record of that topic is delivered.
+        self.authorization_errors: dict[str, tuple[str, float]] = {}
 
     # ------------------------------------------------------------ one step
 
@@ -660,6 +687,10 @@ class SpoolPublisher:
                 continue
             attempts = self._attempts.get(d.row.id, d.row.attempts) + 1
             self._attempts[d.row.id] = attempts
+            if d.outcome == AUTHORIZATION:
+                self._authorization_failed(d)
+                retry.append(d.row)
+                continue
             if d.outcome == PERMANENT:
                 self._dead_letter(d.row, d.error or "permanent error", stats, attempts)
             elif d.outcome == UNKNOWN_TOPIC and attempts > self.kafka.max_retries:
@@ -669,6 +700,11 @@ class SpoolPublisher:
                 retry.append(d.row)
                 if self.metrics:
                     self.metrics.retries.labels(d.outcome).inc()
+        if ok and self.authorization_errors:
+            # A topic whose records are delivered again is no longer refused: its alarm ends.
+            for topic in {r.topic for r in delivered} | {d.row.topic for d in reports if d.outcome == OK}:
+                if self.authorization_errors.pop(topic, None) is not None:
+                    log.warning("Kafka accepts records for topic %r again (authorization restored)", topic)
         if ok:
             if self._acker is not None:
                 self._acking.update(ok)
@@ -689,6 +725,20 @@ class SpoolPublisher:
                         len(retry), next(d.error for d in reports if d.outcome != OK), delay, self.breaker.state.name)
         elif ok:
             self._failed_rounds = 0
+
+    def _authorization_failed(self, d: Delivery) -> None:
+        topic = d.row.topic
+        if self.metrics:
+            self.metrics.authorization_failures.labels(topic).inc()
+        now = self.clock.monotonic()
+        last = self.authorization_errors.get(topic)
+        # One ERROR per topic per minute: a refused topic fails every record of every round.
+        if last is None or now - last[1] >= 60.0:
+            log.error("Kafka refused topic %r: %s. Records stay in the spool and are retried; grant the producer "
+                      "WRITE on the topic (and IDEMPOTENT_WRITE on the cluster)", topic, d.error)
+            self.authorization_errors[topic] = (d.error or "authorization failed", now)
+        else:
+            self.authorization_errors[topic] = (d.error or "authorization failed", last[1])
 
     def _collect_acks(self, stats: PublishStats) -> None:
         if self._acker is None:

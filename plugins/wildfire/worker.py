@@ -18,8 +18,17 @@ settle; whatever is not acknowledged stays in the spool for the next run.
 
 Every ``worker.config_reload_s`` the worker re-reads ``config/stream_config.yaml`` (if it changed) and the
 runtime overrides (``ops_state.current_overrides``); an invalid result is refused, the running config is
-kept and the reason is published in the status. Status goes to the ``worker_status`` table and to
-``/health``, ``/ready`` and ``/metrics`` on ``worker.metrics_port``.
+kept and the reason is published in the status. Only the keys of ``config.LIVE_OVERRIDES`` are taken from
+the overrides (the rest are refused by ``PATCH /config`` and, if found in the database anyway, ignored and
+reported). Status goes to the ``worker_status`` table and to ``/health``, ``/ready`` and ``/metrics`` on
+``worker.metrics_port``.
+
+The status database is not on the data path. A background thread (``worker-status``) writes the status row,
+reads the runtime overrides and prunes ``worker_status`` rows older than ``worker.status_retention_s``, with
+``worker.status_connect_timeout_s`` and ``worker.status_statement_timeout_s``; the publish loop never waits
+for it and applies fetched overrides itself. An unreachable, hanging or unmigrated status database shows
+as a ``/health`` warning (``degraded``), ``wildfire_worker_status_write_failures_total`` and an ERROR log,
+while records keep flowing to Kafka. The worker never migrates the schema (``make db-upgrade`` does).
 
 Run outside Airflow: ``python -m wildfire.worker --mode continuous_streaming --minutes 55``.
 """
@@ -46,7 +55,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from wildfire.clock import SYSTEM_CLOCK, Clock
-from wildfire.config import ConfigError, StreamConfig, load_config, resolve_path
+from wildfire.config import ConfigError, StreamConfig, live_overrides, load_config, resolve_path
 from wildfire.ingest import Ingestor
 from wildfire.priority import Priority
 from wildfire.publish import ProducerWrapper, PublishMetrics, SpoolPublisher, freeze_startup_heap
@@ -142,6 +151,24 @@ class StreamWorker:
         self._mqtt: Any = None
         self._status_engine: Any = None
         self._status_db = status_db
+        self._status_thread: threading.Thread | None = None
+        self._status_final = threading.Event()
+        self._status_error: str | None = None
+        self._status_busy_since: float | None = None  # monotonic start of the status call in progress
+        self._status_failures = 0
+        self._status_logged: tuple[str, float] | None = None  # (error, monotonic time) of the last ERROR log
+        self._next_prune = 0.0
+        self._overrides_seen: int | None = None  # newest override id the status thread read
+        self._pending_lock = threading.Lock()
+        self._pending_overrides: tuple[int | None, dict[str, Any]] | None = None  # handed to the loop thread
+        self._refused_overrides: list[str] = []
+        from prometheus_client import Counter, Gauge
+
+        self._status_failures_metric = Counter(
+            "wildfire_worker_status_write_failures", "status database calls that failed (status, overrides, prune)",
+            registry=self.registry)
+        self._status_up_metric = Gauge("wildfire_worker_status_db_up", "1 when the last status write succeeded",
+                                       registry=self.registry)
         self._http: Any = None
         self._loop_beat = clock.monotonic()
         self._ready = False
@@ -307,7 +334,11 @@ class StreamWorker:
             "fetch_errors": dict(self._fetch_errors),
             "fetched": self.summary.fetched,
             "transitions": {"breaker": [f"{a.name}->{b.name}" for _, a, b in self.breaker.transitions[-20:]]},
-            "config": {"version": _config_version(self.config), "error": self._config_error},
+            "config": {"version": _config_version(self.config), "error": self._config_error,
+                       "refused_overrides": list(self._refused_overrides)},
+            "status_db": {"ok": self._status_error is None, "error": self._status_error,
+                          "failures": self._status_failures},
+            "kafka_authorization_errors": {t: e for t, (e, _) in self.publisher.authorization_errors.items()},
             "metrics_url": f"http://{self.metrics_host}:{self.metrics_port}/metrics" if self._http else None,
         }
 
@@ -321,26 +352,115 @@ class StreamWorker:
             warnings.append("circuit breaker OPEN: Kafka unreachable, records held in the spool")
         if self._config_error:
             warnings.append(self._config_error)
+        if self._refused_overrides:
+            warnings.append("runtime overrides ignored: " + "; ".join(self._refused_overrides))
+        if self._status_error:
+            warnings.append(f"status database: {self._status_error} (records still publish; status and "
+                            "overrides are not updated)")
+        busy = self._status_busy_since
+        limit = self.config.worker.status_connect_timeout_s + self.config.worker.status_statement_timeout_s + 5
+        if busy is not None and self.clock.monotonic() - busy > limit:
+            warnings.append(f"status database call stuck for {self.clock.monotonic() - busy:.0f} s")
+        for topic, (error, _) in sorted(self.publisher.authorization_errors.items()):
+            warnings.append(f"Kafka refuses topic {topic!r}: {error} (records held in the spool, retried)")
         return not reasons, reasons, warnings
 
-    def _write_status(self) -> None:
+    # ------------------------------------------------------------ status database (off the data path)
+
+    def _start_status(self) -> None:
         if not self._status_db:
             return
+        self._status_thread = threading.Thread(target=self._status_main, name="worker-status", daemon=True)
+        self._status_thread.start()
+
+    def _status_main(self) -> None:
+        """Write the status row, read the overrides and prune, every few seconds, until the run ends; then write
+        the final status once. Each call is bounded by the engine's timeouts; the publish loop never waits."""
+        while not self._status_final.is_set():
+            self._status_cycle()
+            self._status_final.wait(min(5.0, self.config.worker.config_reload_s))
+        self._status_cycle(final=True)
+
+    def _status_cycle(self, *, final: bool = False) -> None:
+        from wildfire import ops_state
+
+        w = self.config.worker
+        self._status_busy_since = self.clock.monotonic()
         try:
-            from wildfire import ops_state
-
             if self._status_engine is None:
-                from wildfire.storage.migrate import database_url, upgrade
+                self._status_engine = ops_state.engine_for(self.config, connect_timeout_s=w.status_connect_timeout_s,
+                                                           statement_timeout_s=w.status_statement_timeout_s)
+            engine = self._status_engine
+            ops_state.write_worker_status(engine, self.worker_id, COMPONENT, self._snapshot_for_status())
+            if not final:
+                ov_id, overrides = ops_state.current_overrides(engine)
+                if ov_id != self._overrides_seen:
+                    self._overrides_seen = ov_id
+                    with self._pending_lock:
+                        self._pending_overrides = (ov_id, overrides)
+                now = self.clock.monotonic()
+                if now >= self._next_prune:
+                    self._next_prune = now + 600.0
+                    from datetime import timedelta
 
-                upgrade(database_url(self.config.storage))
-                self._status_engine = ops_state.engine_for(self.config)
-            ops_state.write_worker_status(self._status_engine, self.worker_id, COMPONENT, self.snapshot())
-            ov_id, overrides = ops_state.current_overrides(self._status_engine)
-            if ov_id != self._overrides_id:
-                self._overrides_id = ov_id
-                self._reload(overrides=overrides)
-        except Exception as exc:  # noqa: BLE001 - status is advisory; the drain must go on
-            log.warning("could not write worker status: %s", exc)
+                    n = ops_state.prune_worker_status(engine, timedelta(seconds=w.status_retention_s))
+                    if n:
+                        log.info("pruned %d worker_status rows older than %.0f s", n, w.status_retention_s)
+        except Exception as exc:  # noqa: BLE001 - status is advisory; the drain goes on without it
+            self._status_failed(exc)
+        else:
+            if self._status_error is not None:
+                log.info("status database reachable again")
+            self._status_error = None
+            self._status_up_metric.set(1)
+        finally:
+            self._status_busy_since = None
+
+    def _snapshot_for_status(self) -> dict[str, Any]:
+        # Other threads update the counters this reads; a dict changing size mid-copy is simply read again.
+        for _ in range(3):
+            try:
+                return self.snapshot()
+            except RuntimeError:
+                continue
+        return self.snapshot()
+
+    def _status_failed(self, exc: BaseException) -> None:
+        from wildfire import ops_state
+
+        text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
+        if ops_state.missing_schema(exc):
+            text = ("the worker_status/audit_log tables are missing: the status database was never migrated; run "
+                    "`make db-upgrade` (python -m wildfire.storage.migrate upgrade). The worker does not migrate "
+                    f"at run time ({text})")
+        self._status_error = text
+        self._status_failures += 1
+        self._status_failures_metric.inc()
+        self._status_up_metric.set(0)
+        now = self.clock.monotonic()
+        # One ERROR per distinct error per minute: the thread retries every few seconds.
+        if self._status_logged is None or self._status_logged[0] != text or now - self._status_logged[1] >= 60:
+            self._status_logged = (text, now)
+            log.error("status database: %s (records still publish; status and runtime overrides are not "
+                      "updated)", text)
+
+    def _apply_pending_overrides(self) -> None:
+        """On the loop thread: apply overrides the status thread fetched (the only thread that changes config)."""
+        with self._pending_lock:
+            pending, self._pending_overrides = self._pending_overrides, None
+        if pending is not None:
+            self._overrides_id = pending[0]
+            self._reload(overrides=pending[1])
+
+    def _stop_status(self) -> None:
+        """Ask for the final status write and wait for it, at most as long as one bounded database call."""
+        if self._status_thread is None:
+            return
+        self._status_final.set()
+        w = self.config.worker
+        self._status_thread.join(timeout=2 * (w.status_connect_timeout_s + w.status_statement_timeout_s) + 2)
+        if self._status_thread.is_alive():
+            log.warning("final status write did not finish; the status database is unreachable or slow")
 
     def _mtime(self) -> float | None:
         try:
@@ -356,7 +476,12 @@ class StreamWorker:
 
     def _reload(self, overrides: dict[str, Any] | None = None) -> None:
         if overrides is not None:
-            self._overrides = overrides
+            # Only what a running worker applies; anything else (written around PATCH /config) is reported.
+            self._overrides, refused = live_overrides(overrides)
+            if refused != self._refused_overrides:
+                for line in refused:
+                    log.error("runtime override ignored: %s", line)
+            self._refused_overrides = refused
         try:
             from wildfire.config import deep_merge
 
@@ -367,15 +492,27 @@ class StreamWorker:
             self.summary.config_errors.append(str(exc))
             log.error("config reload refused, keeping the running config: %s", exc)
             return
-        self._config_error = None
         if new == self.config:
+            self._config_error = None
             return
-        self.apply_config(new)
+        try:
+            self.apply_config(new)
+        except Exception as exc:  # noqa: BLE001 - a config a layer refuses must not stop the worker
+            self._config_error = f"kept the running config: {type(exc).__name__}: {exc}"
+            self.summary.config_errors.append(str(exc))
+            log.error("config reload refused by a layer, keeping the running config: %s", exc)
+            return
+        self._config_error = None
 
     def apply_config(self, new: StreamConfig) -> None:
-        """Apply what can change at run time; Kafka client settings need a new run."""
-        self.breaker.reconfigure(new.circuit_breaker)
+        """Apply what can change at run time (``config.LIVE_OVERRIDES``); Kafka client settings need a new run.
+
+        The backpressure layer goes first: it is the one that can still refuse a config, and it does so before
+        changing anything, so a refusal leaves every layer on the running config.
+        """
         self.backpressure.reconfigure(new.backpressure)
+        self.spool.fire_season = self.backpressure.fire_season_active()
+        self.breaker.reconfigure(new.circuit_breaker)
         self.throttle.config = new.throttling
         if new.queue.max_size != self.queue.max_size:
             self.queue.resize(new.queue.max_size)
@@ -415,8 +552,8 @@ class StreamWorker:
             self._fetch_thread = threading.Thread(target=self._fetch_main, name="worker-fetch", daemon=True)
             self._fetch_thread.start()
             self._start_mqtt()
+        self._start_status()
         self._ready = True
-        next_status = 0.0
         next_config = started + self.config.worker.config_reload_s
         log.info("stream worker %s: mode %s, sources %s, window %.0f s", self.worker_id, self.mode,
                  ",".join(self.sources), self.run_seconds)
@@ -427,9 +564,8 @@ class StreamWorker:
                 if now >= deadline:
                     self.summary.stopped_by = "deadline"
                     break
-                if now >= next_status:
-                    self._write_status()
-                    next_status = now + min(5.0, self.config.worker.config_reload_s)
+                if self._pending_overrides is not None:
+                    self._apply_pending_overrides()
                 if now >= next_config:
                     self._check_config_file()
                     next_config = now + self.config.worker.config_reload_s
@@ -484,7 +620,7 @@ class StreamWorker:
         self.summary.breaker_transitions = [f"{a.name}->{b.name}" for _, a, b in self.breaker.transitions]
         if left:
             log.warning("%d deliveries unconfirmed at shutdown; their records stay in the spool", left)
-        self._write_status()
+        self._stop_status()
         if self._http is not None:
             self._http.stop()
         self.spool.close()

@@ -15,7 +15,16 @@ from tests.integration.test_spool_crash import consume_keys
 from wildfire.clock import ManualClock
 from wildfire.config import CircuitBreakerConfig, KafkaConfig, SourceConfig, SpoolConfig
 from wildfire.priority import Priority
-from wildfire.publish import PERMANENT, RETRIABLE, UNKNOWN_TOPIC, ProducerWrapper, SpoolPublisher, classify
+from wildfire.publish import (
+    AUTHORIZATION,
+    PERMANENT,
+    RETRIABLE,
+    UNKNOWN_TOPIC,
+    ProducerWrapper,
+    PublishMetrics,
+    SpoolPublisher,
+    classify,
+)
 from wildfire.records import EncodedBatch, Record
 from wildfire.spool import BufferManager, SpoolRow
 from wildfire.streaming.breaker import CircuitBreaker, CircuitState
@@ -68,6 +77,88 @@ def test_classification_of_kafka_errors():
     assert classify(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)) == UNKNOWN_TOPIC
     assert classify(KafkaError(KafkaError._MSG_TIMED_OUT)) == RETRIABLE
     assert classify(KafkaError(KafkaError._TRANSPORT)) == RETRIABLE
+    # An ACL mistake is not a property of the record: never dead-lettered (see the test below).
+    for code in (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
+                 KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED):
+        assert classify(KafkaError(code)) == AUTHORIZATION
+
+
+class AclProducer:
+    """The real producer, behind a broker whose ACLs refuse ``refused`` topics: their records are answered
+    with the delivery report such a broker gives (a real ``KafkaError(TOPIC_AUTHORIZATION_FAILED)``) at the
+    next poll. A local broker with an authorizer is out of reach of this suite."""
+
+    def __init__(self, conf, refused: set[str]) -> None:
+        from confluent_kafka import Producer
+
+        self._p = Producer(conf)
+        self.refused = refused
+        self._pending: list = []
+
+    def produce(self, topic, value=None, key=None, headers=None, on_delivery=None):
+        if topic in self.refused:
+            self._pending.append(on_delivery)
+            return
+        self._p.produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+
+    def _answer(self) -> int:
+        from confluent_kafka import KafkaError
+
+        pending, self._pending = self._pending, []
+        for cb in pending:
+            cb(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "Broker: Topic authorization failed"), None)
+        return len(pending)
+
+    def poll(self, timeout=0.0):
+        return self._answer() + self._p.poll(timeout)
+
+    def flush(self, timeout=0.0):
+        self._answer()
+        return self._p.flush(timeout)
+
+    def __len__(self):
+        return len(self._p) + len(self._pending)
+
+
+def test_topic_authorization_failure_keeps_records_in_the_spool_and_alarms(tmp_path, kafka_bootstrap, kafka_topic,
+                                                                         dlq_topic, caplog):
+    from prometheus_client import CollectorRegistry
+
+    refused_topic = create_topic(kafka_bootstrap, partitions=1, prefix="acl")
+    try:
+        sources = {"alerts": SourceConfig(source_type="nws_alerts", topic=refused_topic, priority=10),
+                   "iot": SourceConfig(source_type="iot_mqtt", topic=kafka_topic, priority=6)}
+        spool = BufferManager(SpoolConfig(archive_expired_path=None), sources, path=tmp_path / "spool.db")
+        refused = {refused_topic}
+        registry = CollectorRegistry()
+        breaker = CircuitBreaker(CircuitBreakerConfig(failure_threshold=2))
+        producer = ProducerWrapper(KafkaConfig(bootstrap_servers=kafka_bootstrap, dlq_topic=dlq_topic,
+                                               retry_backoff_initial_s=0.1, max_retries=1),
+                                   breaker=breaker, producer_factory=lambda conf: AclProducer(conf, refused),
+                                   metrics=PublishMetrics(registry))
+        publisher = SpoolPublisher(spool, producer)
+        spool.put_batch(EncodedBatch("alerts", ["evac-1", "evac-2"], [Priority.CRITICAL] * 2, [b"{}", b"{}"]))
+        spool.put_batch(EncodedBatch("iot", ["s1", "s2"], [Priority.NORMAL] * 2, [b"{}", b"{}"]))
+        with caplog.at_level("ERROR", logger="wildfire.publish"):
+            totals = publisher.run(threading.Event(), deadline=time.monotonic() + 3)
+        # Many rounds of refusals (max_retries=1 would have dead-lettered an unknown topic after 2 attempts):
+        assert totals.retried >= 4 and totals.dead_lettered == 0 and spool.dead_letters() == []
+        assert sorted(r.key for r in spool.peek_batch(10)) == ["evac-1", "evac-2"]  # still in the spool
+        assert set(consume_keys(kafka_bootstrap, kafka_topic, expect_at_least=2)) == {"s1", "s2"}  # others flow
+        assert breaker.state is CircuitState.CLOSED  # the broker answers: not an outage
+        assert registry.get_sample_value("wildfire_publish_authorization_failures_total",
+                                         {"topic": refused_topic}) >= 4
+        assert refused_topic in publisher.authorization_errors
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert any(refused_topic in m and "authorization" in m.lower() for m in errors)
+        assert len([m for m in errors if refused_topic in m]) == 1  # one ERROR per topic per minute, not per round
+        # The ACL is fixed: the held records go, and the alarm ends.
+        refused.clear()
+        publisher.run(threading.Event(), deadline=time.monotonic() + 30, until_empty=True)
+        assert spool.depth() == 0 and publisher.authorization_errors == {}
+        assert set(consume_keys(kafka_bootstrap, refused_topic, expect_at_least=2)) == {"evac-1", "evac-2"}
+    finally:
+        delete_topic(kafka_bootstrap, refused_topic)
 
 
 def test_records_reach_kafka_with_key_headers_and_leave_the_spool(tmp_path, kafka_bootstrap, kafka_topic, dlq_topic):

@@ -25,6 +25,7 @@ from wildfire.priority import Priority
 from wildfire.records import EncodedBatch, Record
 from wildfire.sources import Endpoints
 from wildfire.spool import BufferManager
+from wildfire.storage.migrate import upgrade
 from wildfire.worker import StreamWorker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +50,8 @@ def env(tmp_path, kafka_bootstrap):
     cfg["sources"]["iot_mqtt"]["options"]["topic_filter"] = f"wildfire/test-{uuid.uuid4().hex[:8]}/#"
     path = tmp_path / "stream_config.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    # The worker never migrates its status database at run time: deployment does (make db-upgrade).
+    upgrade(f"sqlite:///{tmp_path / 'status.db'}")
     yield {"path": path, "topics": topics, "config": load_config(path, environ={}), "tmp": tmp_path}
     for t in topics.values():
         delete_topic(kafka_bootstrap, t)
@@ -206,7 +209,6 @@ def test_config_file_and_runtime_overrides_are_picked_up_and_bad_ones_refused(en
     import sqlalchemy as sa
 
     from wildfire import ops_state
-    from wildfire.storage.migrate import upgrade
 
     cfg = env["config"]
     worker = StreamWorker(cfg, mode="real_time", sources=["nws_alerts"], run_minutes=1, config_path=env["path"],
@@ -228,7 +230,6 @@ def test_config_file_and_runtime_overrides_are_picked_up_and_bad_ones_refused(en
         assert worker._config_error is None
 
         url = f"sqlite:///{env['tmp'] / 'status.db'}"
-        upgrade(url)
         ops_state.append_audit(sa.create_engine(url), "tester", ops_state.CONFIG_PATCH,
                                {"overrides": {"circuit_breaker": {"failure_threshold": 3}}})
         wait_for(lambda: worker.breaker.config.failure_threshold == 3, timeout=10, what="the runtime override")

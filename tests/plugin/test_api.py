@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -48,6 +48,7 @@ class Ops:
         self.app.dependency_overrides[get_user] = lambda: person
         self.app.dependency_overrides[api.require_reader] = lambda: None
         self.app.dependency_overrides[api.require_config_writer] = lambda: None
+        self.app.dependency_overrides[api.require_config_reader] = lambda: None
         self.client = TestClient(self.app)
 
     def now(self) -> datetime:
@@ -309,3 +310,139 @@ def test_unauthenticated_is_refused_without_overrides(tmp_path: Path, ops_db: st
                          ("GET", "/config"), ("PATCH", "/config")]:
         resp = o.client.request(method, path, json={"queue": {"max_size": 5}} if method == "PATCH" else None)
         assert resp.status_code == 401, (method, path, resp.status_code)
+
+
+# ---------------------------------------------------------------- overrides are safe
+
+
+@pytest.mark.parametrize(("body", "key"), [
+    ({"spool": {"ttl_seconds": 0.001}}, "spool.ttl_seconds: must be at least 3600 s"),
+    ({"spool": {"path": "/tmp/elsewhere.db"}}, "spool.path: paths are not overridable"),
+    ({"spool": {"archive_expired_path": "/etc/cron.d/x"}}, "spool.archive_expired_path: paths are not overridable"),
+    ({"sources": {"nasa_firms": {"enabled": False}}}, "sources.nasa_firms.enabled: is not applied by a running"),
+    ({"sources": {"nasa_firms": {"options": {"day_range": 2}}}}, "sources.nasa_firms.options.day_range: is not"),
+    ({"kafka": {"linger_ms": 5}}, "kafka: Kafka client settings are read when the producer is built"),
+    ({"worker": {"run_minutes": 5}}, "worker.run_minutes: is not applied by a running"),
+])
+def test_patch_refuses_keys_a_running_worker_does_not_apply(ops: Ops, ops_engine: sa.Engine, body: dict,
+                                                            key: str) -> None:
+    resp = ops.client.patch("/config", json=body)
+    assert resp.status_code == 422, resp.json()
+    assert any(e.startswith(key) for e in resp.json()["detail"]["errors"]), resp.json()
+    assert ops_state.recent_audit(ops_engine) == []
+
+
+def test_patch_a_layer_would_refuse_is_refused_before_reaching_the_worker(ops: Ops, ops_engine: sa.Engine) -> None:
+    # Valid field by field, but BackpressureManager.reconfigure raises on it inside a running worker.
+    resp = ops.client.patch("/config", json={"backpressure": {"shedding_threshold": 0.97,
+                                                              "fire_season": {"critical_threshold": 0.99}}})
+    assert resp.status_code == 422
+    assert "fire_season.critical_threshold <= shedding_threshold" in resp.json()["detail"]["errors"][0]
+    assert ops_state.recent_audit(ops_engine) == []
+
+
+def test_patch_names_every_refused_key_at_once(ops: Ops) -> None:
+    resp = ops.client.patch("/config", json={"spool": {"ttl_seconds": 1, "path": "/x"}, "queue": {"max_size": 5},
+                                             "sources": {"purpleair": {"enabled": False}}})
+    assert resp.status_code == 422
+    assert sorted(e.split(":", 1)[0] for e in resp.json()["detail"]["errors"]) == [
+        "sources.purpleair.enabled", "spool.path", "spool.ttl_seconds"]
+
+
+def test_patch_live_keys_within_bounds_are_accepted(ops: Ops) -> None:
+    body = {"spool": {"ttl_seconds": 7200, "capacity_per_source": 5000},
+            "sources": {"nasa_firms": {"capacity": 50_000, "overflow_strategy": "drop_oldest"}},
+            "worker": {"config_reload_s": 2}}
+    resp = ops.client.patch("/config", json=body)
+    assert resp.status_code == 200, resp.json()
+    eff = ops.client.get("/config").json()["effective"]
+    assert eff["spool"]["ttl_seconds"] == 7200 and eff["sources"]["nasa_firms"]["capacity"] == 50_000
+
+
+def test_a_stored_refused_override_blocks_patches_until_removed(ops: Ops, ops_engine: sa.Engine) -> None:
+    # Written before the allow-list existed (or straight into the database).
+    ops_state.append_audit(ops_engine, "old", ops_state.CONFIG_PATCH,
+                           {"overrides": {"sources": {"nasa_firms": {"enabled": False}}}})
+    resp = ops.client.patch("/config", json={"queue": {"max_size": 2000}})
+    assert resp.status_code == 422
+    assert resp.json()["detail"]["errors"][0].startswith("sources.nasa_firms.enabled:")
+    resp = ops.client.patch("/config", json={"sources": {"nasa_firms": {"enabled": None}}, "queue": {"max_size": 2000}})
+    assert resp.status_code == 200, resp.json()
+    assert resp.json()["overrides"] == {"queue": {"max_size": 2000}}
+
+
+# ---------------------------------------------------------------- secrets and access
+
+
+def test_config_masks_secrets_in_query_strings_and_source_options(tmp_path: Path, ops_db: str, kafka_bootstrap: str,
+                                                                   clean_ops_tables: sa.Engine) -> None:
+    import yaml
+
+    o = Ops(tmp_path, database_url=ops_db, bootstrap=kafka_bootstrap)
+    data = yaml.safe_load(o.config.read_text())
+    data["storage"]["database_url"] = ops_db + "?password=wildfire&application_name=ops-test"
+    data["sources"] = {"nasa_firms": {"options": {"map_key": "MAPKEY-SECRET-1", "day_range": 1,
+                                                  "mirror": "https://firms.example/api?api_key=APIKEY-SECRET-2&x=1",
+                                                  "proxy": "http://bob:PROXY-SECRET-3@proxy:3128"}}}
+    o.config.write_text(yaml.safe_dump(data))
+    ops_state.append_audit(clean_ops_tables, "t", ops_state.CONFIG_PATCH,
+                           {"overrides": {"throttling": {"max_level": 3}}})
+    resp = o.client.get("/config")
+    assert resp.status_code == 200, resp.json()
+    text = resp.text
+    for secret in ("MAPKEY-SECRET-1", "APIKEY-SECRET-2", "PROXY-SECRET-3", "password=wildfire"):
+        assert secret not in text
+    eff = resp.json()["effective"]
+    assert eff["storage"]["database_url"].startswith("postgresql://wildfire:***@127.0.0.1:")
+    assert "password=***" in eff["storage"]["database_url"]
+    opts = eff["sources"]["nasa_firms"]["options"]
+    assert opts["map_key"] == "***" and opts["day_range"] == 1
+    assert opts["mirror"] == "https://firms.example/api?api_key=***&x=1"
+    assert opts["proxy"] == "http://bob:***@proxy:3128"
+
+
+def test_config_read_needs_configuration_access_from_the_auth_manager(tmp_path: Path, ops_db: str,
+                                                                       kafka_bootstrap: str) -> None:
+    # Airflow's own SimpleAuthManager decides (not an override): a user with no role has no configuration
+    # access; a Viewer has read access only.
+    from airflow.api_fastapi.app import create_auth_manager
+
+    create_auth_manager()
+    o = Ops(tmp_path, database_url=ops_db, bootstrap=kafka_bootstrap)
+    del o.app.dependency_overrides[api.require_config_reader]
+    del o.app.dependency_overrides[api.require_config_writer]
+    nobody = SimpleAuthManagerUser(username="nobody", role=None)
+    o.app.dependency_overrides[get_user] = lambda: nobody
+    assert o.client.get("/config").status_code == 403
+    assert o.client.patch("/config", json={"queue": {"max_size": 5}}).status_code == 403
+    assert o.client.get("/status").status_code == 200  # a login is enough for the page's data
+    viewer = SimpleAuthManagerUser(username="viewer", role="viewer")
+    o.app.dependency_overrides[get_user] = lambda: viewer
+    assert o.client.get("/config").status_code == 200
+    assert o.client.patch("/config", json={"queue": {"max_size": 5}}).status_code == 403
+
+
+# ---------------------------------------------------------------- worker_status is bounded
+
+
+def test_status_lists_only_recent_workers_and_prune_deletes_old_rows(ops: Ops, ops_engine: sa.Engine) -> None:
+    now = ops.now()
+    for i in range(3):
+        ops_state.write_worker_status(ops_engine, f"stream_worker-dead-{i}", api.STREAM_WORKER, {},
+                                      now=now - timedelta(days=2 + i))
+    beat(ops, ops_engine, worker_id="live")
+    body = ops.client.get("/status").json()
+    assert [w["worker_id"] for w in body["workers"]] == ["live"]  # default retention 24 h
+    assert ops_state.prune_worker_status(ops_engine, timedelta(hours=24), now=now) == 3
+    assert [r["worker_id"] for r in ops_state.read_worker_status(ops_engine)] == ["live"]
+
+
+def test_status_returns_at_most_max_workers(ops: Ops, ops_engine: sa.Engine) -> None:
+    now = ops.now()
+    with ops_engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO worker_status (worker_id, component, heartbeat, state) "
+                             "SELECT 'w' || g, 'stream_worker', :now - g * interval '1 second', '{}' "
+                             "FROM generate_series(1, :n) g"), {"now": now, "n": api.MAX_WORKERS + 50})
+    workers = ops.client.get("/status").json()["workers"]
+    assert len(workers) == api.MAX_WORKERS
+    assert workers[0]["worker_id"] == "w1"  # newest first

@@ -111,3 +111,95 @@ def test_cli_validate_rejects_negative_lag_and_accepts_shipped(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "wildfire.config", "validate", str(DEFAULT_CONFIG_PATH)], capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("ok:")
+
+
+# ---------------------------------------------------------------- runtime overrides
+
+
+def test_every_live_override_key_exists_in_the_config():
+    # The allow-list names real fields: a renamed field must not leave a dead entry behind.
+    from wildfire.config import LIVE_OVERRIDES
+
+    dump = StreamConfig().model_dump(mode="json")
+    for pattern in LIVE_OVERRIDES:
+        node = dump
+        for part in pattern.removesuffix(".**").split("."):
+            node = next(iter(node.values())) if part == "*" else node[part]
+
+
+@pytest.mark.parametrize(("overrides", "refused"), [
+    ({"spool": {"ttl_seconds": 0.001}}, ["spool.ttl_seconds"]),
+    ({"spool": {"ttl_seconds": 3599.9}}, ["spool.ttl_seconds"]),
+    ({"spool": {"ttl_seconds": "3600"}}, ["spool.ttl_seconds"]),
+    ({"spool": {"ttl_seconds": True}}, ["spool.ttl_seconds"]),
+    ({"spool": {"path": "/tmp/x", "archive_expired_path": None}}, ["spool.path"]),
+    ({"spool": {"archive_expired_path": "/x"}}, ["spool.archive_expired_path"]),
+    ({"sources": {"nasa_firms": {"options": {"cache_dir": "/x"}}}}, ["sources.nasa_firms.options.cache_dir"]),
+    ({"sources": {"era5": {"enabled": False, "capacity": 5}}}, ["sources.era5.enabled"]),
+    ({"storage": {"database_url": "sqlite:///x"}}, ["storage"]),
+    ({"topics": {"t": {"partitions": 3}}, "http": {"user_agent": "x"}}, ["topics", "http"]),
+    ({"spool": {"drain_batch_size": 10, "sync_priorities": []}}, ["spool.drain_batch_size", "spool.sync_priorities"]),
+    ({"queue": {"max_size": 5}, "backpressure": {"fire_season": {"mode": "on"}}, "spool": {"ttl_seconds": 3600},
+      "sources": {"nws_alerts": {"priority": 9}}, "worker": {"status_retention_s": 600}}, []),
+    ({"spool": {"path": None}, "kafka": None, "queue": {}}, []),  # removals and empty sections are fine
+])
+def test_check_overrides_refuses_every_key_not_applied_live(overrides, refused):
+    from wildfire.config import check_overrides
+
+    errors = check_overrides(overrides)
+    assert [e.split(":", 1)[0] for e in errors] == refused
+    assert all(e.split(":", 1)[1].strip() for e in errors)  # each says why
+
+
+def test_live_overrides_keeps_the_applicable_part():
+    from wildfire.config import live_overrides
+
+    kept, refused = live_overrides({"queue": {"max_size": 5}, "spool": {"ttl_seconds": 1, "capacity_per_source": 9},
+                                    "kafka": {"linger_ms": 3}})
+    assert kept == {"queue": {"max_size": 5}, "spool": {"capacity_per_source": 9}}
+    assert [e.split(":", 1)[0] for e in refused] == ["kafka", "spool.ttl_seconds"]
+
+
+# ---------------------------------------------------------------- redaction
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://u:pw@db:5432/w", "postgresql://u:***@db:5432/w"),
+    ("postgresql://u@db/w?password=pw&sslmode=require", "postgresql://u@db/w?password=***&sslmode=require"),
+    ("postgresql+psycopg://u:p%40ss@db/w", "postgresql+psycopg://u:***@db/w"),
+    ("https://firms.example/api/area/csv?MAP_KEY=abc&day_range=1", "https://firms.example/api/area/csv?MAP_KEY=***&day_range=1"),
+    ("https://api.example/v1?token=t&api_key=k&secret=s&q=fire", "https://api.example/v1?token=***&api_key=***&secret=***&q=fire"),
+    ("mqtt://bob:hunter2@broker:1883", "mqtt://bob:***@broker:1883"),
+    ("sqlite:///.local/wildfire.db", "sqlite:///.local/wildfire.db"),
+    ("not a url", "not a url"),
+])
+def test_redact_url(url, shown):
+    from wildfire.config import redact_url
+
+    assert redact_url(url) == shown
+
+
+def test_redact_masks_secret_named_options_anywhere_and_leaves_the_rest():
+    from wildfire.config import redact
+
+    cfg = StreamConfig().model_dump(mode="json")
+    assert redact(cfg) == cfg  # nothing in the defaults looks secret
+    cfg["sources"]["purpleair"]["options"].update(api_key="K1", read_key="K2", password="P", client_secret="S",
+                                                  auth={"user": "u", "token": "T"}, credential_file="/c",
+                                                  stations=["https://u:pw@x/"])
+    out = redact(cfg)["sources"]["purpleair"]["options"]
+    assert out["api_key"] == out["read_key"] == out["password"] == out["client_secret"] == "***"
+    assert out["auth"] == {"user": "u", "token": "***"}
+    assert out["credential_file"] == "***"
+    assert out["stations"] == ["https://u:***@x/"]
+    assert out["bbox"] == cfg["sources"]["purpleair"]["options"]["bbox"]
+
+
+def test_runtime_errors_catch_what_the_backpressure_layer_would_refuse():
+    # BackpressureManager.reconfigure raises on this; as a runtime override it used to reach the running worker.
+    from wildfire.config import runtime_errors
+
+    bad = build_config({"backpressure": {"shedding_threshold": 0.97, "fire_season": {"critical_threshold": 0.99}}})
+    (error,) = runtime_errors(bad)
+    assert error.startswith("backpressure.fire_season.critical_threshold: thresholds out of order")
+    assert runtime_errors(StreamConfig()) == []

@@ -5,9 +5,11 @@ UI's ``_token`` cookie; anything else gets 401/403)::
 
     GET   /health    200 or 503 with reasons: Kafka, database, spool, breaker, stream-worker heartbeat
     GET   /metrics   Prometheus text: every worker's own endpoint (labelled worker_id) + DB gauges
-    GET   /config    the runtime overrides in force and the effective config they give
-    PATCH /config    merge a partial nested dict into the overrides; 422 naming each bad field
-    GET   /status    JSON for the page: worker states, recent audit, dead-letter counts
+    GET   /config    the runtime overrides in force and the effective config they give, secrets masked
+                     (needs configuration read access)
+    PATCH /config    merge a partial nested dict into the overrides; 422 naming each bad field or key
+                     (needs configuration write access)
+    GET   /status    JSON for the page: recent worker states, recent audit, dead-letter counts
     GET   /ops       the operations page (self-contained HTML + JS, polls /status every 2 s)
 
 Guarantees:
@@ -17,8 +19,16 @@ Guarantees:
 - A ``PATCH /config`` that does not validate against the whole config (file < environment <
   overrides) changes nothing. A valid one appends exactly one ``config.patch`` audit row holding
   the complete new override set, what changed and the Airflow user; the worker picks it up.
-- The database location and broker come from the file and environment only: ``storage`` cannot be
-  overridden at run time, since the overrides themselves live in that database.
+- Every override key is applied live by the stream worker or refused with 422 naming it and why
+  (``wildfire.config.check_overrides``: the allow-list ``LIVE_OVERRIDES``). Refused: ``storage`` (the
+  overrides themselves live in that database), ``kafka``, ``topics``, ``http``, every path
+  (``spool.path``, ``spool.archive_expired_path``, ...), keys read only at start (``sources.*.enabled``,
+  ``sources.*.options``, ...), and ``spool.ttl_seconds`` below ``MIN_OVERRIDE_TTL_S`` (1 h).
+- ``GET /config`` masks secrets: URL passwords and secret-named query parameters (parsed with SQLAlchemy's
+  ``make_url`` or ``urllib.parse``) and any value whose key is named like a secret (``password``,
+  ``api_key``, ``map_key``, ``token`` ...), in the effective config and in the overrides.
+- ``/status`` and ``/metrics`` list only workers that beat within ``worker.status_retention_s``, at most
+  ``MAX_WORKERS`` of them (the stream worker prunes older rows).
 - Two concurrent PATCHes are not serialized: the later one wins, and its audit row records the
   override id it was merged onto (``detail["base_id"]``) so a lost update is visible.
 """
@@ -49,27 +59,28 @@ from wildfire.config import (
     ConfigError,
     StreamConfig,
     build_config,
+    check_overrides,
     env_overrides,
     read_yaml,
+    redact,
     resolve_path,
+    runtime_errors,
 )
 from wildfire.storage.schema import dead_letters
 
 STREAM_WORKER = "stream_worker"
 HEARTBEAT_MAX_AGE = timedelta(minutes=2)
+MAX_WORKERS = 100  # most worker rows /status and /metrics return (newest first)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 # Module-level on purpose: they are dependency *callables* (no state), and tests replace them through
 # ``app.dependency_overrides`` to exercise the handlers without an auth manager. The real api-server
 # tests use them as they are.
 require_reader = requires_authenticated()
+# The effective config names databases, brokers and source options: reading it is configuration access,
+# checked by the auth manager like the write below.
+require_config_reader = requires_access_configuration("GET")
 require_config_writer = requires_access_configuration("PUT")
-
-# Sections a runtime override may not touch, with the reason given to the caller.
-NOT_OVERRIDABLE = {
-    "storage": "cannot be overridden at run time (the overrides themselves are stored in that database); "
-               "set it in the config file or WILDFIRE__STORAGE__* variables",
-}
 
 
 @dataclass(slots=True, frozen=True)
@@ -227,15 +238,6 @@ def merge_overrides(current: Mapping[str, Any], patch: Mapping[str, Any]) -> dic
     return out
 
 
-def _redact(cfg: dict[str, Any]) -> dict[str, Any]:
-    url = (cfg.get("storage") or {}).get("database_url")
-    if isinstance(url, str) and "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        cfg["storage"]["database_url"] = f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return cfg
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
@@ -362,7 +364,7 @@ def create_app(
         checks["spool"] = check_spool(cfg)
         if checks["database"].ok:
             try:
-                workers = ops_state.read_worker_status(engine, STREAM_WORKER)
+                workers = ops_state.read_worker_status(engine, STREAM_WORKER, limit=1)
                 checks["heartbeat"], checks["breaker"] = check_worker(workers, ctx.now())
             except Exception as exc:  # noqa: BLE001 - e.g. schema not migrated: say so, stay up
                 checks["heartbeat"] = Check(False, f"cannot read worker_status: {_first_line(exc)} "
@@ -386,14 +388,14 @@ def create_app(
         if cfg is not None:
             engine = ctx.engine(cfg)
             try:
-                workers = ops_state.read_worker_status(engine)
+                workers = ops_state.read_worker_status(engine, since=_recent(cfg, ctx.now()), limit=MAX_WORKERS)
                 dl_count = dead_letter_counts(engine, ctx.now())["total"]
             except Exception:  # noqa: BLE001 - an unreachable DB shows as missing gauges, not as a 500
                 pass
         text = render_metrics(workers, dl_count, ctx.now(), ctx.scrape_timeout_s)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/config")
+    @app.get("/config", dependencies=[Depends(require_config_reader)])
     def get_config() -> JSONResponse:
         try:
             file_layer, env_layer = ctx.base_layers()
@@ -401,7 +403,7 @@ def create_app(
         except ConfigError as exc:
             return JSONResponse({"detail": {"message": str(exc), "errors": exc.errors}}, status_code=503)
         audit_id, overrides = ops_state.current_overrides(ctx.engine(base))
-        body: dict[str, Any] = {"file": str(ctx.path()), "overrides": overrides, "override_audit_id": audit_id,
+        body: dict[str, Any] = {"file": str(ctx.path()), "overrides": redact(overrides), "override_audit_id": audit_id,
                                 "error": None}
         try:
             effective = build_config(file_layer, env_layer, overrides, origin="overrides")
@@ -409,7 +411,7 @@ def create_app(
             # The file changed under overrides that used to be valid: show it, the worker says the same.
             body["error"] = exc.errors
             effective = base
-        body["effective"] = _redact(effective.model_dump(mode="json"))
+        body["effective"] = redact(effective.model_dump(mode="json"))
         return JSONResponse(body)
 
     @app.patch("/config", dependencies=[Depends(require_config_writer)])
@@ -417,9 +419,9 @@ def create_app(
         if not isinstance(patch, Mapping) or not patch:
             return _invalid([f"<body>: expected a non-empty JSON object of config sections, "
                              f"got {type(patch).__name__}"])
-        fixed = [f"{key}: {why}" for key, why in NOT_OVERRIDABLE.items() if key in patch]
-        if fixed:
-            return _invalid(fixed)
+        refused = check_overrides(patch)
+        if refused:
+            return _invalid(refused)
         try:
             file_layer, env_layer = ctx.base_layers()
         except ConfigError as exc:
@@ -427,10 +429,16 @@ def create_app(
         engine = ctx.engine(build_config(file_layer, env_layer, origin=str(ctx.path())))
         base_id, current = ops_state.current_overrides(engine)
         merged = merge_overrides(current, patch)
+        # Overrides stored before a key was refused must be removed (null) before anything else changes.
+        refused = check_overrides(merged)
+        if refused:
+            return _invalid(refused)
         try:
-            build_config(file_layer, env_layer, merged, origin="overrides")
+            layer_errors = runtime_errors(build_config(file_layer, env_layer, merged, origin="overrides"))
         except ConfigError as exc:
             return _invalid(exc.errors)
+        if layer_errors:
+            return _invalid(layer_errors)
         actor = user.get_name()
         ops_state.append_audit(engine, actor, ops_state.CONFIG_PATCH,
                                {"overrides": merged, "changed": dict(patch), "previous": current, "base_id": base_id},
@@ -448,14 +456,14 @@ def create_app(
         engine = ctx.engine(cfg)
         try:
             now = ctx.now()
-            workers = ops_state.read_worker_status(engine)
+            workers = ops_state.read_worker_status(engine, since=_recent(cfg, now), limit=MAX_WORKERS)
             for w in workers:
                 w["age_s"] = round((now - w["heartbeat"]).total_seconds(), 1)
                 w["stale"] = w["age_s"] > HEARTBEAT_MAX_AGE.total_seconds()
             body["workers"] = workers
-            body["audit"] = ops_state.recent_audit(engine, limit=10)
+            body["audit"] = [{**a, "detail": redact(a["detail"])} for a in ops_state.recent_audit(engine, limit=10)]
             body["dead_letters"] = dead_letter_counts(engine, now)
-            body["overrides"] = ops_state.current_overrides(engine)[1]
+            body["overrides"] = redact(ops_state.current_overrides(engine)[1])
             body["database"] = "ok"
         except Exception as exc:  # noqa: BLE001 - the page shows the reason instead of going blank
             body["database"] = _first_line(exc)
@@ -474,9 +482,14 @@ def create_app(
     return app
 
 
+def _recent(cfg: StreamConfig, now: datetime) -> datetime:
+    return now - timedelta(seconds=cfg.worker.status_retention_s)
+
+
 def _invalid(errors: list[str]) -> JSONResponse:
     return JSONResponse({"detail": {"message": "invalid config override; nothing was changed", "errors": errors}},
                         status_code=422)
 
 
-__all__ = ["create_app", "merge_overrides", "require_config_writer", "require_reader", "Check", "STREAM_WORKER"]
+__all__ = ["create_app", "merge_overrides", "require_config_reader", "require_config_writer", "require_reader", "Check",
+           "STREAM_WORKER"]
