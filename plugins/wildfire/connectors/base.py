@@ -146,13 +146,15 @@ def mask_url(url: str | httpx.URL, secrets: Iterable[str | None] = ()) -> str:
     text = str(url)
     try:
         parts = urlsplit(text)
+        changed = False
         query = parse_qsl(parts.query, keep_blank_values=True)
         if any(_SECRET_PARAM.search(k) for k, _ in query):
             masked = urlencode([(k, "***" if _SECRET_PARAM.search(k) else v) for k, v in query], safe="*,")
-            parts = parts._replace(query=masked)
+            parts, changed = parts._replace(query=masked), True
         if parts.password:
-            parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
-        text = urlunsplit(parts)
+            parts, changed = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")), True
+        if changed:  # otherwise leave the text exactly as it was
+            text = urlunsplit(parts)
     except ValueError:
         pass  # not a URL: the explicit secrets below are still masked
     return mask_secrets(text, secrets)
