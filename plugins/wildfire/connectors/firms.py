@@ -17,7 +17,8 @@ Guarantees:
 - Every emitted value decodes with ``Record.from_json``; numbers in it equal the CSV values (plain
   CSV number text is copied, any other accepted form is re-formatted).
 - A row that fails validation (latitude/longitude out of range, unparsable date/time/confidence/
-  number, missing value, ragged line) is rejected with its reason and its raw CSV line; a response
+  number, missing value, a line with more or fewer fields than the header: ``ragged_line``) is
+  rejected with its reason and its raw CSV line; a response
   missing a required column is rejected as a whole (one dead letter, every row counted).
 - A body that does not end with a line end was cut inside its last line (a dropped connection):
   that line is rejected as ``truncated`` and the complete lines before it are parsed as usual.
@@ -123,8 +124,46 @@ def family_of(satellite_source: str) -> str:
 
 
 def _raw_lines(data: bytes) -> list[bytes]:
-    # Only built when rows are rejected: row i of the frame is line i+1 (header is line 0).
-    return [ln.rstrip(b"\r") for ln in data.split(b"\n") if ln.strip()]
+    # Only built when rows are rejected: row i of the frame is line i+1 (header is line 0). The CSV
+    # reader makes a row of every line, a blank one included, so blank lines are kept here too.
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [ln.rstrip(b"\r") for ln in lines]
+
+
+def _ragged_rows(data: bytes, last_column: Any, width: int) -> Any:
+    """Rows whose line has more or fewer fields than the header (numpy bool per row), or None if none.
+
+    The CSV reader pads a short line with nulls and cuts a long one to the header's width, so both
+    would pass as rows. Exact without a pass per line in the normal case: a short line leaves its
+    last column null, so only those rows' lines are counted; the remaining rows are all of full
+    width exactly when the file's total comma count says so (one C-speed count). Only a file that
+    does hold a long line pays for counting every line. A body with quotes (FIRMS never quotes) is
+    left to the CSV reader: a quoted comma is not a separator.
+    """
+    import numpy as np
+
+    if b'"' in data:
+        return None
+    rows = len(last_column)
+    commas = width - 1
+    candidates = last_column.is_null().arg_true().to_numpy()
+    lines: list[bytes] | None = None
+    ragged = np.zeros(rows, dtype=bool)
+    short_commas = 0
+    if len(candidates):
+        lines = _raw_lines(data)
+        for row in candidates:
+            n = lines[row + 1].count(b",") if row + 1 < len(lines) else 0
+            short_commas += n
+            ragged[row] = n != commas
+    body_commas = data.count(b",") - data.split(b"\n", 1)[0].count(b",")
+    if body_commas - short_commas != commas * (rows - len(candidates)):
+        lines = lines or _raw_lines(data)
+        counts = np.fromiter((ln.count(b",") for ln in lines[1:rows + 1]), dtype=np.int64, count=rows)
+        ragged |= counts != commas
+    return ragged if ragged.any() else None
 
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 ._-")
@@ -618,6 +657,9 @@ def _parse_polars(
     exprs.append(pl.lit(per_when.get_column("key")).gather(s("_when")).alias("_key_mid"))
     exprs.append(pl.lit(per_when.get_column("wire")).gather(s("_when")).alias("_wire_when"))
     exprs.append(pl.lit(per_how.get_column("wire")).gather(s("_how")).alias("_wire_how"))
+    ragged = _ragged_rows(data, df.get_column(df.columns[-1]), len(df.columns))
+    if ragged is not None:
+        bad = bad | pl.lit(pl.Series(ragged))
     exprs.append(bad.fill_null(True).alias("_bad"))  # unknown counts as rejected, never silently dropped
     key = pl.concat_str(
         [s("_key_mid"), s("lat").round(4).cast(pl.String), pl.lit("|"),
@@ -660,6 +702,8 @@ def _parse_polars(
         )
         lines = _raw_lines(data)
         for row, why in rejected.select("_row", reason).iter_rows():
+            if ragged is not None and ragged[row]:
+                why = "ragged_line"  # its values are misaligned or cut: whatever else failed follows from that
             raw = lines[row + 1] if row + 1 < len(lines) else b""
             summary.reject(why)
             dead.append(DeadLetter(source_name, why, raw, f"{satellite_source} row {row + 1}: {why.replace('_', ' ')}"))

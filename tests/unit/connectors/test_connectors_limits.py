@@ -93,3 +93,19 @@ def test_era5_hours_outside_the_window_are_counted_not_emitted() -> None:
                                 ingest_time=NOW)
     assert summary.accepted == 2 and summary.rejected == {"implausible_time": 6}
     assert {Record.from_json(v).event_time for v in batch.values} == {datetime(2025, 4, 7, tzinfo=UTC)}
+
+
+def test_firms_lines_with_more_or_fewer_fields_than_the_header_are_ragged_dead_letters() -> None:
+    from pathlib import Path
+
+    from wildfire.connectors.firms import parse_firms_csv
+
+    viirs = (Path(__file__).resolve().parents[3] / "include/samples/firms/NOAA-21_FDDC_2025-04-07.csv").read_bytes()
+    lines = viirs.rstrip(b"\n").split(b"\n")
+    extra = lines[5] + b",0.5"  # the reader would cut it to the header's width and accept it
+    short = lines[6].rsplit(b",", 1)[0]  # only the optional daynight missing: would be accepted with null
+    body = b"\n".join([*lines[:5], extra, short, b"", *lines[7:]]) + b"\n"
+    parsed = parse_firms_csv(body, "nasa_firms", "VIIRS_NOAA21_NRT", ingest_time=NOW)
+    assert parsed.summary.rejected == {"ragged_line": 3}
+    assert [d.raw for d in parsed.dead_letters] == [extra, short, b""]
+    assert parsed.summary.accepted + parsed.summary.deduplicated == len(lines) - 3

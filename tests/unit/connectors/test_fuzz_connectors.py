@@ -295,7 +295,7 @@ BAD_FIRMS = {
                  "2025-04-09", "٢٠٢٥-٠٤-٠٧"],
     "acq_time": ["2561", "+754", "-000", "", "12345", "7a", "1260"],
     "confidence": ["maybe", "101", "", "nan", "1e400"],
-    "satellite": ["", "N|21", 'N"21', "\u202eN"],
+    "satellite": ["", "N|21", "\u202eN", "N\t21"],
     "bright_ti4": ["n/a", "inf", "nan", "1e400"],
     "frp": ["nan", "-inf", "x"],
 }
@@ -307,15 +307,29 @@ def firms_answer(draw) -> tuple[bytes, int, int, bool]:
     picked = draw(st.lists(st.integers(0, len(FIRMS_ROWS) - 1), min_size=n_good + n_bad,
                            max_size=n_good + n_bad, unique=True))
     rows = [dict(FIRMS_ROWS[i]) for i in picked]
-    for row in rows[n_good:]:
-        col = draw(st.sampled_from(sorted(BAD_FIRMS)))
-        row[col] = draw(st.sampled_from(BAD_FIRMS[col]))
+    ragged: dict[int, str] = {}
+    for i, row in enumerate(rows[n_good:], start=n_good):
+        col = draw(st.sampled_from([*sorted(BAD_FIRMS), "ragged"]))
+        if col == "ragged":  # a line with more or fewer fields than the header
+            ragged[i] = draw(st.sampled_from(["extra", "short", "blank"]))
+        else:
+            row[col] = draw(st.sampled_from(BAD_FIRMS[col]))
     order = draw(st.permutations(range(len(rows))))
-    body = csv_write([rows[i] for i in order], FIRMS_COLS, line_end=draw(st.sampled_from(["\n", "\r\n"])))
-    cut = rows and draw(st.booleans())
+    line_end = draw(st.sampled_from(["\n", "\r\n"]))
+    lines = csv_write([rows[i] for i in order], FIRMS_COLS, line_end=line_end).decode().split(line_end)
+    for pos, i in enumerate(order, start=1):
+        if ragged.get(i) == "extra":
+            lines[pos] += ",0.5"
+        elif ragged.get(i) == "short":
+            lines[pos] = lines[pos].rsplit(",", 1)[0]
+        elif ragged.get(i) == "blank":
+            lines[pos] = ""
+    body = line_end.join(lines).encode()
+    whole = body[: -len(line_end)]  # the body without its final line end
+    last = whole.rsplit(b"\n", 1)[-1]
+    cut = bool(rows) and len(last) > 1 and draw(st.booleans())
     if cut:  # a dropped connection: the body ends inside its last line
-        last = body.rstrip(b"\r\n").rsplit(b"\n", 1)[1]
-        body = body.rstrip(b"\r\n")[: -draw(st.integers(1, len(last) - 1))]
+        body = whole[: -draw(st.integers(1, len(last) - 1))]
     # The cut row (the last one) is a dead letter whether it was good or bad.
     last_good = bool(rows) and order[-1] < n_good
     return body, n_good - (1 if cut and last_good else 0), len(rows), bool(cut)
