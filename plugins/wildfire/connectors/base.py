@@ -19,7 +19,7 @@ Guarantees:
 - :class:`RateLimiter` never lets more than ``max_calls`` through in any window of ``period_s``
   seconds of the injected clock (a sliding log, so bursts at a window edge cannot double the rate).
 - Bounded: a body is streamed and refused with :class:`ResponseTooLarge` (a PayloadError naming the
-  limit, counted as ``too_large``) once it passes ``max_bytes``; a body shorter than its
+  limit, counted per source in :data:`TOO_LARGE`) once it passes ``max_bytes``; a body shorter than its
   ``Content-Length`` (a dropped connection) is retried up to ``max_attempts`` and then raised as
   :class:`UpstreamUnavailable`; :func:`within_deadline` ends a whole poll after ``poll_deadline_s``
   with the retriable :class:`PollDeadlineExceeded`.
@@ -417,6 +417,8 @@ def parse_retry_after(value: str | None, now_epoch: float) -> float:
 
 
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+TOO_LARGE: Counter[str] = Counter()
+"""Responses refused for passing ``max_bytes`` since the process started, by source name."""
 
 
 async def http_get(
@@ -511,8 +513,8 @@ async def _http_get(
             resp = await _read_bounded(client, url, params=params, headers=headers, source=source,
                                        max_bytes=max_bytes, safe_url=safe_url)
         except ResponseTooLarge:
-            if summary is not None:
-                summary.reject("too_large")
+            # Counted per source for the process (the poll's own summary is lost with the raised error).
+            TOO_LARGE[source] += 1
             raise
         except _ShortBody as exc:
             # A dropped connection mid-body: the answer is incomplete, never parsed. Transient: try again.
