@@ -21,11 +21,21 @@ import copy
 import os
 import sys
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    model_validator,
+)
 
 from wildfire.priority import Priority
 
@@ -229,6 +239,18 @@ class SourceConfig(_Model):
     overflow_strategy: OverflowStrategy | None = None  # None: spool.overflow_strategy
     capacity: int | None = Field(None, ge=1)  # None: spool.capacity_per_source
     concurrency: int = Field(5, ge=1, le=1000)
+    # Bounds on what one upstream answer may cost (docs/connectors.md, "Limits"): a larger body is refused
+    # after this many bytes are read, a poll that runs longer fails as retriable instead of hanging.
+    max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=4 * 1024**3,
+                                    description="HTTP sources: largest response body read, in bytes")
+    poll_deadline_s: float = Field(300.0, gt=0, le=24 * 3600,
+                                   description="HTTP sources: a whole poll (all requests and retries) ends by then")
+    max_payload_bytes: int = Field(64 * 1024, ge=64, le=256 * 1024 * 1024,
+                                   description="MQTT: larger messages are dead-lettered as too_large, not decoded")
+    # Event-time plausibility: a record dated outside [event_time_earliest, now + event_time_max_ahead_s]
+    # is dead-lettered as implausible_time ("now" is the connector's injected clock).
+    event_time_max_ahead_s: float = Field(86_400.0, ge=0, le=366 * 86_400)
+    event_time_earliest: AwareDatetime = datetime(1970, 1, 1, tzinfo=UTC)
     options: dict[str, Any] = Field(default_factory=dict, description="connector-specific settings")
 
 

@@ -117,6 +117,31 @@ def test_valid_malformed_and_threshold_messages(mqtt_broker, session) -> None:
     assert conn.summary.accepted == 2 and dict(conn.summary.rejected) == {"not_json": 1, "schema": 1}
 
 
+def test_hostile_messages_are_dead_letters_and_the_callback_thread_goes_on(mqtt_broker, session) -> None:
+    host, port = mqtt_broker
+    client_id, prefix = session
+    sink = ListSink()
+    dead: list[DeadLetter] = []
+    big = reading("big", pad="x" * 70_000)  # over the 64 KiB default: not even decoded
+    with MqttConnector(host, port, cfg(prefix), sink=sink, client_id=client_id, dead_letter_sink=dead.append) as conn:
+        assert conn.wait_connected(10)
+        publish(host, port, f"{prefix}/ridge", [
+            reading("a"),
+            reading("overflow", timestamp="9999-12-31T23:59:59-05:00"),  # raised OverflowError in paho's thread
+            big,
+            reading("future", timestamp="2999-01-01T00:00:00Z"),
+            reading("old", timestamp="1969-07-20T20:17:00Z"),
+            reading("b"),
+        ])
+        assert wait_until(lambda: len(sink.records) + len(dead) == 6)
+        assert conn.connected
+    assert sorted(r.payload["sensor_id"] for r in sink.records) == ["a", "b"]
+    assert sorted(d.reason for d in dead) == ["implausible_time"] * 3 + ["too_large"]
+    (too_large,) = [d for d in dead if d.reason == "too_large"]
+    assert len(too_large.raw) == 4096 and big.startswith(too_large.raw) and "65536" in too_large.error
+    assert conn.summary.accepted == 2 and dict(conn.summary.rejected) == {"implausible_time": 3, "too_large": 1}
+
+
 def test_message_is_redelivered_when_the_sink_failed(mqtt_broker, session) -> None:
     host, port = mqtt_broker
     client_id, prefix = session

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
+import logging
 import threading
 import uuid
 from datetime import UTC, datetime
@@ -17,6 +19,7 @@ from wildfire.airflow.triggers.lag import ConsumerLagTrigger
 ROOT = Path(__file__).resolve().parents[2]
 NOAA21 = ROOT / "include/samples/firms/NOAA-21_FDDC_2025-04-07.csv"
 pytestmark = pytest.mark.airflow
+SECRET_KEY = "f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6"
 
 
 def roundtrip(trigger):
@@ -28,17 +31,33 @@ def roundtrip(trigger):
     return classpath, kwargs
 
 
-def test_firms_trigger_serialize_exact_tuple():
-    t = FirmsNewDetectionsTrigger(base_url="http://x/", map_key="K", satellite_source="VIIRS_NOAA21_NRT",
+def test_firms_trigger_serialize_exact_tuple_carries_the_conn_id_not_the_key():
+    # The kwargs are stored in the metadata database and shown in the UI: a Connection id, never a MAP_KEY.
+    t = FirmsNewDetectionsTrigger(conn_id="firms_default", satellite_source="VIIRS_NOAA21_NRT",
                                   bbox=[-124.48, 32.53, -114.13, 42.01], since="2025-04-07T00:00:00+00:00",
                                   poll_interval_s=5, timeout_s=60)
     assert roundtrip(t) == (
         "wildfire.airflow.triggers.firms.FirmsNewDetectionsTrigger",
-        {"base_url": "http://x", "map_key": "K", "satellite_source": "VIIRS_NOAA21_NRT",
+        {"conn_id": "firms_default", "satellite_source": "VIIRS_NOAA21_NRT",
          "bbox": [-124.48, 32.53, -114.13, 42.01], "since": "2025-04-07T00:00:00+00:00",
          "poll_interval_s": 5.0, "timeout_s": 60.0, "day_range": 1},
     )
-    assert t.url() == "http://x/api/area/csv/K/VIIRS_NOAA21_NRT/-124.48,32.53,-114.13,42.01/1"
+    assert t.url("http://x/", "K") == "http://x/api/area/csv/K/VIIRS_NOAA21_NRT/-124.48,32.53,-114.13,42.01/1"
+
+
+def test_firms_sensor_defers_with_a_trigger_that_holds_no_key(monkeypatch):
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from wildfire.airflow.sensors.firms import FirmsNewDetectionsSensor
+
+    monkeypatch.setenv("AIRFLOW_CONN_FIRMS_SENSOR_TEST", json.dumps(
+        {"conn_type": "http", "host": "http://127.0.0.1:9", "password": SECRET_KEY}))
+    sensor = FirmsNewDetectionsSensor(task_id="wait", conn_id="firms_sensor_test", since="2025-04-07T00:00:00+00:00")
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor.execute({})
+    classpath, kwargs = deferred.value.trigger.serialize()
+    assert kwargs["conn_id"] == "firms_sensor_test"
+    assert SECRET_KEY not in repr((classpath, kwargs))
 
 
 def test_lag_trigger_serialize_exact_tuple():
@@ -61,9 +80,10 @@ def test_count_new_detections_on_real_sample_handles_unpadded_times():
 
 class _Replay(http.server.BaseHTTPRequestHandler):
     body = b""
+    status = 200
 
     def do_GET(self):  # noqa: N802 - http.server API
-        self.send_response(200)
+        self.send_response(self.status)
         self.send_header("Content-Type", "text/csv")
         self.send_header("Content-Length", str(len(self.body)))
         self.end_headers()
@@ -74,11 +94,16 @@ class _Replay(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def firms_server():
-    _Replay.body = NOAA21.read_bytes()
+def firms_server(monkeypatch):
+    """A local FIRMS replay, and the Connection ``firms_trigger_test`` naming it with SECRET_KEY."""
+    monkeypatch.setattr(_Replay, "body", NOAA21.read_bytes())
+    monkeypatch.setattr(_Replay, "status", 200)
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Replay)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    monkeypatch.setenv("AIRFLOW_CONN_FIRMS_TRIGGER_TEST",
+                       json.dumps({"conn_type": "http", "host": url, "password": SECRET_KEY}))
+    yield url
     srv.shutdown()
 
 
@@ -88,7 +113,7 @@ async def _first_event(trigger):
 
 
 def test_firms_trigger_fires_on_new_detections_from_local_server(firms_server):
-    t = FirmsNewDetectionsTrigger(base_url=firms_server, map_key="K", satellite_source="VIIRS_NOAA21_NRT",
+    t = FirmsNewDetectionsTrigger(conn_id="firms_trigger_test", satellite_source="VIIRS_NOAA21_NRT",
                                   bbox=[-124.48, 32.53, -114.13, 42.01], since="2025-04-06T00:00:00+00:00",
                                   poll_interval_s=0.1, timeout_s=5)
     event = asyncio.run(_first_event(t))
@@ -96,10 +121,23 @@ def test_firms_trigger_fires_on_new_detections_from_local_server(firms_server):
 
 
 def test_firms_trigger_times_out_when_nothing_new(firms_server):
-    t = FirmsNewDetectionsTrigger(base_url=firms_server, map_key="K", satellite_source="VIIRS_NOAA21_NRT",
+    t = FirmsNewDetectionsTrigger(conn_id="firms_trigger_test", satellite_source="VIIRS_NOAA21_NRT",
                                   bbox=[-124.48, 32.53, -114.13, 42.01], since="2025-04-08T00:00:00+00:00",
                                   poll_interval_s=0.1, timeout_s=0.3)
     assert asyncio.run(_first_event(t))["status"] == "timeout"
+
+
+def test_firms_trigger_errors_never_show_the_key(firms_server, monkeypatch, caplog):
+    # httpx names the failing URL (which holds the MAP_KEY) in its status error: logged and reported masked.
+    monkeypatch.setattr(_Replay, "status", 500)
+    t = FirmsNewDetectionsTrigger(conn_id="firms_trigger_test", satellite_source="VIIRS_NOAA21_NRT",
+                                  bbox=[-124.48, 32.53, -114.13, 42.01], since="2025-04-06T00:00:00+00:00",
+                                  poll_interval_s=0.1, timeout_s=0.3)
+    caplog.set_level(logging.DEBUG)
+    event = asyncio.run(_first_event(t))
+    assert event["status"] == "timeout" and "500" in event["last_error"] and "***" in event["last_error"]
+    assert SECRET_KEY not in repr(event)
+    assert caplog.records and not [r for r in caplog.records if SECRET_KEY in r.getMessage()]
 
 
 @pytest.mark.kafka

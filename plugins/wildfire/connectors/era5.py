@@ -14,6 +14,8 @@ Guarantees:
   (Fosberg 1978, with Simard 1968 equilibrium moisture content).
 - Records are serialized column-wise (polars) into an :class:`EncodedBatch`; the natural key is
   ``era5|YYYY-MM-DDTHH|lat|lon`` (2 decimals), so re-running a day upserts the same rows.
+- Grid points of an hour whose valid time lies outside the plausibility window (default: before
+  1970 or more than a day after the ingest time) are counted as ``implausible_time`` and not emitted.
 - :func:`build_cds_request` builds the real ``reanalysis-era5-single-levels`` request;
   :func:`download_era5` sends it with ``cdsapi`` (needs a CDS account, ``~/.cdsapirc``).
 """
@@ -28,7 +30,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from wildfire.connectors.base import ConnectorResult, DeadLetter, PayloadError, RunSummary
+from wildfire.connectors.base import ConnectorResult, DeadLetter, PayloadError, RunSummary, TimeWindow
 from wildfire.priority import Priority
 from wildfire.records import SCHEMA_VERSION, EncodedBatch, format_time
 
@@ -184,13 +186,18 @@ def derive(grid: Era5Grid) -> dict[str, Any]:
 
 def era5_batch(
     grid: Era5Grid, source_name: str = "era5", *, priority: Priority = Priority.LOW,
-    ingest_time: datetime | None = None,
+    ingest_time: datetime | None = None, window: TimeWindow | None = None,
 ) -> tuple[EncodedBatch, RunSummary]:
-    """Derived fields -> one wire-JSON record per grid point and hour (points with no data skipped)."""
+    """Derived fields -> one wire-JSON record per grid point and hour (points with no data skipped).
+
+    Points of hours outside ``window`` (default :class:`TimeWindow` around ``ingest_time``) are
+    counted as ``implausible_time`` and skipped.
+    """
     import numpy as np
     import polars as pl
 
     summary = RunSummary(source_name)
+    ingest_time = ingest_time or datetime.now(UTC)
     derived = derive(grid)
     nt, nlat, nlon = grid.fields["t2m"].shape
     n = nt * nlat * nlon
@@ -199,6 +206,15 @@ def era5_batch(
     if not has_data.all():
         summary.reject("no_data", int(n - has_data.sum()))
     t_idx, la_idx, lo_idx = np.indices((nt, nlat, nlon)).reshape(3, -1)
+    window = window or TimeWindow()
+    earliest = np.datetime64(window.earliest.astimezone(UTC).replace(tzinfo=None), "ns")
+    latest = np.datetime64(window.latest(ingest_time.timestamp()).replace(tzinfo=None), "ns")
+    times_ok = (grid.times >= earliest) & (grid.times <= latest)
+    if not times_ok.all():
+        implausible = has_data & ~times_ok[t_idx]
+        if implausible.any():
+            summary.reject("implausible_time", int(implausible.sum()))
+        has_data = has_data & ~implausible
     hours = np.datetime_as_string(grid.times.astype("datetime64[s]"), unit="s")
     cols = {name: np.round(arr.reshape(-1), 3)[has_data] for name, arr in derived.items()}
     df = pl.DataFrame(
@@ -217,7 +233,7 @@ def era5_batch(
         pl.concat_str([pl.lit("era5"), s("_hour").str.slice(0, 13), s("lat").map_batches(_fmt2),
                        s("lon").map_batches(_fmt2)], separator="|").alias("key"),
         (s("_hour") + "Z").alias("event_time"),
-        pl.lit(format_time(ingest_time or datetime.now(UTC))).alias("ingest_time"),
+        pl.lit(format_time(ingest_time)).alias("ingest_time"),
         pl.lit(priority.name).alias("priority"),
         s("lat"), s("lon"), s("quality"),
         pl.struct(*(s(name) for name in cols)).alias("payload"),
@@ -241,6 +257,7 @@ def _fmt2(series: Any) -> Any:
 def load_era5_file(
     path: str | os.PathLike[str], source_name: str = "era5", *, priority: Priority = Priority.LOW,
     bbox: tuple[float, float, float, float] | None = None, ingest_time: datetime | None = None,
+    window: TimeWindow | None = None,
 ) -> ConnectorResult:
     """Decode, derive and serialize one GRIB file; an unreadable file is one counted dead letter."""
     try:
@@ -251,7 +268,7 @@ def load_era5_file(
         raw = str(path).encode()
         return ConnectorResult(EncodedBatch(source_name, [], [], []),
                                [DeadLetter(source_name, "unreadable_grib", raw, str(exc))], summary, {})
-    batch, summary = era5_batch(grid, source_name, priority=priority, ingest_time=ingest_time)
+    batch, summary = era5_batch(grid, source_name, priority=priority, ingest_time=ingest_time, window=window)
     last = str(grid.times.max().astype("datetime64[s]")) + "Z" if grid.times.size else None
     return ConnectorResult(batch, [], summary, {"last_valid_time": last})
 

@@ -17,8 +17,13 @@ Guarantees:
 - Every emitted value decodes with ``Record.from_json``; numbers in it equal the CSV values (plain
   CSV number text is copied, any other accepted form is re-formatted).
 - A row that fails validation (latitude/longitude out of range, unparsable date/time/confidence/
-  number, missing value, ragged line) is rejected with its reason and its raw CSV line; a response
+  number, missing value, a line with more or fewer fields than the header: ``ragged_line``) is
+  rejected with its reason and its raw CSV line; a response
   missing a required column is rejected as a whole (one dead letter, every row counted).
+- A body that does not end with a line end was cut inside its last line (a dropped connection):
+  that line is rejected as ``truncated`` and the complete lines before it are parsed as usual.
+- A row whose acquisition time lies outside the source's plausibility window (default: before 1970
+  or more than a day after the injected clock's now) is rejected as ``implausible_time``.
 - The FIRMS limit of 5,000 transactions per 10 minutes per MAP_KEY is enforced by a shared
   :class:`RateLimiter`; backfills larger than ``backfill_check_threshold`` requests first read the
   MAP_KEY status endpoint and refuse to start if the remaining quota cannot cover them.
@@ -45,8 +50,10 @@ from wildfire.connectors.base import (
     PayloadError,
     RateLimiter,
     RunSummary,
+    TimeWindow,
     UpstreamRejected,
     http_get,
+    within_deadline,
 )
 from wildfire.priority import Priority
 from wildfire.records import SCHEMA_VERSION, EncodedBatch, format_time
@@ -117,8 +124,46 @@ def family_of(satellite_source: str) -> str:
 
 
 def _raw_lines(data: bytes) -> list[bytes]:
-    # Only built when rows are rejected: row i of the frame is line i+1 (header is line 0).
-    return [ln.rstrip(b"\r") for ln in data.split(b"\n") if ln.strip()]
+    # Only built when rows are rejected: row i of the frame is line i+1 (header is line 0). The CSV
+    # reader makes a row of every line, a blank one included, so blank lines are kept here too.
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [ln.rstrip(b"\r") for ln in lines]
+
+
+def _ragged_rows(data: bytes, last_column: Any, width: int) -> Any:
+    """Rows whose line has more or fewer fields than the header (numpy bool per row), or None if none.
+
+    The CSV reader pads a short line with nulls and cuts a long one to the header's width, so both
+    would pass as rows. Exact without a pass per line in the normal case: a short line leaves its
+    last column null, so only those rows' lines are counted; the remaining rows are all of full
+    width exactly when the file's total comma count says so (one C-speed count). Only a file that
+    does hold a long line pays for counting every line. A body with quotes (FIRMS never quotes) is
+    left to the CSV reader: a quoted comma is not a separator.
+    """
+    import numpy as np
+
+    if b'"' in data:
+        return None
+    rows = len(last_column)
+    commas = width - 1
+    candidates = last_column.is_null().arg_true().to_numpy()
+    lines: list[bytes] | None = None
+    ragged = np.zeros(rows, dtype=bool)
+    short_commas = 0
+    if len(candidates):
+        lines = _raw_lines(data)
+        for row in candidates:
+            n = lines[row + 1].count(b",") if row + 1 < len(lines) else 0
+            short_commas += n
+            ragged[row] = n != commas
+    body_commas = data.count(b",") - data.split(b"\n", 1)[0].count(b",")
+    if body_commas - short_commas != commas * (rows - len(candidates)):
+        lines = lines or _raw_lines(data)
+        counts = np.fromiter((ln.count(b",") for ln in lines[1:rows + 1]), dtype=np.int64, count=rows)
+        ragged |= counts != commas
+    return ragged if ragged.any() else None
 
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 ._-")
@@ -236,6 +281,17 @@ def _derive(pl: Any, frame: Any, instrument_default: str) -> Any:
     return frame.with_columns(exprs)
 
 
+def _implausible(pl: Any, bounds: tuple[str, str] | None) -> Any:
+    """True where the row's acquisition minute (``acq_date`` + ``_hh_mm``) lies outside ``bounds``.
+
+    Only meaningful on rows with a valid date and time (checked before this in the reasons).
+    """
+    if bounds is None:
+        return pl.lit(False)
+    minute = pl.concat_str([pl.col("acq_date"), pl.lit("T"), pl.col("_hh_mm")])
+    return ((minute < bounds[0]) | (minute > bounds[1])).fill_null(False)
+
+
 def _local_categorical(pl: Any) -> Any:
     # A category namespace of its own: codes are local to one response, nothing global grows.
     return pl.Categorical(pl.Categories.random())
@@ -316,6 +372,8 @@ def parse_firms_csv(
     priority: Priority = Priority.HIGH,
     ingest_time: datetime | None = None,
     seen_keys: Collection[str] | None = None,
+    window: TimeWindow | None = None,
+    now: datetime | None = None,
 ) -> ParsedFirms:
     """FIRMS area-API CSV bytes -> deduplicated wire-JSON batch, dead letters and counts. Pure.
 
@@ -323,17 +381,53 @@ def parse_firms_csv(
     through the compiled fast path (:func:`_parse_native`, byte-identical output); anything else,
     and every response when the extension is not installed, through the polars parser
     (:func:`_parse_polars`), which is the reference and the only producer of dead letters.
+    Event times are checked against ``window`` (default :class:`TimeWindow`) around ``now``
+    (default ``ingest_time``). A last line without a line end is rejected as ``truncated``.
     """
     # One ingest time for both paths, so a declined response gets the time the fast path would have used.
     ingest_time = ingest_time or datetime.now(UTC)
+    bounds = _time_bounds(window or TimeWindow(), now or ingest_time)
+    data, cut = _split_truncated(data)
     parsed = _parse_native(
-        data, source_name, satellite_source, priority=priority, ingest_time=ingest_time, seen_keys=seen_keys
+        data, source_name, satellite_source, priority=priority, ingest_time=ingest_time, seen_keys=seen_keys,
+        bounds=bounds,
     )
-    if parsed is not None:
-        return parsed
-    return _parse_polars(
-        data, source_name, satellite_source, priority=priority, ingest_time=ingest_time, seen_keys=seen_keys
-    )
+    if parsed is None:
+        parsed = _parse_polars(
+            data, source_name, satellite_source, priority=priority, ingest_time=ingest_time, seen_keys=seen_keys,
+            bounds=bounds,
+        )
+    if cut is not None:
+        parsed.summary.reject("truncated")
+        parsed.dead_letters.append(DeadLetter(
+            source_name, "truncated", cut[:4096],
+            f"{satellite_source}: the body ends inside its last line ({len(cut)} bytes without a line end): "
+            "the answer was cut off, the line is incomplete",
+        ))
+    return parsed
+
+
+def _split_truncated(data: bytes) -> tuple[bytes, bytes | None]:
+    """(complete lines, the cut last line or None). A body must end with a line end (LF, or CR of a CRLF)."""
+    if not isinstance(data, bytes) or not data or data.endswith((b"\n", b"\r")):
+        return data, None
+    end = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+    tail = data[end:]
+    if not tail.strip(b" \t\x00") or tail == b"\xef\xbb\xbf":
+        return data[:end], None  # trailing blanks or a lone BOM: nothing was lost
+    return data[:end], tail
+
+
+def _time_bounds(window: TimeWindow, now: datetime) -> tuple[str, str]:
+    """The window as ``YYYY-MM-DDTHH:MM`` strings; FIRMS times have minute resolution and compare as text."""
+    earliest = window.earliest.astimezone(UTC)
+    if earliest.second or earliest.microsecond:  # round up: a minute before it is outside
+        earliest = earliest.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    try:
+        latest = window.latest(now.timestamp())
+    except OverflowError:
+        latest = datetime.max.replace(tzinfo=UTC)
+    return earliest.strftime("%Y-%m-%dT%H:%M"), latest.strftime("%Y-%m-%dT%H:%M")
 
 
 def _parse_native(
@@ -344,11 +438,14 @@ def _parse_native(
     priority: Priority = Priority.HIGH,
     ingest_time: datetime | None = None,
     seen_keys: Collection[str] | None = None,
+    bounds: tuple[str, str] | None = None,
 ) -> ParsedFirms | None:
     """The compiled fast path (``wildfire_firms_fast``); None where the polars parser must run.
 
     None for: the extension missing, an empty or header-only body, a satellite source the polars
-    path refuses, and whatever the extension declines (see docs/connectors.md, "Compiled fast path").
+    path refuses, whatever the extension declines (see docs/connectors.md, "Compiled fast path"),
+    and an answer with a record dated on the first or last day of the plausibility window
+    ``bounds`` or outside it (the polars path checks those to the minute and rejects them).
     """
     if _native is None:
         _note_native_missing()
@@ -382,6 +479,12 @@ def _parse_native(
     if result is None:
         return None
     keys, values, dates, duplicates = result
+    if bounds is not None and dates:
+        # Day resolution is enough to prove every record safely inside; anything near an edge is
+        # decided by the polars path. A set over the per-combination strings costs ~0.02 s per million.
+        days = set(dates)
+        if min(days) <= bounds[0][:10] or max(days) >= bounds[1][:10]:
+            return None
     summary = RunSummary(source_name)
     summary.accepted = len(keys)
     summary.deduplicated = duplicates
@@ -403,6 +506,7 @@ def _parse_polars(
     priority: Priority = Priority.HIGH,
     ingest_time: datetime | None = None,
     seen_keys: Collection[str] | None = None,
+    bounds: tuple[str, str] | None = None,
 ) -> ParsedFirms:
     """The polars parser: every input, dead letters included; the fast path's reference.
 
@@ -485,10 +589,11 @@ def _parse_polars(
     # (day, minute, satellite), and how well (confidence, pixel size). Only a representative row's
     # own group columns are used: its other fields (lat/lon, the other group) may differ per row.
     when_ix, when_rep = representatives(_WHEN_COLUMNS)
+    when_rep = when_rep.with_columns(_implausible(pl, bounds).alias("_implausible"))
     per_when = when_rep.select(
         (
             s("acq_date").is_null() | s("acq_time").is_null() | s("satellite").is_null() | ~s("_date_ok")
-            | s("_hhmm").is_null() | s("satellite_n").is_null() | s("instrument_n").is_null()
+            | s("_hhmm").is_null() | s("satellite_n").is_null() | s("instrument_n").is_null() | s("_implausible")
         ).alias("bad"),
         # The key up to the coordinates, separators included: fewer pieces to join per row.
         pl.concat_str(
@@ -552,6 +657,9 @@ def _parse_polars(
     exprs.append(pl.lit(per_when.get_column("key")).gather(s("_when")).alias("_key_mid"))
     exprs.append(pl.lit(per_when.get_column("wire")).gather(s("_when")).alias("_wire_when"))
     exprs.append(pl.lit(per_how.get_column("wire")).gather(s("_how")).alias("_wire_how"))
+    ragged = _ragged_rows(data, df.get_column(df.columns[-1]), len(df.columns))
+    if ragged is not None:
+        bad = bad | pl.lit(pl.Series(ragged))
     exprs.append(bad.fill_null(True).alias("_bad"))  # unknown counts as rejected, never silently dropped
     key = pl.concat_str(
         [s("_key_mid"), s("lat").round(4).cast(pl.String), pl.lit("|"),
@@ -577,6 +685,7 @@ def _parse_polars(
     if bad_mask.any():
         # Reasons are worked out only for the rejected rows, in the order a reader would check them.
         rejected = _derive(pl, as_text(df.with_row_index("_row").filter(bad_mask)), instrument_default)
+        rejected = rejected.with_columns(_implausible(pl, bounds).alias("_implausible"))
         lat_r = s("latitude").cast(pl.Float64, strict=False)
         lon_r = s("longitude").cast(pl.Float64, strict=False)
         reason = (
@@ -585,6 +694,7 @@ def _parse_polars(
             .when(lon_r.is_null() | ~(lon_r.abs() <= 180)).then(pl.lit("bad_longitude"))
             .when(~s("_date_ok")).then(pl.lit("bad_acq_date"))
             .when(s("_hhmm").is_null()).then(pl.lit("bad_acq_time"))
+            .when(s("_implausible")).then(pl.lit("implausible_time"))
             .when(s("confidence_class").is_null()).then(pl.lit("bad_confidence"))
             .when(s("satellite_n").is_null()).then(pl.lit("bad_satellite"))
             .when(s("instrument_n").is_null()).then(pl.lit("bad_instrument"))
@@ -592,6 +702,8 @@ def _parse_polars(
         )
         lines = _raw_lines(data)
         for row, why in rejected.select("_row", reason).iter_rows():
+            if ragged is not None and ragged[row]:
+                why = "ragged_line"  # its values are misaligned or cut: whatever else failed follows from that
             raw = lines[row + 1] if row + 1 < len(lines) else b""
             summary.reject(why)
             dead.append(DeadLetter(source_name, why, raw, f"{satellite_source} row {row + 1}: {why.replace('_', ' ')}"))
@@ -706,6 +818,7 @@ class FirmsConnector:
         resp = await http_get(
             self.client, f"{self.base_url}/mapserver/mapkey_status/", source=self.source_name, clock=self.clock,
             params={"MAP_KEY": self.map_key}, headers={"User-Agent": self.user_agent}, secret=self.map_key,
+            max_bytes=self.config.max_response_bytes,
         )
         try:
             body = resp.json()
@@ -720,18 +833,23 @@ class FirmsConnector:
         await self.rate_limiter.acquire()
         resp = await http_get(
             self.client, url, source=self.source_name, clock=self.clock, headers={"User-Agent": self.user_agent},
-            summary=summary, secret=self.map_key,
+            summary=summary, secret=self.map_key, max_bytes=self.config.max_response_bytes,
         )
         body = resp.content
         # FIRMS answers some errors with 200 and a one-line text ("Invalid MAP_KEY.").
         head = body.lstrip(b"\xef\xbb\xbf")[:200].lower()
         if head.startswith(b"invalid") or head.startswith(b"error"):
-            raise UpstreamRejected(self.source_name, f"FIRMS refused the request: {body[:200].decode(errors='replace')}")
+            text = body[:200].decode(errors="replace").replace(self.map_key, "***")
+            raise UpstreamRejected(self.source_name, f"FIRMS refused the request: {text}")
         return body
 
     async def fetch(self, cursor: dict[str, Any] | None = None) -> ConnectorResult:
-        """One poll of every configured source; the cursor carries keys already published."""
-        return await self._run([(src, self.day_range, None) for src in self.sources], cursor)
+        """One poll of every configured source; the cursor carries keys already published.
+
+        The whole poll ends within ``config.poll_deadline_s`` (:class:`PollDeadlineExceeded` past it).
+        """
+        return await within_deadline(self._run([(src, self.day_range, None) for src in self.sources], cursor),
+                                     source=self.source_name, deadline_s=self.config.poll_deadline_s)
 
     async def backfill(self, start: date, end: date, cursor: dict[str, Any] | None = None) -> ConnectorResult:
         """Archive days ``start..end`` for every source, 5 days per request; checks the MAP_KEY first."""
@@ -750,7 +868,8 @@ class FirmsConnector:
                     f"backfill needs {len(plan)} requests but the MAP_KEY has {status.remaining} of "
                     f"{status.transaction_limit} left this {status.interval}",
                 )
-        return await self._run(plan, cursor)
+        return await within_deadline(self._run(plan, cursor), source=self.source_name,
+                                     deadline_s=self.config.poll_deadline_s)
 
     async def _run(self, plan: list[tuple[str, int, date | None]], cursor: dict[str, Any] | None) -> ConnectorResult:
         seen: dict[str, str] = dict((cursor or {}).get("seen", {}))
@@ -760,11 +879,12 @@ class FirmsConnector:
         prios: list[Priority] = []
         values: list[bytes] = []
         ingest = datetime.fromtimestamp(self.clock.time(), UTC)
+        window = TimeWindow.from_config(self.config)
         for src, span, day in plan:
             body = await self._get_csv(self.area_url(src, span, day), summary)
             parsed = parse_firms_csv(
                 body, self.source_name, src, priority=self.config.record_priority, ingest_time=ingest,
-                seen_keys=seen.keys(),
+                seen_keys=seen.keys(), window=window, now=ingest,
             )
             summary.merge(parsed.summary)
             dead.extend(parsed.dead_letters)

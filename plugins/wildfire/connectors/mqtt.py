@@ -10,7 +10,15 @@ Guarantees:
   messages on reconnect); it is counted as ``sink_failed``. Delivery is therefore at-least-once:
   the natural key ``sensor_id|timestamp`` lets storage collapse a redelivery.
 - A payload that is not JSON or fails the :class:`IotReading` schema becomes a counted dead letter
-  (handed to ``dead_letter_sink``) and is then acknowledged: retrying it cannot make it valid.
+  (handed to ``dead_letter_sink``) and is then acknowledged: retrying it cannot make it valid. So
+  does any other failure to turn one payload into a record (reason ``bad_reading``): nothing a
+  publisher sends can raise out of paho's callback thread.
+- A payload larger than ``config.max_payload_bytes`` (default 64 KiB) is not decoded: it is a dead
+  letter ``too_large`` holding its first 4 KiB. A timestamp outside the source's plausibility
+  window (default: before 1970 or more than a day after the injected clock's now), or one that
+  cannot be converted to UTC, is a dead letter ``implausible_time``.
+- Bounded: ``sink_failures`` keeps the last ``SINK_FAILURE_SAMPLE`` failure texts;
+  ``sink_failure_count`` counts them all.
 - Priority is ``config.record_priority`` (NORMAL), raised to HIGH when a reading crosses any
   fire-weather threshold from ``config.options["thresholds"]`` (defaults: temperature >= 40 C,
   relative humidity <= 15 %, wind >= 13 m/s).
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -30,11 +39,14 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from wildfire.clock import SYSTEM_CLOCK, Clock
 from wildfire.config import SourceConfig
-from wildfire.connectors.base import DeadLetter, RunSummary
+from wildfire.connectors.base import DeadLetter, ImplausibleTime, RunSummary, TimeWindow, describe
 from wildfire.priority import Priority
 from wildfire.records import Record
 
 log = logging.getLogger(__name__)
+
+SINK_FAILURE_SAMPLE = 100  # recent sink failure texts kept for diagnosis; older ones only counted
+TOO_LARGE_RAW_BYTES = 4096  # what a too_large dead letter keeps of its payload
 
 DEFAULT_THRESHOLDS = {"temperature_c_min": 40.0, "relative_humidity_pct_max": 15.0, "wind_speed_ms_min": 13.0}
 
@@ -85,8 +97,39 @@ def parse_iot_payload(
     thresholds: dict[str, float] | None = None,
     base_priority: Priority = Priority.NORMAL,
     ingest_time: datetime | None = None,
+    window: TimeWindow | None = None,
+    now: float | None = None,
+    max_bytes: int | None = None,
 ) -> Record | DeadLetter:
-    """One MQTT payload -> Record, or a DeadLetter naming what is wrong. Never raises on bad input."""
+    """One MQTT payload -> Record, or a DeadLetter naming what is wrong. Never raises on bad input.
+
+    ``max_bytes``: a longer payload is ``too_large`` without being decoded. ``window``: the
+    timestamp must lie in it around ``now`` (epoch seconds; default the ingest time).
+    """
+    if max_bytes is not None and len(payload) > max_bytes:
+        return DeadLetter(source_name, "too_large", bytes(payload[:TOO_LARGE_RAW_BYTES]),
+                          f"{topic}: payload of {len(payload)} bytes is over the max_payload_bytes limit of "
+                          f"{max_bytes}; not decoded (first {TOO_LARGE_RAW_BYTES} bytes kept)")
+    try:
+        return _parse(payload, topic, source_name, thresholds=thresholds, base_priority=base_priority,
+                      ingest_time=ingest_time, window=window, now=now)
+    except ImplausibleTime as exc:
+        return DeadLetter(source_name, "implausible_time", bytes(payload), f"{topic}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - whatever one payload does, it is that payload's dead letter
+        return DeadLetter(source_name, "bad_reading", bytes(payload), f"{topic}: {describe(exc)}")
+
+
+def _parse(
+    payload: bytes,
+    topic: str,
+    source_name: str,
+    *,
+    thresholds: dict[str, float] | None,
+    base_priority: Priority,
+    ingest_time: datetime | None,
+    window: TimeWindow | None,
+    now: float | None,
+) -> Record | DeadLetter:
     try:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
@@ -96,7 +139,13 @@ def parse_iot_payload(
     except ValidationError as exc:
         return DeadLetter(source_name, "schema", payload, f"{topic}: {_schema_error(exc)}")
     crossed = crosses_thresholds(reading, {**DEFAULT_THRESHOLDS, **(thresholds or {})})
-    when = reading.timestamp.astimezone(UTC)
+    try:
+        when = reading.timestamp.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-05:00 is past what datetime holds in UTC
+        raise ImplausibleTime(f"timestamp {reading.timestamp.isoformat()} cannot be converted to UTC") from None
+    ingest_time = ingest_time or datetime.now(UTC)
+    if window is not None:
+        window.check(when, ingest_time.timestamp() if now is None else now)
     fields = reading.model_dump(exclude={"timestamp", "latitude", "longitude"})
     present = [v for k, v in fields.items() if k not in ("sensor_id", "battery_v")]
     quality = sum(v is not None for v in present) / len(present)
@@ -110,7 +159,7 @@ def parse_iot_payload(
         lat=reading.latitude,
         lon=reading.longitude,
         quality=round(quality, 3),
-        ingest_time=ingest_time or datetime.now(UTC),
+        ingest_time=ingest_time,
     )
 
 
@@ -152,7 +201,11 @@ class MqttConnector:
         self.qos = int(opts.get("qos", 1))
         self.thresholds = {**DEFAULT_THRESHOLDS, **opts.get("thresholds", {})}
         self.summary = RunSummary(source_name)
-        self.sink_failures: list[str] = []
+        self.window = TimeWindow.from_config(config)
+        self.max_payload_bytes = config.max_payload_bytes
+        # Bounded: a sink down for hours fails every message; keep a count and a recent sample only.
+        self.sink_failures: deque[str] = deque(maxlen=SINK_FAILURE_SAMPLE)
+        self.sink_failure_count = 0
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._subscribe_mid: int | None = None
@@ -199,10 +252,12 @@ class MqttConnector:
         self._connected.clear()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        ingest = datetime.fromtimestamp(self.clock.time(), UTC)
+        now = self.clock.time()
+        ingest = datetime.fromtimestamp(now, UTC)
         item = parse_iot_payload(
             msg.payload, msg.topic, self.source_name, thresholds=self.thresholds,
-            base_priority=self.config.record_priority, ingest_time=ingest,
+            base_priority=self.config.record_priority, ingest_time=ingest, window=self.window, now=now,
+            max_bytes=self.max_payload_bytes,
         )
         try:
             if isinstance(item, DeadLetter):
@@ -212,7 +267,8 @@ class MqttConnector:
         except Exception as exc:  # noqa: BLE001 - any sink failure means "not stored": do not ack
             with self._lock:
                 self.summary.reject("sink_failed")
-                self.sink_failures.append(f"{type(exc).__name__}: {exc}")
+                self.sink_failure_count += 1
+                self.sink_failures.append(f"{type(exc).__name__}: {exc}"[:1000])
             return
         with self._lock:
             if isinstance(item, DeadLetter):

@@ -17,6 +17,13 @@ Guarantees:
   is published again (same key: storage upserts it). Priority: CRITICAL for Evacuation Immediate
   and Fire Warning, HIGH for Red Flag Warning and Fire Weather Watch, ``config.record_priority``
   otherwise (lists overridable with ``options.critical_events`` / ``options.high_events``).
+- Per-item isolation: any failure to turn one station's observation or one alert into a record
+  (any exception, not only a validation error) is a counted dead letter, and every other item of
+  the same answer is still accepted. An observation or alert time outside the source's
+  plausibility window (or one ``datetime`` cannot represent, such as ``9999-12-31T23:59:59-05:00``)
+  is rejected as ``implausible_time``.
+- Bounded: bodies past ``config.max_response_bytes`` are refused, a poll ends within
+  ``config.poll_deadline_s`` (both retriable or counted, never a hang).
 """
 
 from __future__ import annotations
@@ -38,10 +45,16 @@ from wildfire.connectors.base import (
     DeadLetter,
     PayloadError,
     RunSummary,
+    TimeWindow,
+    describe,
     http_get,
+    raw_json,
+    reason_for,
+    utc_time,
+    within_deadline,
 )
 from wildfire.priority import Priority
-from wildfire.records import Record, RecordError, parse_time
+from wildfire.records import Record, RecordError
 
 CRITICAL_EVENTS = ("Evacuation Immediate", "Fire Warning")
 HIGH_EVENTS = ("Red Flag Warning", "Fire Weather Watch")
@@ -108,9 +121,14 @@ def _station_id(url_or_id: str) -> str:
 
 
 def parse_observation(
-    obj: Any, source_name: str, *, priority: Priority = Priority.NORMAL, ingest_time: datetime | None = None
+    obj: Any, source_name: str, *, priority: Priority = Priority.NORMAL, ingest_time: datetime | None = None,
+    window: TimeWindow | None = None, now: float | None = None,
 ) -> Record:
-    """One ``/stations/{id}/observations/latest`` GeoJSON Feature -> Record; RecordError if unusable."""
+    """One ``/stations/{id}/observations/latest`` GeoJSON Feature -> Record; RecordError if unusable.
+
+    With ``window`` the observation time must lie in it around ``now`` (epoch seconds; default the
+    ingest time), else :class:`~wildfire.connectors.base.ImplausibleTime`.
+    """
     if not isinstance(obj, dict) or not isinstance(obj.get("properties"), dict):
         raise RecordError("observation is not a GeoJSON Feature with properties")
     props = obj["properties"]
@@ -118,7 +136,10 @@ def parse_observation(
     if not station:
         raise RecordError("observation names no station")
     station_id = _station_id(str(station))
-    when = parse_time(str(props.get("timestamp")))
+    when = utc_time(props.get("timestamp"))
+    ingest_time = ingest_time or datetime.now(UTC)
+    if window is not None:
+        window.check(when, ingest_time.timestamp() if now is None else now)
     payload: dict[str, Any] = {"station_id": station_id, "text_description": props.get("textDescription")}
     unit_errors: list[str] = []
     qc_scores: list[float] = []
@@ -131,8 +152,11 @@ def parse_observation(
             qc_scores.append(QC_SCORE.get(str(qc), 0.7))
     payload["unit_errors"] = unit_errors
     lat = lon = None
-    coords = (obj.get("geometry") or {}).get("coordinates")
-    if isinstance(coords, list) and len(coords) >= 2 and all(isinstance(c, int | float) for c in coords[:2]):
+    geometry = obj.get("geometry")
+    coords = geometry.get("coordinates") if isinstance(geometry, dict) else None
+    if isinstance(coords, list) and len(coords) >= 2 and all(
+        isinstance(c, int | float) and not isinstance(c, bool) for c in coords[:2]
+    ):
         lon, lat = float(coords[0]), float(coords[1])
         if not (-90 <= lat <= 90 and -180 <= lon <= 180):
             raise RecordError(f"station {station_id}: coordinates {coords[:2]} out of range")
@@ -148,7 +172,7 @@ def parse_observation(
         lat=lat,
         lon=lon,
         quality=round(quality, 3),
-        ingest_time=ingest_time or datetime.now(UTC),
+        ingest_time=ingest_time,
     )
 
 
@@ -192,17 +216,24 @@ def parse_alert(
     critical_events: tuple[str, ...] = CRITICAL_EVENTS,
     high_events: tuple[str, ...] = HIGH_EVENTS,
     ingest_time: datetime | None = None,
+    window: TimeWindow | None = None,
+    now: float | None = None,
 ) -> Record:
-    """One ``/alerts/active`` Feature -> Record; RecordError if unusable."""
+    """One ``/alerts/active`` Feature -> Record; RecordError if unusable (ImplausibleTime outside ``window``)."""
     if not isinstance(feature, dict) or not isinstance(feature.get("properties"), dict):
         raise RecordError("alert is not a GeoJSON Feature with properties")
     props = feature["properties"]
     alert_id = props.get("id") or feature.get("id")
     event = props.get("event")
-    if not alert_id or not isinstance(event, str) or not event:
+    if not alert_id or not isinstance(alert_id, str | int) or isinstance(alert_id, bool):
+        raise RecordError(f"alert id {alert_id!r} is missing or not a string")
+    if not isinstance(event, str) or not event:
         raise RecordError("alert lacks id or event")
     sent = props.get("sent") or props.get("effective") or props.get("onset")
-    when = parse_time(str(sent))
+    when = utc_time(sent)
+    ingest_time = ingest_time or datetime.now(UTC)
+    if window is not None:
+        window.check(when, ingest_time.timestamp() if now is None else now)
     lat, lon = _centroid(feature.get("geometry"))
     payload = {
         "alert_id": str(alert_id),
@@ -235,7 +266,7 @@ def parse_alert(
         lat=lat,
         lon=lon,
         quality=1.0 if props.get("status") in (None, "Actual") else 0.5,
-        ingest_time=ingest_time or datetime.now(UTC),
+        ingest_time=ingest_time,
     )
 
 
@@ -277,7 +308,16 @@ class _NwsBase:
         return await http_get(
             self.client, url, source=self.source_name, clock=self.clock, params=params, headers=self.headers,
             summary=summary, max_attempts=int(self.config.options.get("max_attempts", 3)),
+            max_bytes=self.config.max_response_bytes,
         )
+
+    async def fetch(self, cursor: dict[str, Any] | None = None) -> ConnectorResult:
+        """One poll, ended after ``config.poll_deadline_s`` with the retriable PollDeadlineExceeded."""
+        return await within_deadline(self._fetch(cursor), source=self.source_name,
+                                     deadline_s=self.config.poll_deadline_s)
+
+    async def _fetch(self, cursor: dict[str, Any] | None) -> ConnectorResult:
+        raise NotImplementedError
 
 
 class NwsObservationsConnector(_NwsBase):
@@ -308,18 +348,22 @@ class NwsObservationsConnector(_NwsBase):
             if not features:
                 break
             for f in features:
-                props = (f.get("properties") or {}) if isinstance(f, dict) else {}
+                props = f.get("properties") if isinstance(f, dict) else None
+                props = props if isinstance(props, dict) else {}
                 sid = props.get("stationIdentifier") or (f.get("id") if isinstance(f, dict) else None)
-                if sid:
-                    stations.append(_station_id(str(sid)))
-            nxt = (body.get("pagination") or {}).get("next")
-            url, params = (self._local(nxt), None) if nxt else (None, None)
+                # Only plain identifiers become a URL path segment; anything else is not a station.
+                if isinstance(sid, str) and (sid := _station_id(sid)) and sid.isascii() and sid.isalnum():
+                    stations.append(sid)
+            pagination = body.get("pagination")
+            nxt = pagination.get("next") if isinstance(pagination, dict) else None
+            url, params = (self._local(nxt), None) if isinstance(nxt, str) and nxt else (None, None)
         return list(dict.fromkeys(stations))
 
-    async def fetch(self, cursor: dict[str, Any] | None = None) -> ConnectorResult:
+    async def _fetch(self, cursor: dict[str, Any] | None = None) -> ConnectorResult:
         summary = RunSummary(self.source_name)
         dead: list[DeadLetter] = []
         stations = await self.list_stations(summary)
+        window = TimeWindow.from_config(self.config)
         ingest = datetime.fromtimestamp(self.clock.time(), UTC)
         sem = asyncio.Semaphore(self.config.concurrency)
         last_seen: dict[str, str] = dict((cursor or {}).get("latest", {}))
@@ -333,9 +377,11 @@ class NwsObservationsConnector(_NwsBase):
                     return DeadLetter(self.source_name, "station_failed", station.encode(), str(exc))
             try:
                 return parse_observation(_json(resp, self.source_name, station), self.source_name,
-                                         priority=self.config.record_priority, ingest_time=ingest)
-            except (RecordError, PayloadError) as exc:
-                return DeadLetter(self.source_name, "bad_observation", resp.content[:4096], f"{station}: {exc}")
+                                         priority=self.config.record_priority, ingest_time=ingest,
+                                         window=window, now=self.clock.time())
+            except Exception as exc:  # noqa: BLE001 - any failure on one station's answer costs that station only
+                return DeadLetter(self.source_name, reason_for(exc, "bad_observation"), resp.content[:4096],
+                                  f"{station}: {describe(exc)}")
 
         records: list[Record] = []
         for item in await asyncio.gather(*(one(s) for s in stations)):
@@ -364,10 +410,12 @@ class NwsAlertsConnector(_NwsBase):
         self.critical_events = tuple(opts.get("critical_events", CRITICAL_EVENTS))
         self.high_events = tuple(opts.get("high_events", HIGH_EVENTS))
 
-    async def fetch(self, cursor: dict[str, Any] | None = None) -> ConnectorResult:
+    async def _fetch(self, cursor: dict[str, Any] | None = None) -> ConnectorResult:
         summary = RunSummary(self.source_name)
         dead: list[DeadLetter] = []
         known: dict[str, str] = dict((cursor or {}).get("alerts", {}))
+        window = TimeWindow.from_config(self.config)
+        now = self.clock.time()
         resp = await self._get(f"{self.base_url}/alerts/active", summary, {"area": self.area})
         body = _json(resp, self.source_name, "active alerts")
         features = body.get("features") if isinstance(body, dict) else None
@@ -380,10 +428,11 @@ class NwsAlertsConnector(_NwsBase):
             try:
                 rec = parse_alert(feature, self.source_name, default_priority=self.config.record_priority,
                                   critical_events=self.critical_events, high_events=self.high_events,
-                                  ingest_time=ingest)
-            except RecordError as exc:
-                summary.reject("bad_alert")
-                dead.append(DeadLetter(self.source_name, "bad_alert", orjson.dumps(feature)[:8192], str(exc)))
+                                  ingest_time=ingest, window=window, now=now)
+            except Exception as exc:  # noqa: BLE001 - one unusable alert must never cost the others
+                reason = reason_for(exc, "bad_alert")
+                summary.reject(reason)
+                dead.append(DeadLetter(self.source_name, reason, raw_json(feature), describe(exc)))
                 continue
             digest = rec.payload["content_hash"]
             if rec.key in active or known.get(rec.key) == digest:

@@ -13,12 +13,20 @@ Guarantees:
   (``show_only``), at most ``config.concurrency`` (default 5) batches in flight.
 - An API error body (``{"error": "ApiKeyInvalidError", "description": ...}``) becomes a
   :class:`PurpleAirError` carrying both; a row without a location or sensor index is a counted
-  dead letter.
+  dead letter. Any other failure to turn one row into a record (any exception) is a counted
+  ``bad_row`` dead letter; the other rows of the answer are accepted.
+- A ``last_seen`` outside the source's plausibility window (default: before 1970 or more than a
+  day after the injected clock's now), or too large for ``datetime``, is rejected as
+  ``implausible_time``. An answer whose ``data_time_stamp`` is not a plausible number of seconds
+  is a :class:`PayloadError` (it is the next poll's ``modified_since``).
+- The key is sent only in the ``X-API-Key`` header and is masked in every error message; bodies
+  past ``config.max_response_bytes`` are refused and a poll ends within ``config.poll_deadline_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -30,10 +38,16 @@ from wildfire.config import SourceConfig
 from wildfire.connectors.base import (
     ConnectorResult,
     DeadLetter,
+    ImplausibleTime,
     PayloadError,
     RunSummary,
+    TimeWindow,
     UpstreamRejected,
+    describe,
+    epoch_time,
     http_get,
+    raw_json,
+    within_deadline,
 )
 from wildfire.priority import Priority
 from wildfire.records import Record, RecordError
@@ -64,7 +78,14 @@ def epa_correct_pm25(pa_cf1: float | None, rh_pct: float | None) -> float | None
 
 
 def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+    """A finite JSON number as float, else None (strings, booleans, NaN/inf, ints past float range)."""
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
 
 
 def rows_of(body: Any) -> list[dict[str, Any]]:
@@ -81,8 +102,13 @@ def rows_of(body: Any) -> list[dict[str, Any]]:
 def parse_sensor_row(
     row: dict[str, Any], source_name: str, data_time_stamp: int, *,
     priority: Priority = Priority.NORMAL, ingest_time: datetime | None = None,
+    window: TimeWindow | None = None, now: float | None = None,
 ) -> Record:
-    """One decoded sensor row -> Record (SI units); RecordError naming what is missing."""
+    """One decoded sensor row -> Record (SI units); RecordError naming what is missing.
+
+    With ``window`` the ``last_seen`` time must lie in it around ``now`` (epoch seconds; default
+    the ingest time), else :class:`~wildfire.connectors.base.ImplausibleTime`.
+    """
     index = row.get("sensor_index")
     if not isinstance(index, int) or isinstance(index, bool):
         raise RecordError(f"row has no integer sensor_index: {row.get('sensor_index')!r}")
@@ -91,8 +117,15 @@ def parse_sensor_row(
         raise RecordError(f"sensor {index}: no latitude/longitude")
     if not (-90 <= lat <= 90 and -180 <= lon <= 180):
         raise RecordError(f"sensor {index}: location {lat}, {lon} out of range")
-    seen = _num(row.get("last_seen")) or float(data_time_stamp)
-    when = datetime.fromtimestamp(seen, UTC)
+    last_seen = row.get("last_seen")
+    if last_seen is not None and not isinstance(last_seen, bool) and isinstance(last_seen, int | float) \
+            and _num(last_seen) is None:
+        raise ImplausibleTime(f"sensor {index}: last_seen {last_seen!r} is not a finite time")
+    seen = _num(last_seen) or float(data_time_stamp)
+    when = epoch_time(seen)
+    ingest_time = ingest_time or datetime.now(UTC)
+    if window is not None:
+        window.check(when, ingest_time.timestamp() if now is None else now)
     a, b = _num(row.get("pm2.5_cf_1_a")), _num(row.get("pm2.5_cf_1_b"))
     cf1 = _num(row.get("pm2.5_cf_1"))
     if cf1 is None and a is not None and b is not None:
@@ -126,7 +159,7 @@ def parse_sensor_row(
     return Record(
         source=source_name, kind="air_quality", key=f"{index}|{int(seen)}", event_time=when, priority=priority,
         payload=payload, lat=lat, lon=lon, quality=round(min(1.0, max(0.0, quality)), 3),
-        ingest_time=ingest_time or datetime.now(UTC),
+        ingest_time=ingest_time,
     )
 
 
@@ -176,7 +209,7 @@ class PurpleAirConnector:
     async def _get_sensors(self, params: dict[str, Any], summary: RunSummary) -> Any:
         api_error: dict[str, Any] = {}
 
-        def describe(resp: httpx.Response) -> str | None:
+        def describe_body(resp: httpx.Response) -> str | None:
             try:
                 body = orjson.loads(resp.content)
             except orjson.JSONDecodeError:
@@ -190,7 +223,7 @@ class PurpleAirConnector:
             resp = await http_get(
                 self.client, f"{self.base_url}/v1/sensors", source=self.source_name, clock=self.clock, params=params,
                 headers={"X-API-Key": self.api_key, "User-Agent": self.user_agent}, summary=summary,
-                describe_error=describe, secret=self.api_key,
+                describe_error=describe_body, secret=self.api_key, max_bytes=self.config.max_response_bytes,
             )
         except UpstreamRejected as exc:
             if api_error:
@@ -205,6 +238,18 @@ class PurpleAirConnector:
             raise PayloadError(self.source_name, f"sensors answer is not JSON ({exc})") from None
 
     async def fetch(self, cursor: dict[str, Any] | None = None) -> ConnectorResult:
+        """One poll, ended after ``config.poll_deadline_s`` with the retriable PollDeadlineExceeded."""
+        return await within_deadline(self._fetch(cursor), source=self.source_name,
+                                     deadline_s=self.config.poll_deadline_s)
+
+    def _stamp(self, body: dict[str, Any]) -> int:
+        stamp = body.get("data_time_stamp") or body.get("time_stamp") or int(self.clock.time())
+        # The stamp becomes the next modified_since: a value that is no time at all must not reach the cursor.
+        if isinstance(stamp, bool) or not isinstance(stamp, int | float) or not 0 <= stamp < 2**40:
+            raise PayloadError(self.source_name, f"sensors answer has an unusable data_time_stamp {stamp!r}")
+        return int(stamp)
+
+    async def _fetch(self, cursor: dict[str, Any] | None = None) -> ConnectorResult:
         summary = RunSummary(self.source_name)
         dead: list[DeadLetter] = []
         modified_since = (cursor or {}).get("modified_since")
@@ -221,6 +266,8 @@ class PurpleAirConnector:
 
         bodies = await asyncio.gather(*(one(b) for b in batches))
         ingest = datetime.fromtimestamp(self.clock.time(), UTC)
+        window = TimeWindow.from_config(self.config)
+        now = self.clock.time()
         records: list[Record] = []
         seen: set[str] = set()
         stamps: list[int] = []
@@ -229,16 +276,21 @@ class PurpleAirConnector:
                 rows = rows_of(body)
             except PayloadError as exc:
                 raise PayloadError(self.source_name, str(exc).split(": ", 1)[-1]) from None
-            stamp = body.get("data_time_stamp") or body.get("time_stamp") or int(self.clock.time())
-            stamps.append(int(stamp))
+            stamp = self._stamp(body)
+            stamps.append(stamp)
             for row in rows:
                 try:
-                    rec = parse_sensor_row(row, self.source_name, int(stamp), priority=self.config.record_priority,
-                                           ingest_time=ingest)
-                except RecordError as exc:
-                    reason = "missing_location" if "latitude" in str(exc) else "bad_row"
+                    rec = parse_sensor_row(row, self.source_name, stamp, priority=self.config.record_priority,
+                                           ingest_time=ingest, window=window, now=now)
+                except Exception as exc:  # noqa: BLE001 - one unusable row must never cost the others
+                    if isinstance(exc, ImplausibleTime):
+                        reason = "implausible_time"
+                    elif isinstance(exc, RecordError) and "latitude" in str(exc):
+                        reason = "missing_location"
+                    else:
+                        reason = "bad_row"
                     summary.reject(reason)
-                    dead.append(DeadLetter(self.source_name, reason, orjson.dumps(row), str(exc)))
+                    dead.append(DeadLetter(self.source_name, reason, raw_json(row), describe(exc)))
                     continue
                 if rec.key in seen:
                     summary.deduplicated += 1

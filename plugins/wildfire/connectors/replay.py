@@ -7,6 +7,7 @@ Connectors are pointed at ``server.url`` exactly as at the real API, so the whol
         srv.route("/alerts/active", Reply(200, body))                 # same answer every time
         srv.route("/x", [Reply(429, b"", {"Retry-After": "1"}), Reply(200, body)])   # in order, last repeats
         srv.route_prefix("/stations/", lambda path, query: Reply(200, ...))          # computed answer
+        srv.route("/cut", Reply(200, body[:100], content_length=len(body)))           # dropped mid-body
         srv.url  # http://127.0.0.1:<port>
 
 Binds 127.0.0.1 on a free port; each request runs in its own thread, so ``delay_s`` answers overlap
@@ -35,6 +36,10 @@ class Reply:
     """Extra response headers (Content-Type, Retry-After ...)."""
     delay_s: float = 0.0
     """Seconds to wait before answering (a slow upstream)."""
+    content_length: int | None = None
+    """Content-Length to announce; None: the body's length. More than the body imitates a connection
+    dropped mid-body, -1 sends no Content-Length (the body ends when the connection closes). Either
+    way other than None the connection is closed after the body."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -86,7 +91,13 @@ class ReplayServer:
                 self.send_response(reply.status)
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
-                self.send_header("Content-Length", str(len(reply.body)))
+                if reply.content_length is None:
+                    self.send_header("Content-Length", str(len(reply.body)))
+                else:
+                    self.close_connection = True
+                    self.send_header("Connection", "close")
+                    if reply.content_length >= 0:
+                        self.send_header("Content-Length", str(reply.content_length))
                 self.end_headers()
                 self.wfile.write(reply.body)
 

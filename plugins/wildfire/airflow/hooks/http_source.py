@@ -6,7 +6,7 @@ Policy (retries, rate limits, priorities) lives in the connectors and the stream
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from airflow.sdk import BaseHook
 
@@ -34,7 +34,13 @@ class HttpSourceHook(BaseHook):
 
     def get_endpoint(self, *, require_credential: bool | None = None) -> HttpEndpoint:
         """``require_credential=False`` reads a Connection without a key (the connector then says what is missing)."""
-        conn = self.get_connection(self.conn_id)
+        return self._endpoint(self.get_connection(self.conn_id), require_credential)
+
+    async def aget_endpoint(self, *, require_credential: bool | None = None) -> HttpEndpoint:
+        """:meth:`get_endpoint` for async code (triggers): reads the Connection with ``aget_connection``."""
+        return self._endpoint(await self.aget_connection(self.conn_id), require_credential)
+
+    def _endpoint(self, conn: Any, require_credential: bool | None) -> HttpEndpoint:
         host = (conn.host or self.default_base_url).rstrip("/")
         if "://" not in host:
             scheme = conn.schema or "https"

@@ -29,10 +29,12 @@ class FirmsNewDetectionsSensor(BaseSensorOperator):
         self.poll_interval_s = poll_interval_s
 
     def execute(self, context: Any) -> None:
-        endpoint = FirmsHook(self.conn_id).get_endpoint()
+        # Fail here, in the task, if the Connection lacks its MAP_KEY; the trigger reads it again itself,
+        # so the key never enters the trigger's stored kwargs.
+        FirmsHook(self.conn_id).get_endpoint()
         self.defer(
             trigger=FirmsNewDetectionsTrigger(
-                base_url=endpoint.base_url, map_key=endpoint.credential or "", satellite_source=self.satellite_source,
+                conn_id=self.conn_id, satellite_source=self.satellite_source,
                 bbox=self.bbox, since=self.since, poll_interval_s=self.poll_interval_s, timeout_s=float(self.timeout),
             ),
             method_name="execute_complete",
