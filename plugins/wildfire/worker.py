@@ -644,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-status-db", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from wildfire.connectors.base import quiet_http_loggers
+
+    quiet_http_loggers()  # httpx would log every request URL at INFO, keys in them
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
