@@ -6,9 +6,11 @@ Guarantees:
   bounding box (``nwlng/nwlat/selng/selat``) and, after the first poll, ``modified_since`` = the
   previous answer's ``data_time_stamp`` (carried in the cursor), so only changed sensors come back.
 - The ``fields`` + ``data`` row format is decoded by field name, so column order does not matter.
-- PM2.5 is corrected with the US EPA formula of Barkjohn et al. (2021):
-  ``0.524 * PA_cf1 - 0.0862 * RH + 5.75`` for ``PA_cf1 < 570`` ug/m3 (the range it was fitted on),
-  floored at 0; above that range the corrected value is null. The raw ``cf_1`` value is always kept.
+- PM2.5 is corrected with EPA's AirNow Fire and Smoke Map correction (October 2021, piecewise, quadratic
+  in heavy smoke; :mod:`wildfire.connectors.epa`) applied to the mean of channels A and B
+  (``pm2.5_cf_1_a``, ``pm2.5_cf_1_b``) after EPA's channel-agreement check. Disagreeing or missing channels
+  or a missing humidity give no corrected value and a QA flag (``pm25_qa``) naming why; the record names
+  the correction and its version (``pm25_epa_correction``). The raw ``cf_1`` values are always kept.
 - With ``options.sensor_indices`` the sensors are fetched in batches of ``options.batch_size``
   (``show_only``), at most ``config.concurrency`` (default 5) batches in flight.
 - An API error body (``{"error": "ApiKeyInvalidError", "description": ...}``) becomes a
@@ -49,6 +51,7 @@ from wildfire.connectors.base import (
     raw_json,
     within_deadline,
 )
+from wildfire.connectors.epa import CORRECTION, correct_pm25
 from wildfire.priority import Priority
 from wildfire.records import Record, RecordError
 
@@ -56,7 +59,6 @@ FIELDS = (
     "name", "latitude", "longitude", "altitude", "last_seen", "confidence", "humidity", "temperature", "pressure",
     "pm2.5_atm", "pm2.5_cf_1", "pm2.5_cf_1_a", "pm2.5_cf_1_b",
 )
-EPA_MAX_CF1 = 570.0  # Barkjohn 2021 fitted the linear correction below this PA_cf1 value
 
 
 class PurpleAirError(UpstreamRejected):
@@ -68,13 +70,6 @@ class PurpleAirError(UpstreamRejected):
         self.error = error
         self.description = description
         super().__init__(source, f"PurpleAir answered {status} {error}: {description}", status)
-
-
-def epa_correct_pm25(pa_cf1: float | None, rh_pct: float | None) -> float | None:
-    """US EPA correction (Barkjohn et al. 2021, AMT 14, 4617-4637); None outside its fitted range."""
-    if pa_cf1 is None or rh_pct is None or pa_cf1 < 0 or pa_cf1 >= EPA_MAX_CF1:
-        return None
-    return max(0.0, 0.524 * pa_cf1 - 0.0862 * rh_pct + 5.75)
 
 
 def _num(v: Any) -> float | None:
@@ -131,22 +126,23 @@ def parse_sensor_row(
     if cf1 is None and a is not None and b is not None:
         cf1 = (a + b) / 2
     rh = _num(row.get("humidity"))
+    epa = correct_pm25(a, b, rh)
     temp_f = _num(row.get("temperature"))
     pressure_hpa = _num(row.get("pressure"))
     altitude_ft = _num(row.get("altitude"))
     # Quality: PurpleAir's own channel confidence, lowered when the A and B channels disagree.
     conf = _num(row.get("confidence"))
     quality = (conf / 100.0) if conf is not None else 0.7
-    if a is not None and b is not None and max(a, b) > 0:
-        spread = abs(a - b) / max(a, b)
-        if abs(a - b) > 5 and spread > 0.7:
-            quality *= 0.5
+    if epa.qa == "channels_disagree":
+        quality *= 0.5
     payload = {
         "sensor_index": index,
         "name": row.get("name"),
         "pm25_raw_cf1_ugm3": cf1,
         "pm25_atm_ugm3": _num(row.get("pm2.5_atm")),
-        "pm25_epa_ugm3": None if (v := epa_correct_pm25(cf1, rh)) is None else round(v, 3),
+        "pm25_epa_ugm3": None if epa.value is None else round(epa.value, 3),
+        "pm25_epa_correction": CORRECTION,
+        "pm25_qa": epa.qa,
         "pm25_cf1_a_ugm3": a,
         "pm25_cf1_b_ugm3": b,
         "relative_humidity_pct": rh,

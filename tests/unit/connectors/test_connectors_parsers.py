@@ -13,7 +13,7 @@ import pytest
 from wildfire.connectors.base import DeadLetter
 from wildfire.connectors.mqtt import parse_iot_payload
 from wildfire.connectors.nws import alert_hash, alert_priority, convert_quantity, parse_alert, parse_observation
-from wildfire.connectors.purpleair import epa_correct_pm25, parse_sensor_row, rows_of
+from wildfire.connectors.purpleair import parse_sensor_row, rows_of
 from wildfire.priority import Priority
 from wildfire.records import Record, RecordError
 
@@ -106,14 +106,28 @@ def test_purpleair_rows_and_epa_correction() -> None:
     s = SENSOR["sensor"]
     row = {k: s[k] for k in ("sensor_index", "name", "latitude", "longitude", "humidity", "temperature", "pressure",
                               "pm2.5_cf_1", "pm2.5_cf_1_a", "pm2.5_cf_1_b", "last_seen", "confidence", "altitude")}
-    row["pm2.5_cf_1"] = 20.0
+    row.update({"pm2.5_cf_1": 20.0, "pm2.5_cf_1_a": 18.0, "pm2.5_cf_1_b": 22.0})
     rec = roundtrip(parse_sensor_row(row, "purpleair", SENSOR["data_time_stamp"]))
     assert rec.payload["pm25_raw_cf1_ugm3"] == 20.0
-    assert rec.payload["pm25_epa_ugm3"] == pytest.approx(0.524 * 20 - 0.0862 * 33 + 5.75, abs=1e-3)
+    # mean of the channels 20, RH 33: 0.524*20 - 0.0862*33 + 5.75 = 10.48 - 2.8446 + 5.75
+    assert rec.payload["pm25_epa_ugm3"] == pytest.approx(13.385, abs=1e-3)
+    assert rec.payload["pm25_qa"] == "ok" and rec.payload["pm25_epa_correction"] == "epa_fire_smoke_map_2021-10"
     assert rec.payload["temperature_c"] == pytest.approx((69 - 32) * 5 / 9, abs=1e-3)
     assert rec.payload["pressure_pa"] == pytest.approx(100166.0)
     assert rec.key == f"131075|{s['last_seen']}"
-    assert epa_correct_pm25(600, 40) is None and epa_correct_pm25(0, 90) == 0.0
+
+
+def test_purpleair_smoke_reading_is_corrected_and_disagreeing_channels_are_flagged() -> None:
+    s = SENSOR["sensor"]
+    row = {k: s[k] for k in ("sensor_index", "name", "latitude", "longitude", "last_seen")}
+    smoke = parse_sensor_row({**row, "humidity": 40, "pm2.5_cf_1_a": 290.0, "pm2.5_cf_1_b": 310.0}, "purpleair",
+                             SENSOR["data_time_stamp"])
+    # heavy smoke, PA 300: 2.966 + 0.69*300 + 8.84e-4*300^2 = 289.526 (the 2021 linear fit gave ~160)
+    assert smoke.payload["pm25_epa_ugm3"] == pytest.approx(289.526, abs=1e-3)
+    bad = parse_sensor_row({**row, "humidity": 40, "pm2.5_cf_1_a": 100.0, "pm2.5_cf_1_b": 20.0}, "purpleair",
+                           SENSOR["data_time_stamp"])
+    assert bad.payload["pm25_epa_ugm3"] is None and bad.payload["pm25_qa"] == "channels_disagree"
+    assert bad.payload["pm25_cf1_a_ugm3"] == 100.0 and bad.payload["pm25_cf1_b_ugm3"] == 20.0  # raw kept
 
 
 def test_iot_valid_reading_and_thresholds() -> None:
