@@ -15,9 +15,12 @@ from collections.abc import Iterator
 import orjson
 import psycopg
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import create_database, create_topic, delete_topic, drop_database
 from tests.integration.test_storage_contract import fire, make_config, query
+from tests.unit import test_storage_fuzz as fuzz
 from wildfire.storage.consumer import StorageConsumer
 from wildfire.storage.writer import PostgresWriter
 
@@ -256,3 +259,23 @@ def test_lock_timeout_is_retried_not_dead_lettered(kafka_bootstrap, kafka_topic,
         assert query(pg_db, "SELECT count(*) FROM dead_letters")[0][0] == 0
     finally:
         locker.close()
+
+
+@settings(max_examples=1, phases=[Phase.generate], deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(st.tuples(fuzz.message, fuzz.kafka_keys), min_size=20, max_size=40))
+def test_generated_mix_through_the_real_consumer(kafka_bootstrap, kafka_topic, pg_db, messages):
+    # The fuzz suite's generated mix (tests/unit/test_storage_fuzz.py), once, through Kafka and PostgreSQL.
+    produce(kafka_bootstrap, kafka_topic, [(k, value, None) for (_, value, _), k in messages], partition=0)
+    cfg = make_config(kafka_bootstrap, batch_size=8)
+    with StorageConsumer(cfg, topics=[kafka_topic], url=pg_db, max_value_bytes=fuzz.MAX_VALUE) as consumer:
+        run_until_idle(consumer, len(messages))
+    good = {good["key"] for how, _, good in (m for m, _ in messages) if how == "good"}
+    bad = {i: how for i, ((how, _, _), _) in enumerate(messages) if how != "good"}
+    stored = query(pg_db, "SELECT key, count(*) FROM fire_detections GROUP BY key UNION ALL "
+                          "SELECT key, count(*) FROM alerts GROUP BY key")
+    assert dict(stored) == dict.fromkeys(good, 1)
+    dead = query(pg_db, 'SELECT "offset", reason FROM dead_letters ORDER BY "offset"')
+    assert dead == [(i, "too_large" if how == "huge" else "undecodable") for i, how in sorted(bad.items())]
+    offsets = committed_lag(kafka_bootstrap, cfg.kafka.consumer_group, [kafka_topic])
+    assert offsets[(kafka_topic, 0)] == (len(messages), len(messages))

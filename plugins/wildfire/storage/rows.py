@@ -103,12 +103,25 @@ def _typed(kind: str, payload: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def _escaped_nul(value: bytes) -> bool:
+    """True when a JSON text holds the escape ``\\u0000`` (not a literal backslash followed by ``u0000``)."""
+    at = value.find(b"\\u0000")
+    while at >= 0:
+        start = at
+        while start > 0 and value[start - 1] == 0x5C:  # backslashes before it: an odd run escapes the 'u'
+            start -= 1
+        if (at - start) % 2 == 0:
+            return True
+        at = value.find(b"\\u0000", at + 1)
+    return False
+
+
 def decode_row(value: bytes | None) -> tuple[str, tuple[Any, ...]]:
     """``(kind, row)`` from one wire-format message value; :class:`RecordError` when it is unusable."""
     if value is None:
         raise RecordError("message has no value (tombstone)")
     # PostgreSQL text and JSONB cannot hold NUL; reject here rather than fail a whole batch later.
-    if b"\\u0000" in value or b"\x00" in value:
+    if b"\x00" in value or (b"\\u0000" in value and _escaped_nul(value)):
         raise RecordError("record contains a NUL character, which the database cannot store")
     try:
         obj = orjson.loads(value)
@@ -384,7 +397,7 @@ def storable_text(value: bytes | str | None, limit: int) -> str | None:
         text = text.replace("\x00", "\\u0000")
     if len(text) > limit or original > limit * 10 + 10:
         marker = f"... [truncated, {original} {unit}]"
-        text = text[: max(0, limit - len(marker))] + marker
+        text = text[: limit - len(marker)] + marker if len(marker) < limit else text[:limit]
     return text
 
 
