@@ -22,7 +22,9 @@ from tests.conftest import create_database, create_topic, delete_topic, drop_dat
 from tests.integration.test_storage_contract import fire, make_config, query
 from tests.unit import test_storage_fuzz as fuzz
 from wildfire.storage.consumer import StorageConsumer
-from wildfire.storage.writer import PostgresWriter
+from wildfire.storage.migrate import upgrade
+from wildfire.storage.rows import DeadLetter, StorageBatch, decode_row
+from wildfire.storage.writer import PostgresWriter, open_writer
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 MAX_POLLS = 200  # a bound on loops, not a timing assertion
@@ -37,6 +39,16 @@ def pg_db(pg_url) -> Iterator[str]:
         yield url
     finally:
         drop_database(name)
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def any_db(request, tmp_path) -> str:
+    """PostgreSQL (a throwaway database) or the embedded SQLite file: both writers keep the promise."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'wildfire.db'}"
+        upgrade(url)
+        return url
+    return request.getfixturevalue("pg_db")
 
 
 def allow_big_messages(bootstrap: str, topic: str) -> None:
@@ -128,7 +140,8 @@ def poison_messages() -> dict[str, tuple[bytes | None, bytes | None, list | None
     }
 
 
-def test_poison_messages_end_as_one_dead_letter_each_and_offsets_reach_the_end(kafka_bootstrap, kafka_topic, pg_db):
+def test_poison_messages_end_as_one_dead_letter_each_and_offsets_reach_the_end(kafka_bootstrap, kafka_topic, any_db):
+    pg_db = any_db  # noqa: F841 - the same assertions on both databases
     allow_big_messages(kafka_bootstrap, kafka_topic)
     poison = poison_messages()
     good = {fire(i).key: good_record(i) for i in range(40)}
@@ -188,7 +201,8 @@ def test_poison_messages_end_as_one_dead_letter_each_and_offsets_reach_the_end(k
     assert query(pg_db, "SELECT count(*) FROM fire_detections")[0][0] == len(good) + 1
 
 
-def test_publisher_dlq_topic_with_hostile_headers_is_stored(kafka_bootstrap, kafka_topic, pg_db):
+def test_publisher_dlq_topic_with_hostile_headers_is_stored(kafka_bootstrap, kafka_topic, any_db):
+    pg_db = any_db  # noqa: F841 - the same assertions on both databases
     dlq = create_topic(kafka_bootstrap, partitions=1, prefix="test-poison-dlq")
     try:
         produce(kafka_bootstrap, dlq, [
@@ -279,3 +293,27 @@ def test_generated_mix_through_the_real_consumer(kafka_bootstrap, kafka_topic, p
     assert dead == [(i, "too_large" if how == "huge" else "undecodable") for i, how in sorted(bad.items())]
     offsets = committed_lag(kafka_bootstrap, cfg.kafka.consumer_group, [kafka_topic])
     assert offsets[(kafka_topic, 0)] == (len(messages), len(messages))
+
+
+def test_dead_letter_the_database_refuses_is_kept_bare_and_the_batch_commits(pg_db):
+    # The database refusing a dead letter itself (here a CHECK constraint stands in for any refusal of
+    # its values) must not undo the batch: it is stored as a bare row naming what happened.
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE dead_letters ADD CONSTRAINT no_forbidden CHECK (error <> 'forbidden')")
+    batch = StorageBatch()
+    for i in range(3):
+        kind, row = decode_row(fire(i).to_json())
+        batch.add(kind, row, "t", 0, i, fire(i).to_json())
+    batch.dead_letters += [DeadLetter("t", 0, 3, "undecodable", "forbidden", b"raw-3", key="k3"),
+                           DeadLetter("t", 0, 4, "undecodable", "ok\x00", b"raw-4", key="k\udc80")]
+    writer = open_writer(pg_db)
+    try:
+        result = writer.write(batch)
+    finally:
+        writer.close()
+    assert (result.changed, result.dead_letters) == (3, 2)
+    assert query(pg_db, "SELECT count(*) FROM fire_detections")[0][0] == 3
+    assert query(pg_db, 'SELECT "offset", reason, error, key, payload FROM dead_letters ORDER BY "offset"') == [
+        (3, "unstorable_dead_letter", "dead letter (undecodable) refused by the database: CheckViolation", None, None),
+        (4, "undecodable", "ok\\u0000", "k\\udc80", b"raw-4"),
+    ]

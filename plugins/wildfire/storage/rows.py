@@ -375,7 +375,7 @@ TEXT_LIMITS = {"topic": 512, "key": 1024, "reason": 128, "error": 4000, "source"
 _ATTEMPTS_MAX = _INT32[1]
 
 
-def storable_text(value: bytes | str | None, limit: int) -> str | None:
+def storable_text(value: Any, limit: int) -> str | None:
     """``value`` as text PostgreSQL and SQLite accept: valid UTF-8, no NUL, at most ``limit`` characters.
 
     Bytes are decoded as UTF-8 with invalid bytes as ``\\xNN``; lone surrogates become ``\\udNNN``;
@@ -385,6 +385,8 @@ def storable_text(value: bytes | str | None, limit: int) -> str | None:
     """
     if value is None:
         return None
+    if not isinstance(value, (str, bytes, bytearray, memoryview)):
+        value = str(value)  # a number or object from a JSON body: its text, never bytes(n)
     if isinstance(value, str):
         original, unit = len(value), "characters"
         # Escaping expands a character to at most 10; more than that can never survive the cut.

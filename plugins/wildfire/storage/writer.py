@@ -230,7 +230,10 @@ class PostgresWriter:
 
     def _write_bulk(self, batch: StorageBatch) -> WriteResult:
         records = changed = 0
-        with self._conn.cursor() as cur:
+        # The outer block is the batch's one transaction (committed at its end, rolled back on any
+        # error). Without it, psycopg would run the first savepoint block below as a transaction of
+        # its own and commit one kind's rows before the rest of the batch.
+        with self._conn.transaction(), self._conn.cursor() as cur:
             for kind, rows in batch.rows.items():
                 rows = _dedupe(rows)
                 records += len(rows)
@@ -241,7 +244,6 @@ class PostgresWriter:
                 cur.execute(self._upsert_sql[kind])
                 changed += max(cur.rowcount, 0)
             dead = self._write_dead_letters(cur, batch.dead_letters)
-        self._conn.commit()
         return WriteResult(records, changed, dead)
 
     def _copy_direct(self, cur: Any, kind: str, rows: list[tuple[Any, ...]]) -> bool:
@@ -265,7 +267,7 @@ class PostgresWriter:
     def _write_row_by_row(self, batch: StorageBatch, cause: Exception) -> WriteResult:
         records = changed = 0
         dead = list(batch.dead_letters)
-        with self._conn.cursor() as cur:
+        with self._conn.transaction(), self._conn.cursor() as cur:  # one transaction; savepoints inside
             for kind, rows in batch.rows.items():
                 for row, pos in zip(rows, batch.positions[kind], strict=True):
                     records += 1
@@ -283,7 +285,6 @@ class PostgresWriter:
                 except self._row_errors as exc:
                     with self._conn.transaction():
                         cur.execute(self._dl_sql, _bare_dead_letter(d, exc))
-        self._conn.commit()
         return WriteResult(records, changed, len(dead))
 
     def write_status(self, worker_id: str, component: str, state: dict[str, Any]) -> None:
