@@ -5,8 +5,13 @@ Guarantees:
 - **Offsets are committed only after the database commit** of the rows they cover (synchronous
   commit with explicit offsets). A crash at any point replays at most the last batch, and the
   idempotent upsert turns that replay into the same rows: exactly one row per natural key.
-- **A poison message does not stop its partition**: it is stored in ``dead_letters`` with its error
-  and bytes, in the same transaction as the batch's rows, and its offset is committed with them.
+- **A poison message does not stop its partition**: whatever a producer sent (NUL bytes, invalid
+  UTF-8, a value over ``max_value_bytes``, the wrong shape or types, no value, junk headers), it is
+  stored as exactly one ``dead_letters`` row with its error and bytes (text escaped and bounded so
+  the database accepts it, see :mod:`wildfire.storage.rows`), in the same transaction as the
+  batch's rows, and its offset is committed with them. A restart does not read it again.
+- **Transient database errors are retried, never dead-lettered**: the batch is rewound and tried
+  again after a pause that doubles from ``retry_backoff_s[0]`` to ``retry_backoff_s[1]``.
 - **Rebalances lose nothing**: librdkafka runs the rebalance callbacks inside ``consume()``; there the
   batch still in the writer thread is awaited first, then on revoke the offsets written but not yet
   committed are committed before the partitions go (on a lost assignment they are dropped instead).
@@ -18,7 +23,7 @@ Guarantees:
 - Messages on the publisher's dead-letter topic (``kafka.dlq_topic``; headers ``source``,
   ``priority``, ``error``, ``attempts``) are stored in ``dead_letters`` with reason ``publisher``.
 - Not guaranteed: ordering across partitions; a database outage pauses consumption (the batch is
-  rewound and retried) rather than skipping data. ``poll_once()`` returns the result of the batch
+  rewound and retried) rather than skipping data; the ``dead_letters`` table has no retention. ``poll_once()`` returns the result of the batch
   that *landed* (was committed) during the call, which is the batch handed over one call earlier;
   ``flush()`` (and ``close()``) lands the last one.
 
