@@ -176,3 +176,29 @@ def test_migration_is_idempotent_and_writer_refuses_unmigrated_db(tmp_path):
     upgrade(url)
     upgrade(url)
     assert current(url) == "0001"
+
+
+def test_literal_backslash_u0000_text_is_a_record_not_a_nul():
+    # JSON "C:\\u0000dir" is the text C:\u0000dir (a backslash, then 'u0000'), which PostgreSQL stores;
+    # only the escape \u0000 (a NUL) is refused.
+    rec = fire(key="k-backslash")
+    literal = orjson.dumps({**rec.to_dict(), "payload": {**rec.payload, "note": "C:\\u0000dir"}})
+    assert b"\\\\u0000" in literal
+    for kind, row in (decode_row(literal), decode_batch([literal, fire().to_json()])[0]):
+        assert kind == "fire_detection" and orjson.loads(row[ROW_COLUMNS.index("payload")])["note"] == "C:\\u0000dir"
+    escaped = orjson.dumps({**rec.to_dict(), "payload": {"note": "C:\\\u0000dir"}})  # backslash, then a NUL
+    with pytest.raises(RecordError, match="NUL"):
+        decode_row(escaped)
+
+
+@pytest.mark.parametrize("bad", [
+    {"schema_version": 2**40},
+    {"event_time": "9999-12-31T23:59:00-23:59"},
+    {"ingest_time": "0001-01-01T00:00:00+01:00"},
+])
+def test_values_no_column_can_hold_are_refused_by_the_decoder(bad):
+    value = orjson.dumps({**fire().to_dict(), **bad})
+    with pytest.raises(RecordError):
+        decode_row(value)
+    [out] = decode_batch([value])
+    assert isinstance(out, RecordError)

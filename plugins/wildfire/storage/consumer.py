@@ -5,8 +5,13 @@ Guarantees:
 - **Offsets are committed only after the database commit** of the rows they cover (synchronous
   commit with explicit offsets). A crash at any point replays at most the last batch, and the
   idempotent upsert turns that replay into the same rows: exactly one row per natural key.
-- **A poison message does not stop its partition**: it is stored in ``dead_letters`` with its error
-  and bytes, in the same transaction as the batch's rows, and its offset is committed with them.
+- **A poison message does not stop its partition**: whatever a producer sent (NUL bytes, invalid
+  UTF-8, a value over ``max_value_bytes``, the wrong shape or types, no value, junk headers), it is
+  stored as exactly one ``dead_letters`` row with its error and bytes (text escaped and bounded so
+  the database accepts it, see :mod:`wildfire.storage.rows`), in the same transaction as the
+  batch's rows, and its offset is committed with them. A restart does not read it again.
+- **Transient database errors are retried, never dead-lettered**: the batch is rewound and tried
+  again after a pause that doubles from ``retry_backoff_s[0]`` to ``retry_backoff_s[1]``.
 - **Rebalances lose nothing**: librdkafka runs the rebalance callbacks inside ``consume()``; there the
   batch still in the writer thread is awaited first, then on revoke the offsets written but not yet
   committed are committed before the partitions go (on a lost assignment they are dropped instead).
@@ -18,7 +23,7 @@ Guarantees:
 - Messages on the publisher's dead-letter topic (``kafka.dlq_topic``; headers ``source``,
   ``priority``, ``error``, ``attempts``) are stored in ``dead_letters`` with reason ``publisher``.
 - Not guaranteed: ordering across partitions; a database outage pauses consumption (the batch is
-  rewound and retried) rather than skipping data. ``poll_once()`` returns the result of the batch
+  rewound and retried) rather than skipping data; the ``dead_letters`` table has no retention. ``poll_once()`` returns the result of the batch
   that *landed* (was committed) during the call, which is the batch handed over one call earlier;
   ``flush()`` (and ``close()``) lands the last one.
 
@@ -49,7 +54,7 @@ import orjson
 from wildfire.clock import SYSTEM_CLOCK, Clock
 from wildfire.config import StreamConfig, load_config
 from wildfire.storage.migrate import database_url
-from wildfire.storage.rows import DeadLetter, StorageBatch, decode_batch
+from wildfire.storage.rows import MAX_VALUE_BYTES, DeadLetter, StorageBatch, build_batch, make_dead_letter
 from wildfire.storage.writer import StorageError, StorageWriter, WriteResult, open_writer
 
 log = logging.getLogger(__name__)
@@ -123,23 +128,31 @@ def source_topics(config: StreamConfig) -> list[str]:
     return topics
 
 
-def _header(headers: list[tuple[str, bytes | None]] | None, name: str) -> str | None:
+def _header(headers: list[tuple[str, bytes | None]] | None, name: str) -> bytes | None:
     for k, v in headers or ():
         if k == name and v is not None:
-            return v.decode("utf-8", "replace")
+            return v
     return None
 
 
 def dlq_dead_letter(topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
-                    headers: list[tuple[str, bytes | None]] | None) -> DeadLetter:
-    """A publisher dead-letter message as a ``dead_letters`` row (reason ``publisher``)."""
-    attempts_text = _header(headers, "attempts")
+                    headers: list[tuple[str, bytes | None]] | None,
+                    max_value_bytes: int = MAX_VALUE_BYTES) -> DeadLetter:
+    """A publisher dead-letter message as a ``dead_letters`` row (reason ``publisher``).
+
+    Whatever the headers and body hold (NUL, invalid UTF-8, a huge number of attempts, a body of the
+    wrong shape), the result is storable: see :func:`wildfire.storage.rows.make_dead_letter`.
+    """
+    attempts_raw = _header(headers, "attempts")
     try:
-        attempts = int(attempts_text) if attempts_text is not None else 0
+        attempts = int(attempts_raw) if attempts_raw is not None else 0
     except ValueError:
         attempts = 0
-    reason, error, source = "publisher", _header(headers, "error"), _header(headers, "source")
-    if error is None and value:
+    error_raw, source_raw = _header(headers, "error"), _header(headers, "source")
+    reason: str = "publisher"
+    error: Any = error_raw
+    source: Any = source_raw
+    if error is None and value and len(value) <= max_value_bytes:
         # A connector dead letter (wildfire.ingest.dead_letter_message): the reason travels in the body.
         try:
             body = orjson.loads(value)
@@ -149,12 +162,17 @@ def dlq_dead_letter(topic: str, partition: int, offset: int, key: bytes | None, 
             reason = str(body.get("reason") or "connector")
             error = str(body.get("error") or "")
             source = source or body.get("source")
-    return DeadLetter(
-        topic=topic, partition=partition, offset=offset, reason=reason,
-        error=error or "(no error header)", payload=value,
-        key=key.decode("utf-8", "replace") if key is not None else None,
-        source=source, attempts=attempts,
-    )
+    return make_dead_letter(topic, partition, offset, reason, error or "(no error header)", key=key, value=value,
+                            source=source, attempts=attempts, max_value_bytes=max_value_bytes)
+
+
+def _headers(msg: Any) -> list[tuple[str, bytes | None]] | None:
+    # The client decodes header names as UTF-8; a producer can send names that are not.
+    try:
+        return msg.headers()
+    except Exception as exc:  # noqa: BLE001 - junk headers cost the headers, not the message
+        log.warning("unreadable headers on %s[%s]@%s: %s", msg.topic(), msg.partition(), msg.offset(), exc)
+        return None
 
 
 class StorageConsumer:
@@ -176,6 +194,9 @@ class StorageConsumer:
         clock: Clock = SYSTEM_CLOCK,
         crash_after_db_commit: bool | None = None,
         consumer_overrides: dict[str, Any] | None = None,
+        max_value_bytes: int = MAX_VALUE_BYTES,
+        retry_backoff_s: tuple[float, float] = (0.2, 5.0),
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         from confluent_kafka import Consumer
 
@@ -187,6 +208,13 @@ class StorageConsumer:
         self.batch_size = config.storage.batch_size
         self.poll_timeout_s = config.storage.poll_timeout_s
         self.clock = clock
+        # A value over this is dead-lettered as ``too_large`` with its payload truncated to this many bytes.
+        self.max_value_bytes = max_value_bytes
+        # After a retriable write failure the next try waits first (doubling up to the maximum), so a
+        # database that is down is not hammered with reconnects and re-reads of the same batch.
+        self._backoff_min, self._backoff_max = retry_backoff_s
+        self._backoff = 0.0
+        self._sleep = sleep
         self.stats = ConsumerStats()
         self.writer = writer or open_writer(url or database_url(config.storage))
         # One writer thread: the database connection is used by exactly one thread at a time.
@@ -261,8 +289,10 @@ class StorageConsumer:
             self._rewind({**first, **failed_first})
             if not exc.retriable:
                 raise exc
-            log.error("database write failed, batch rewound for retry: %s", exc)
+            self._wait_before_retry(exc)
             return None
+        if result is not None:
+            self._backoff = 0.0
         self._commit_pending()
         if batch is None:
             return result
@@ -279,9 +309,9 @@ class StorageConsumer:
         dlq = self.dlq_topic
         # positions[i] is (topic, partition, offset, value) of values[i], the writer's dead-letter handle.
         positions: list[tuple[str, int, int, Any]] = []
-        keyed: list[Any] = []
+        keys: list[bytes | None] = []
         dead: list[DeadLetter] = []
-        append_position, append_keyed = positions.append, keyed.append
+        append_position, append_key = positions.append, keys.append
         # librdkafka hands out runs of one partition: per-partition bookkeeping only where a run
         # starts and ends, not per message (this loop runs for every stored row).
         run: tuple[str, int] | None = None
@@ -302,29 +332,15 @@ class StorageConsumer:
                 run_is_dlq = topic == dlq
             run_next = offset + 1
             if run_is_dlq:
-                dead.append(dlq_dead_letter(topic, partition, offset, msg.key(), msg.value(), msg.headers()))
+                dead.append(dlq_dead_letter(topic, partition, offset, msg.key(), msg.value(), _headers(msg),
+                                            self.max_value_bytes))
                 continue
             append_position((topic, partition, offset, msg.value()))
-            append_keyed(msg)
+            append_key(msg.key())
         if run is not None:
             nxt[run] = run_next
-        batch = StorageBatch(dead_letters=dead)
-        decoded = decode_batch([p[3] for p in positions])
-        kinds = {out[0] if type(out) is tuple else None for out in decoded}
-        if len(kinds) == 1 and None not in kinds:  # the usual batch: one kind, nothing dead-lettered
-            kind = kinds.pop()
-            batch.rows[kind] = [out[1] for out in decoded]
-            batch.positions[kind] = positions
-            return batch, first, nxt
-        for (topic, partition, offset, value), msg, out in zip(positions, keyed, decoded, strict=True):
-            if type(out) is tuple:
-                batch.add(out[0], out[1], topic, partition, offset, value)
-                continue
-            key = msg.key()
-            batch.dead_letters.append(DeadLetter(
-                topic=topic, partition=partition, offset=offset, reason="undecodable", error=str(out),
-                payload=value, key=key.decode("utf-8", "replace") if key is not None else None,
-            ))
+        batch = build_batch(positions, keys, max_value_bytes=self.max_value_bytes,
+                            batch=StorageBatch(dead_letters=dead))
         if not nxt:
             self.stats.messages += len(messages)
         return batch, first, nxt
@@ -370,9 +386,14 @@ class StorageConsumer:
             self._rewind(failed_first)
             if not exc.retriable:
                 raise exc
-            log.error("database write failed, batch rewound for retry: %s", exc)
+            self._wait_before_retry(exc)
         self._commit_pending()
         return result
+
+    def _wait_before_retry(self, exc: StorageError) -> None:
+        self._backoff = min(self._backoff_max, max(self._backoff_min, self._backoff * 2))
+        log.error("database write failed (retriable), batch rewound; retrying in %.1f s: %s", self._backoff, exc)
+        self._sleep(self._backoff)
 
     def _rewind(self, first: dict[tuple[str, int], int]) -> None:
         from confluent_kafka import KafkaException, TopicPartition

@@ -6,10 +6,18 @@ Guarantees of :meth:`StorageWriter.write`:
 - Idempotent: rows are upserted on the natural key; storing the same batch again changes nothing
   (a row is only replaced by one with a strictly newer ``ingest_time``, so a replay of old messages
   never overwrites a re-issued record). Within one batch the last occurrence of a key wins.
-- A row the database rejects (a value the decoder let through but the column cannot hold) does not
-  fail the batch: the batch is retried row by row and that row becomes a ``rejected_by_database``
-  dead letter. Connection loss raises :class:`StorageUnavailable` (retriable) and commits nothing;
-  the next ``write`` opens a new connection (and staging tables) if the old one was closed.
+- A row the database rejects (a value the decoder let through but the column cannot hold: a data
+  exception, a constraint, a program limit such as a key too long for the unique index) does not
+  fail the batch: the batch is retried row by row under savepoints and that row alone becomes a
+  ``rejected_by_database`` dead letter. Dead letters are made storable first
+  (:func:`~wildfire.storage.rows.dead_letter_row`: no NUL, valid UTF-8, bounded); on that row-by-row
+  path each is inserted under its own savepoint, and one the database still refuses is stored as a
+  bare ``unstorable_dead_letter`` row (position, reason and error class only), so the batch commits.
+- Transient failures are never dead-lettered: connection loss, a lock wait longer than
+  ``lock_timeout_ms``, a cancelled statement, a serialization failure or deadlock, a full disk raise
+  :class:`StorageUnavailable` (retriable) and commit nothing; the next ``write`` opens a new
+  connection (and staging tables) if the old one was closed. Schema and permission errors raise
+  as they are (not retriable: an operator must act).
 
 PostgreSQL path, per record kind: first ``COPY`` straight into the table under a savepoint (new
 keys, the common case, cost exactly a plain COPY); if any key is already stored the unique index
@@ -33,7 +41,7 @@ from typing import Any, ClassVar, Protocol
 import orjson
 
 from wildfire.records import RecordError, parse_time
-from wildfire.storage.rows import KEY_INDEX, ROW_COLUMNS, DeadLetter, StorageBatch
+from wildfire.storage.rows import KEY_INDEX, ROW_COLUMNS, DeadLetter, StorageBatch, dead_letter_row, make_dead_letter
 from wildfire.storage.schema import KIND_TABLES, TYPED_COLUMNS
 
 # "offset" is reserved in both PostgreSQL and SQLite, hence quoted.
@@ -91,15 +99,21 @@ def _dedupe(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     return rows if len(by_key) == len(rows) else list(by_key.values())
 
 
-def _dl_row(d: DeadLetter) -> tuple[Any, ...]:
-    return (d.source, d.topic, d.partition, d.offset, d.key, d.reason, d.error[:4000], d.attempts, d.payload)
+_dl_row = dead_letter_row
 
 
 def _rejected(kind: str, pos: tuple[str, int, int, bytes], row: tuple[Any, ...], exc: Exception) -> DeadLetter:
     topic, partition, offset, value = pos
-    return DeadLetter(topic=topic, partition=partition, offset=offset, reason="rejected_by_database",
-                      error=f"{kind} {row[KEY_INDEX]}: {type(exc).__name__}: {exc}".strip(),
-                      payload=value, key=row[KEY_INDEX], source=row[1])
+    return make_dead_letter(topic, partition, offset, "rejected_by_database",
+                            # The key is in the key column; here only its start, so the cause always fits.
+                            f"{kind} {str(row[KEY_INDEX])[:200]}: {type(exc).__name__}: {exc}".strip(),
+                            key=row[KEY_INDEX], value=value, source=row[1])
+
+
+def _bare_dead_letter(d: DeadLetter, exc: Exception) -> tuple[Any, ...]:
+    """The last resort for a dead letter the database refused: position and error class, no content."""
+    return (None, dead_letter_row(d)[1], d.partition, d.offset, None, "unstorable_dead_letter",
+            f"dead letter ({dead_letter_row(d)[5]}) refused by the database: {type(exc).__name__}", 0, None)
 
 
 def _upsert_assignments(cols: tuple[str, ...]) -> str:
@@ -124,17 +138,30 @@ class PostgresWriter:
 
     dialect = "postgresql"
 
-    def __init__(self, url: str, *, application_name: str = "wildfire-storage") -> None:
+    def __init__(self, url: str, *, application_name: str = "wildfire-storage", lock_timeout_ms: int = 30_000,
+                 connect_timeout_s: int = 10) -> None:
         import psycopg
 
         self._psycopg = psycopg
         self._url = url
         self._application_name = application_name
+        # A lock held elsewhere (a migration, a manual VACUUM FULL) ends the batch as a retriable
+        # StorageUnavailable after this long instead of stalling the consumer with no error.
+        self._lock_timeout_ms = int(lock_timeout_ms)
+        self._connect_timeout_s = int(connect_timeout_s)
+        # Errors that belong to one row's values: the batch is retried row by row and that row
+        # dead-lettered. ProgramLimitExceeded (e.g. a key too long for the unique index) is an
+        # OperationalError in psycopg but no retry can ever store that row.
+        errors = psycopg.errors
+        self._row_errors: tuple[type[Exception], ...] = (
+            errors.DataError, errors.IntegrityError, errors.InternalError_, errors.ProgramLimitExceeded)
         self._connect()
 
     def _connect(self) -> None:
         try:
-            self._conn = self._psycopg.connect(self._url, autocommit=False, application_name=self._application_name)
+            self._conn = self._psycopg.connect(
+                self._url, autocommit=False, application_name=self._application_name,
+                connect_timeout=self._connect_timeout_s, options=f"-c lock_timeout={self._lock_timeout_ms}")
             self._prepare()
         except self._psycopg.OperationalError as exc:
             raise StorageUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
@@ -185,7 +212,7 @@ class PostgresWriter:
         try:
             try:
                 return self._write_bulk(batch)
-            except (pg.errors.DataError, pg.errors.IntegrityError, pg.errors.InternalError_) as exc:
+            except self._row_errors as exc:
                 self._conn.rollback()
                 return self._write_row_by_row(batch, exc)
         except pg.OperationalError as exc:
@@ -203,7 +230,10 @@ class PostgresWriter:
 
     def _write_bulk(self, batch: StorageBatch) -> WriteResult:
         records = changed = 0
-        with self._conn.cursor() as cur:
+        # The outer block is the batch's one transaction (committed at its end, rolled back on any
+        # error). Without it, psycopg would run the first savepoint block below as a transaction of
+        # its own and commit one kind's rows before the rest of the batch.
+        with self._conn.transaction(), self._conn.cursor() as cur:
             for kind, rows in batch.rows.items():
                 rows = _dedupe(rows)
                 records += len(rows)
@@ -214,7 +244,6 @@ class PostgresWriter:
                 cur.execute(self._upsert_sql[kind])
                 changed += max(cur.rowcount, 0)
             dead = self._write_dead_letters(cur, batch.dead_letters)
-        self._conn.commit()
         return WriteResult(records, changed, dead)
 
     def _copy_direct(self, cur: Any, kind: str, rows: list[tuple[Any, ...]]) -> bool:
@@ -236,10 +265,9 @@ class PostgresWriter:
         return len(dead_letters)
 
     def _write_row_by_row(self, batch: StorageBatch, cause: Exception) -> WriteResult:
-        pg = self._psycopg
         records = changed = 0
         dead = list(batch.dead_letters)
-        with self._conn.cursor() as cur:
+        with self._conn.transaction(), self._conn.cursor() as cur:  # one transaction; savepoints inside
             for kind, rows in batch.rows.items():
                 for row, pos in zip(rows, batch.positions[kind], strict=True):
                     records += 1
@@ -247,11 +275,17 @@ class PostgresWriter:
                         with self._conn.transaction():  # a savepoint: one bad row rolls back alone
                             cur.execute(self._single_sql[kind], row)
                             changed += max(cur.rowcount, 0)
-                    except (pg.errors.DataError, pg.errors.IntegrityError, pg.errors.InternalError_) as exc:
+                    except self._row_errors as exc:
                         dead.append(_rejected(kind, pos, row, exc))
-            n_dead = self._write_dead_letters(cur, dead)
-        self._conn.commit()
-        return WriteResult(records, changed, n_dead)
+            for d in dead:  # one at a time: a dead letter the database refuses must not undo the batch
+                row = _dl_row(d)
+                try:
+                    with self._conn.transaction():
+                        cur.execute(self._dl_sql, row)
+                except self._row_errors as exc:
+                    with self._conn.transaction():
+                        cur.execute(self._dl_sql, _bare_dead_letter(d, exc))
+        return WriteResult(records, changed, len(dead))
 
     def write_status(self, worker_id: str, component: str, state: dict[str, Any]) -> None:
         self._ensure_connected()
@@ -276,6 +310,11 @@ def _iso(value: str | None) -> str | None:
     if value is None:
         return None
     return parse_time(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# What one row's values can make SQLite (or the sqlite3 binding) refuse: an integer beyond 64 bits,
+# text that is not UTF-8, a constraint. Locks and I/O errors are OperationalError: retriable, not the row.
+_SQLITE_ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, OverflowError, UnicodeError)
 
 
 def _now_iso() -> str:
@@ -334,17 +373,22 @@ class SqliteWriter:
                         records += 1
                         try:
                             values = self._normalize(kind, row, stored_at)
-                            conn.execute("SAVEPOINT one_row")
+                        except (RecordError, OverflowError) as exc:  # a time with no UTC form
+                            dead.append(_rejected(kind, pos, row, exc))
+                            continue
+                        conn.execute("SAVEPOINT one_row")
+                        try:
                             changed += conn.execute(self._sql[kind], values).rowcount
                             conn.execute("RELEASE one_row")
-                        except RecordError as exc:
-                            dead.append(_rejected(kind, pos, row, exc))
-                        except (sqlite3.IntegrityError, sqlite3.DataError) as exc:
+                        except _SQLITE_ROW_ERRORS as exc:  # this row's values: it alone is dead-lettered
                             conn.execute("ROLLBACK TO one_row")
                             conn.execute("RELEASE one_row")
                             dead.append(_rejected(kind, pos, row, exc))
-                if dead:
-                    conn.executemany(self._dl_sql, [_dl_row(d) for d in dead])
+                for d in dead:  # one at a time: a dead letter SQLite refuses must not undo the batch
+                    try:
+                        conn.execute(self._dl_sql, _dl_row(d))
+                    except _SQLITE_ROW_ERRORS as exc:
+                        conn.execute(self._dl_sql, _bare_dead_letter(d, exc))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
