@@ -80,7 +80,7 @@ def make_config(bootstrap: str, dlq_topic: str | None = None, batch_size: int = 
 def fire(i: int, ingest: datetime = T0) -> Record:
     return Record(source="nasa_firms", kind="fire_detection", key=f"N21|VIIRS|2025-04-07|0659|{i:06d}",
                   event_time=T0, priority=Priority.HIGH, lat=34.0 + i / 1e5, lon=-118.0,
-                  payload={"satellite": "N21", "instrument": "VIIRS", "confidence": "n", "frp": float(i)},
+                  payload={"satellite": "N21", "instrument": "VIIRS", "confidence_class": "nominal", "frp_mw": float(i)},
                   ingest_time=ingest)
 
 
@@ -165,7 +165,7 @@ def test_poison_in_the_middle_of_a_large_batch_leaves_the_rest_of_the_batch_stor
         good = {i: fire(i) for i in range(n)}
         poison = {
             100: orjson.dumps({**good[100].to_dict(), "lat": 123.0}),
-            200: orjson.dumps({**good[200].to_dict(), "payload": {"frp": "hot"}}),
+            200: orjson.dumps({**good[200].to_dict(), "payload": {"frp_mw": "hot"}}),
             201: b"{broken json",
             300: orjson.dumps({**good[300].to_dict(), "payload": {"note": "a\u0000b"}}),
         }
@@ -178,10 +178,10 @@ def test_poison_in_the_middle_of_a_large_batch_leaves_the_rest_of_the_batch_stor
         dead = query(db_url, 'SELECT "offset", reason, error FROM dead_letters ORDER BY "offset"')
         assert [(o, r) for o, r, _ in dead] == [(o, "undecodable") for o in sorted(poison)]
         errors = [e for _, _, e in dead]
-        assert "lat: 123.0 outside" in errors[0] and "payload.frp" in errors[1] and "not JSON" in errors[2]
+        assert "lat: 123.0 outside" in errors[0] and "payload.frp_mw" in errors[1] and "not JSON" in errors[2]
         assert "NUL" in errors[3]
         stored = query(db_url, "SELECT key, lat, frp, confidence FROM fire_detections ORDER BY key")
-        expected = sorted((r.key, r.lat, r.payload["frp"], r.payload["confidence"])
+        expected = sorted((r.key, r.lat, r.payload["frp_mw"], r.payload["confidence_class"])
                           for i, r in good.items() if i not in poison)
         assert [tuple(row) for row in stored] == expected
     finally:

@@ -127,7 +127,7 @@ def poison_messages() -> dict[str, tuple[bytes | None, bytes | None, list | None
         "wrong-schema-object": (b"p-schema-obj", b'{"hello": "world"}', None),
         "wrong-schema-array": (b"p-schema-arr", b"[1, 2, 3]", None),
         "wrong-type-lat": (b"p-type-lat", orjson.dumps({**rec, "key": "t1", "lat": "north"}), None),
-        "wrong-type-frp": (b"p-type-frp", orjson.dumps({**rec, "key": "t2", "payload": {"frp": "hot"}}), None),
+        "wrong-type-frp": (b"p-type-frp", orjson.dumps({**rec, "key": "t2", "payload": {"frp_mw": "hot"}}), None),
         "schema-version-too-big": (b"p-type-version", orjson.dumps({**rec, "key": "t3", "schema_version": 2**40}),
                                    None),
         "time-beyond-utc-range": (b"p-time", orjson.dumps({**rec, "key": "t4", "event_time": "9999-12-31T23:59:00-23:59"}),

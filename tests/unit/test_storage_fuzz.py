@@ -40,8 +40,8 @@ def good_records(draw: Any) -> dict[str, Any]:
                      event_time=T0 + timedelta(seconds=i), priority=draw(st.sampled_from(list(Priority))),
                      lat=draw(st.none() | st.floats(-90, 90)), lon=draw(st.none() | st.floats(-180, 180)),
                      quality=draw(st.floats(0, 1)),
-                     payload={"satellite": draw(_clean_text), "frp": draw(st.none() | st.floats(-1e6, 1e6)),
-                              "confidence": draw(st.sampled_from(["n", "h", 80]))})
+                     payload={"satellite": draw(_clean_text), "frp_mw": draw(st.none() | st.floats(-1e6, 1e6)),
+                              "confidence_class": draw(st.sampled_from(["low", "high", 80]))})
     else:
         rec = Record(source="nws_alerts", kind="alert", key=f"alert|{i}|{draw(_clean_text)}", event_time=T0,
                      priority=Priority.CRITICAL, payload={"event": draw(_clean_text), "severity": "Extreme",

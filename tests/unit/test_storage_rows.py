@@ -20,7 +20,7 @@ T0 = datetime(2025, 4, 7, 6, 59, tzinfo=UTC)
 
 def fire(key: str = "k1", frp: float = 12.5, ingest: datetime = T0) -> Record:
     return Record(source="nasa_firms", kind="fire_detection", key=key, event_time=T0, priority=Priority.HIGH,
-                  payload={"satellite": "N21", "instrument": "VIIRS", "confidence": "n", "frp": frp},
+                  payload={"satellite": "N21", "instrument": "VIIRS", "confidence_class": "nominal", "frp_mw": frp},
                   lat=34.1234, lon=-118.5678, quality=0.85, ingest_time=ingest)
 
 
@@ -30,8 +30,8 @@ def test_decode_valid_record_fills_common_and_typed_columns():
     common = dict(zip(ROW_COLUMNS, row[: len(ROW_COLUMNS)], strict=True))
     assert common["key"] == "k1" and common["priority"] == int(Priority.HIGH)
     assert (common["lat"], common["lon"], common["quality"]) == (34.1234, -118.5678, 0.85)
-    assert orjson.loads(common["payload"])["frp"] == 12.5
-    assert row[len(ROW_COLUMNS):] == ("N21", "VIIRS", "n", 12.5, None)
+    assert orjson.loads(common["payload"])["frp_mw"] == 12.5
+    assert row[len(ROW_COLUMNS):] == ("N21", "VIIRS", "nominal", 12.5, None)
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,7 @@ def test_decode_valid_record_fills_common_and_typed_columns():
         (orjson.dumps({**fire().to_dict(), "event_time": "2025-04-07T06:59:00"}), "has no timezone"),
         (orjson.dumps({**fire().to_dict(), "priority": "URGENT"}), "unknown priority 'URGENT'"),
         (orjson.dumps({**fire().to_dict(), "lat": 123.0}), "lat: 123.0 outside"),
-        (orjson.dumps({**fire().to_dict(), "payload": {"frp": "hot"}}), "payload.frp: expected a number"),
+        (orjson.dumps({**fire().to_dict(), "payload": {"frp_mw": "hot"}}), "payload.frp_mw: expected a number"),
         (orjson.dumps({**fire().to_dict(), "payload": {"note": "a\u0000b"}}), "NUL character"),
     ],
 )
@@ -68,14 +68,14 @@ def _variants() -> list[bytes | None]:
         base, alert, iot,
         {**base, "priority": 2}, {**base, "quality": 1}, {**base, "lat": 34, "lon": -118},
         {**base, "lat": None, "lon": None}, {k: v for k, v in base.items() if k not in ("quality", "schema_version")},
-        {**base, "payload": None}, {**base, "payload": {**base["payload"], "confidence": 80, "frp": 3}},
+        {**base, "payload": None}, {**base, "payload": {**base["payload"], "confidence_class": 80, "frp_mw": 3}},
         {**base, "event_time": "2025-04-07T06:59:00+02:00"}, {**base, "key": "ключ|ü"},
         {**base, "payload": {"note": 'tab\t "quoted" back\\slash'}},
         # poison, each caught by a different check
         {**base, "lat": 123.0}, {**base, "lon": -181.0}, {**base, "quality": 1.5}, {**base, "quality": True},
         {**base, "priority": "URGENT"}, {**base, "kind": "volcano"}, {**base, "key": ""}, {**base, "source": 7},
         {**base, "event_time": "yesterday"}, {**base, "ingest_time": "2025-04-07T06:59:00"},
-        {**base, "payload": [1]}, {**base, "payload": {"frp": "hot"}}, {**base, "payload": {"satellite": {}}},
+        {**base, "payload": [1]}, {**base, "payload": {"frp_mw": "hot"}}, {**base, "payload": {"satellite": {}}},
         {**base, "schema_version": "1"}, {**alert, "payload": {"expires": "soon"}}, {**base, "lat": "34"},
         {**base, "payload": {"note": "a\u0000b"}}, {**base, "priority": [1]}, {**base, "key": None},
     ]
@@ -175,7 +175,7 @@ def test_migration_is_idempotent_and_writer_refuses_unmigrated_db(tmp_path):
         SqliteWriter(tmp_path / "m.db")
     upgrade(url)
     upgrade(url)
-    assert current(url) == "0001"
+    assert current(url) == "0002"
 
 
 def test_literal_backslash_u0000_text_is_a_record_not_a_nul():

@@ -48,20 +48,23 @@ class TypedColumn:
     """``text``, ``float`` or ``time`` (ISO-8601 UTC string in the payload)."""
 
 
-# Per kind, the few payload fields worth a typed column. Everything stays in ``payload`` as well.
+# Per kind, the few payload fields worth a typed column, read from the field names the connectors write
+# (docs/connectors.md, "Payload fields per record kind"). Everything stays in ``payload`` as well.
+# iot_reading's metric/value and era5_grid's variable/value have no single payload field (a reading carries
+# several values): they stay NULL and the values are in ``payload``.
 TYPED_COLUMNS: dict[str, tuple[TypedColumn, ...]] = {
     "fire_detection": (
         TypedColumn("satellite", "satellite", "text"),
         TypedColumn("instrument", "instrument", "text"),
-        TypedColumn("confidence", "confidence", "text"),
-        TypedColumn("frp", "frp", "float"),
-        TypedColumn("brightness", "brightness", "float"),
+        TypedColumn("confidence", "confidence_class", "text"),
+        TypedColumn("frp", "frp_mw", "float"),
+        TypedColumn("brightness", "brightness_k", "float"),
     ),
     "weather_observation": (
         TypedColumn("station_id", "station_id", "text"),
-        TypedColumn("temperature", "temperature", "float"),
-        TypedColumn("relative_humidity", "relative_humidity", "float"),
-        TypedColumn("wind_speed", "wind_speed", "float"),
+        TypedColumn("temperature", "temperature_c", "float"),
+        TypedColumn("relative_humidity", "relative_humidity_pct", "float"),
+        TypedColumn("wind_speed", "wind_speed_ms", "float"),
     ),
     "alert": (
         TypedColumn("event", "event", "text"),
@@ -69,11 +72,11 @@ TYPED_COLUMNS: dict[str, tuple[TypedColumn, ...]] = {
         TypedColumn("expires", "expires", "time"),
     ),
     "air_quality": (
-        TypedColumn("sensor_id", "sensor_id", "text"),
-        TypedColumn("pm2_5", "pm2_5", "float"),
+        TypedColumn("sensor_id", "sensor_index", "text"),
+        TypedColumn("pm2_5", "pm25_epa_ugm3", "float"),
     ),
     "iot_reading": (
-        TypedColumn("device_id", "device_id", "text"),
+        TypedColumn("device_id", "sensor_id", "text"),
         TypedColumn("metric", "metric", "text"),
         TypedColumn("value", "value", "float"),
     ),
