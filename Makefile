@@ -13,7 +13,7 @@ export WILDFIRE_TEST_DATABASE_URL ?= postgresql://wildfire:wildfire@127.0.0.1:54
 # non-interactive CI shell may not read.
 export PATH := $(if $(wildcard $(HOME)/.cargo/bin),$(HOME)/.cargo/bin:,)$(PATH)
 
-.PHONY: help venv native native-optional services services-down services-status topics db-upgrade run stop demo test test-unit lint loadtest \
+.PHONY: help venv native native-optional compose-env services services-down services-status topics db-upgrade run stop demo test test-unit lint loadtest \
         constraints clean bench screenshot
 
 help:  ## list targets
@@ -31,11 +31,11 @@ NATIVE_SRC := $(NATIVE)/Cargo.toml $(NATIVE)/Cargo.lock $(NATIVE)/pyproject.toml
 NATIVE_STAMP := $(VENV)/.native
 NO_RUST_NOTICE := notice: no Rust toolchain (cargo), so the FIRMS fast path is not built: the polars parser is in use (same records, slower); 'make test' needs Rust
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+$(STAMP): requirements-airflow.txt requirements.txt requirements-dev.txt constraints.txt
 	@command -v $(PYTHON_SYS) >/dev/null || { echo "need $(PYTHON_SYS) (Python 3.11)"; exit 1; }
 	@[ -x $(PY) ] || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q -c constraints.txt -r requirements-airflow.txt -r requirements.txt -r requirements-dev.txt
 	@touch $@
 
 $(NATIVE_STAMP): $(STAMP) $(NATIVE_SRC)
@@ -52,6 +52,9 @@ native-optional: $(STAMP)
 	@if command -v cargo >/dev/null; then $(MAKE) --no-print-directory $(NATIVE_STAMP); \
 	elif $(PY) -c "import wildfire_firms_fast" 2>/dev/null; then :; \
 	else echo "$(NO_RUST_NOTICE)"; fi
+
+compose-env:  ## write .env for docker-compose.yaml: your uid and generated secrets (kept if it exists)
+	$(PYTHON_SYS) deploy/docker/compose_env.py
 
 services: $(STAMP)  ## start Kafka (KRaft), PostgreSQL and Mosquitto on loopback; create topics
 	bash scripts/services.sh up
