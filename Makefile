@@ -13,7 +13,7 @@ export WILDFIRE_TEST_DATABASE_URL ?= postgresql://wildfire:wildfire@127.0.0.1:54
 # non-interactive CI shell may not read.
 export PATH := $(if $(wildcard $(HOME)/.cargo/bin),$(HOME)/.cargo/bin:,)$(PATH)
 
-.PHONY: help venv services services-down services-status topics db-upgrade run stop demo test test-unit lint loadtest \
+.PHONY: help venv native native-optional compose-env services services-down services-status topics db-upgrade run stop demo test test-unit lint loadtest \
         constraints clean bench screenshot
 
 help:  ## list targets
@@ -25,16 +25,36 @@ help:  ## list targets
 NATIVE := native/firms_fast
 NATIVE_SRC := $(NATIVE)/Cargo.toml $(NATIVE)/Cargo.lock $(NATIVE)/pyproject.toml $(wildcard $(NATIVE)/src/*.rs)
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt $(NATIVE_SRC)
+# Two stamps: the Python dependencies (all that `make run` and `make demo` need) and the compiled extension
+# (required by `make test`, which tests it against the polars parser; optional for run/demo, which use the
+# polars parser with the same output when there is no Rust toolchain).
+NATIVE_STAMP := $(VENV)/.native
+NO_RUST_NOTICE := notice: no Rust toolchain (cargo), so the FIRMS fast path is not built: the polars parser is in use (same records, slower); 'make test' needs Rust
+
+$(STAMP): requirements-airflow.txt requirements.txt requirements-dev.txt constraints.txt
 	@command -v $(PYTHON_SYS) >/dev/null || { echo "need $(PYTHON_SYS) (Python 3.11)"; exit 1; }
-	@command -v cargo >/dev/null || { echo "need cargo (Rust) to build $(NATIVE): install rustup (https://rustup.rs, then 'rustup default stable') and put ~/.cargo/bin on PATH"; exit 1; }
 	@[ -x $(PY) ] || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q -c constraints.txt -r requirements-airflow.txt -r requirements.txt -r requirements-dev.txt
+	@touch $@
+
+$(NATIVE_STAMP): $(STAMP) $(NATIVE_SRC)
+	@command -v cargo >/dev/null || { echo "need cargo (Rust) to build $(NATIVE): install rustup (https://rustup.rs, then 'rustup default stable') and put ~/.cargo/bin on PATH"; exit 1; }
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pip install -q --no-build-isolation --force-reinstall --no-deps ./$(NATIVE)
 	@touch $@
 
-venv: $(STAMP)  ## create .venv and install pinned dependencies
+venv: $(STAMP) $(NATIVE_STAMP)  ## create .venv, install pinned dependencies and build the FIRMS extension (Rust)
+
+native: $(NATIVE_STAMP)  ## build the compiled FIRMS fast path (needs cargo)
+
+# run/demo: build the extension where cargo exists, keep one built earlier, else say once that polars parses.
+native-optional: $(STAMP)
+	@if command -v cargo >/dev/null; then $(MAKE) --no-print-directory $(NATIVE_STAMP); \
+	elif $(PY) -c "import wildfire_firms_fast" 2>/dev/null; then :; \
+	else echo "$(NO_RUST_NOTICE)"; fi
+
+compose-env:  ## write .env for docker-compose.yaml: your uid and generated secrets (kept if it exists)
+	$(PYTHON_SYS) deploy/docker/compose_env.py
 
 services: $(STAMP)  ## start Kafka (KRaft), PostgreSQL and Mosquitto on loopback; create topics
 	bash scripts/services.sh up
@@ -52,31 +72,31 @@ topics: $(STAMP)  ## create the Kafka topics declared in config/stream_config.ya
 db-upgrade: $(STAMP)  ## apply the storage schema migrations (storage.database_url, else the SQLite file)
 	$(PY) -m wildfire.storage.migrate upgrade --url "$${WILDFIRE__STORAGE__DATABASE_URL:-postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire}"
 
-run: services db-upgrade  ## start Airflow (standalone) with the project's DAGs on http://localhost:8080
+run: services native-optional db-upgrade  ## start Airflow (standalone) with the project's DAGs on http://localhost:8080
 	bash scripts/airflow.sh start
 
 stop:  ## stop Airflow, the demo replay and every process they started
 	bash scripts/demo.sh stop
 	bash scripts/airflow.sh stop
 
-demo: services db-upgrade  ## the main job: an offline wildfire scenario run by the Airflow DAGs (DEMO_MINUTES=4)
+demo: services native-optional db-upgrade  ## the main job: an offline wildfire scenario run by the Airflow DAGs (DEMO_MINUTES=4)
 	bash scripts/demo.sh run
 
-test: services  ## set up everything, lint, and run the whole test suite against the real services
+test: services $(NATIVE_STAMP)  ## set up everything, lint, and run the whole test suite against the real services
 	$(VENV)/bin/ruff check plugins dags tests
 	bash scripts/ensure_chromium.sh
 	$(PY) -m pytest
 
-test-unit: $(STAMP)  ## only the tests that need no service
+test-unit: $(NATIVE_STAMP)  ## only the tests that need no service
 	$(PY) -m pytest tests/unit
 
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check plugins dags tests
 
-loadtest: services  ## load and fault validation (~15 min): docs/loadtest/report.md + charts, not part of make test
+loadtest: services $(NATIVE_STAMP)  ## load and fault validation (~15 min): docs/loadtest/report.md + charts, not part of make test
 	$(PY) tests/performance/loadtest.py --scenario all --seconds 40 --out docs/loadtest
 
-bench: services  ## every micro-benchmark (figures recorded in docs/benchmarks.md)
+bench: services $(NATIVE_STAMP)  ## every micro-benchmark (figures recorded in docs/benchmarks.md)
 	$(PY) tests/performance/bench_streaming.py
 	$(PY) tests/performance/bench_connectors.py
 	$(PY) tests/performance/bench_publish.py --records 100000

@@ -1,4 +1,5 @@
-"""Historical FIRMS (standard-processing archive) for a date range into the spool, LOW priority."""
+"""Historical FIRMS (standard-processing archive) for a date range into the spool, LOW priority, then published
+to Kafka: the task succeeds once the broker acknowledged every record."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ with DAG(
 
         import httpx
 
-        from wildfire.airflow.operators.fetch import open_pipeline
+        from wildfire.airflow.operators.fetch import open_pipeline, publish_spool
         from wildfire.config import build_config, load_config
         from wildfire.connectors.firms import FirmsConnector
         from wildfire.sources import Endpoints
@@ -52,8 +53,10 @@ with DAG(
         spool, ingestor = open_pipeline(config)
         try:
             report = ingestor.accept("nasa_firms", result.batch, dead_letters=result.dead_letters)
+            # Acknowledged by Kafka before success: under the KubernetesExecutor the spool dies with the pod.
+            published = publish_spool(spool, config)
         finally:
             spool.close()
-        return {"summary": result.summary.as_dict(), "admission": report.as_dict()}
+        return {"summary": result.summary.as_dict(), "admission": report.as_dict(), "publish": published}
 
     backfill()

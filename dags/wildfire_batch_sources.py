@@ -1,6 +1,8 @@
 """Batch DAGs for the polling sources: each fetches once per schedule into the durable spool.
 
-The stream worker publishes what they spool; these tasks return as soon as their records are accepted.
+Each task publishes what it spooled and succeeds only once Kafka acknowledged it (under the
+KubernetesExecutor the task's spool dies with its pod); when the stream worker shares the spool and drains
+it, the task leaves the rows to it.
 """
 
 from __future__ import annotations

@@ -81,6 +81,8 @@ SHARD_SECRETS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 SPOOL_VOLUME_SIZE = "2Gi"   # 10,000 records/source (x2 in fire season) plus the expired-records archive
 # Slide 35: requests 0.5 CPU / 500Mi, limits 1 CPU / 1Gi per pod.
+POD_SECURITY_CONTEXT = {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
+                        "seccompProfile": {"type": "RuntimeDefault"}}
 POD_RESOURCES = {"requests": {"cpu": "500m", "memory": "500Mi"}, "limits": {"cpu": "1000m", "memory": "1Gi"}}
 
 
@@ -127,14 +129,18 @@ def _worker_objects(shard: str, sources: tuple[str, ...], all_sources: list[str]
                 "spec": {
                     # worker.shutdown_flush_s to hand in-flight records to Kafka, plus margin.
                     "terminationGracePeriodSeconds": int(flush_s) + 15,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
+                    # No Kubernetes API calls: no service-account token in the pod.
+                    "automountServiceAccountToken": False,
+                    "securityContext": POD_SECURITY_CONTEXT,
                     "containers": [{
                         "name": "worker",
                         "image": "wildfire-ingestion:0.1.0",
                         "imagePullPolicy": "IfNotPresent",
                         "command": ["python", "-m", "wildfire.worker"],
+                        # 0.0.0.0: the kubelet probes and Prometheus reach the pod on its own IP, never on
+                        # loopback (the worker binds 127.0.0.1 unless told otherwise).
                         "args": ["--config", "/opt/wildfire/config/stream_config.yaml",
-                                 "--mode", "continuous_streaming"],
+                                 "--mode", "continuous_streaming", "--metrics-host", "0.0.0.0"],
                         "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}],
                         "envFrom": [{"configMapRef": {"name": "wildfire-env"}}],
                         "env": env,

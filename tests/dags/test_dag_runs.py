@@ -46,23 +46,55 @@ def spool_depth(pipeline, source: str | None = None, priority: int | None = None
         spool.close()
 
 
-def test_batch_source_dags_fetch_samples_into_the_spool(pipeline):
+def topic_messages(pipeline, topic: str) -> list[tuple[str, dict[str, bytes]]]:
+    """(key, headers) of every message in the pipeline's copy of ``topic``, read to the high watermarks."""
+    import time
+    import uuid
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    name = pipeline["topics"][topic]
+    c = Consumer({"bootstrap.servers": "127.0.0.1:9092", "group.id": f"dagtest-read-{uuid.uuid4().hex[:8]}",
+                  "enable.auto.commit": False})
+    try:
+        parts = c.list_topics(name, timeout=10).topics[name].partitions
+        ends = {p: c.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1] for p in parts}
+        c.assign([TopicPartition(name, p, 0) for p in ends])
+        left, out, deadline = {p for p, e in ends.items() if e}, [], time.monotonic() + 30
+        while left and time.monotonic() < deadline:
+            for m in c.consume(1000, timeout=1):
+                if not m.error():
+                    out.append((m.key().decode(), dict(m.headers() or [])))
+                    if m.offset() + 1 >= ends[m.partition()]:
+                        left.discard(m.partition())
+        assert not left, f"{name}: not read to the end"
+        return out
+    finally:
+        c.close()
+
+
+def test_batch_source_dags_fetch_samples_and_publish_them(pipeline):
+    # Each fetch task publishes what it spooled and succeeds only once Kafka acknowledged it: the spool is
+    # empty after every run and the records are on their topics.
     dr, states = run("firms_batch")
     assert states == {"fetch_nasa_firms": "success"}, states
-    firms = spool_depth(pipeline, "nasa_firms")
+    assert spool_depth(pipeline) == 0
+    firms = len({k for k, _ in topic_messages(pipeline, "wildfire-satellite")})
     # The two real samples (VIIRS NOAA-21: 2,824 rows; MODIS: 1,049) minus in-file duplicates.
     assert 3000 < firms <= 2824 + 1049
     pipeline["upstream"].raise_alert("Evacuation Immediate")
     pipeline["upstream"].raise_alert("Red Flag Warning")
     _, states = run("nws_alerts_batch")
     assert states == {"fetch_nws_alerts": "success"}
-    assert spool_depth(pipeline, "nws_alerts", 0) == 1  # CRITICAL
-    assert spool_depth(pipeline, "nws_alerts", 1) == 1  # HIGH
+    assert spool_depth(pipeline) == 0
+    prios = sorted(h["priority"] for _, h in topic_messages(pipeline, "wildfire-alerts"))
+    assert prios == [b"CRITICAL", b"HIGH"], prios
     for dag_id in ("nws_observations_batch", "purpleair_batch"):
         _, states = run(dag_id)
         assert set(states.values()) == {"success"}, (dag_id, states)
-    assert spool_depth(pipeline, "nws_observations") > 30
-    assert spool_depth(pipeline, "purpleair") >= 1
+    assert spool_depth(pipeline) == 0
+    assert len(topic_messages(pipeline, "wildfire-weather")) > 30
+    assert len(topic_messages(pipeline, "wildfire-air-quality")) >= 1
 
 
 def test_era5_backfill_maps_one_task_per_day(pipeline):
@@ -74,13 +106,32 @@ def test_era5_backfill_maps_one_task_per_day(pipeline):
     tis = [ti for ti in dr.get_task_instances() if ti.task_id == "load_day"]
     assert sorted(ti.map_index for ti in tis) == [0, 1]
     assert {ti.state for ti in tis} == {"success"}
-    assert spool_depth(pipeline, "era5") > 0
+    assert spool_depth(pipeline) == 0
+    assert len(topic_messages(pipeline, "wildfire-reanalysis")) > 0
     assert not list(data.glob("*.idx")), "cfgrib left index files in the data folder"
 
 
 def test_stream_worker_batch_mode_drains_the_spool_to_kafka(pipeline):
-    before = spool_depth(pipeline)
-    assert before > 0
+    # The batch tasks above publish their own rows; records the connectors spool outside Airflow (an
+    # IoT reading here) are what the stream worker drains.
+    import json
+    from datetime import UTC, datetime
+
+    from wildfire.config import load_config
+    from wildfire.connectors.mqtt import parse_iot_payload
+    from wildfire.ingest import Ingestor
+    from wildfire.spool import BufferManager
+
+    cfg = load_config(pipeline["config_path"])
+    reading = parse_iot_payload(json.dumps({"sensor_id": "dagtest-1", "timestamp": datetime.now(UTC).isoformat(),
+                                            "latitude": 38.5, "longitude": -121.5, "temperature_c": 31.0}).encode(),
+                                "wildfire/sensors/dagtest-1", "iot_mqtt")
+    spool = BufferManager(cfg.spool, cfg.sources)
+    try:
+        assert Ingestor(spool, cfg).accept("iot_mqtt", [reading]).accepted_total == 1
+    finally:
+        spool.close()
+    assert spool_depth(pipeline) == 1
     _, states = run("wildfire_stream", mode="batch", run_minutes=3, fire_season="off")
     assert states == {"stream_worker": "success"}
     assert spool_depth(pipeline) == 0

@@ -321,3 +321,159 @@ def test_dockerfile_matches_the_manifest_paths():
     for dep in [*workers(), consumer(), *of_kind("Job")]:
         uid = dep["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
         assert f"--uid {uid}" in text and f"USER {uid}" in text
+
+
+# ------------------------------------------------------------------ pods reachable, hardened, isolated
+
+
+def pod_templates() -> list[tuple[str, dict]]:
+    return [(d["metadata"]["name"], d["spec"]["template"]) for d in [*workers(), consumer(), *of_kind("Job")]]
+
+
+@pytest.mark.parametrize("module", ["wildfire.worker", "wildfire.storage.consumer"])
+def test_probe_server_binds_every_interface_in_pods(module):
+    # The kubelet probes the pod IP and Prometheus scrapes it: a server on 127.0.0.1 (both processes'
+    # default) answers neither, so every probe fails and the pod crash-loops.
+    import subprocess
+    import sys
+
+    deps = workers() if module == "wildfire.worker" else [consumer()]
+    for dep in deps:
+        c = container(dep)
+        assert c["command"][-1] == module
+        args = c["args"]
+        assert "--metrics-host" in args, dep["metadata"]["name"]
+        assert args[args.index("--metrics-host") + 1] == "0.0.0.0", dep["metadata"]["name"]
+    # ... and the flag is the process's own (argparse would accept an unambiguous prefix, reject a typo).
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT, env={"PYTHONPATH": str(ROOT / "plugins"), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"--metrics-host\b", out.stdout)
+
+
+def test_probe_server_on_all_interfaces_answers_metrics_without_a_token():
+    # What a pod runs with --metrics-host 0.0.0.0, asked as Prometheus asks: no Authorization header.
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from wildfire.probes import ProbeServer
+
+    registry = CollectorRegistry()
+    Counter("wildfire_probe_test", "x", registry=registry).inc()
+    server = ProbeServer(registry, lambda: (True, [], []), ready=lambda: True, host="0.0.0.0", port=0).start()
+    try:
+        assert server.host == "0.0.0.0"
+        for path in ("/metrics", "/health", "/ready"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=5) as resp:
+                assert resp.status == 200, path
+                if path == "/metrics":
+                    assert b"wildfire_probe_test_total 1.0" in resp.read()
+    finally:
+        server.stop()
+
+
+def test_prometheus_scrapes_no_route_that_needs_a_login():
+    # Airflow's routes (the plugin's /wildfire/*) answer 401 without a Bearer JWT; a scrape job for one
+    # must carry credentials, else its target is down for ever.
+    prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    for job in prom["scrape_configs"]:
+        path = job.get("metrics_path", "/metrics")
+        if path.startswith("/wildfire/") or any("8080" in t for sc in job.get("static_configs", [])
+                                                 for t in sc["targets"]):
+            assert "authorization" in job or "basic_auth" in job, job["job_name"]
+    for name, tpl in pod_templates():
+        ann = tpl["metadata"].get("annotations", {})
+        if ann.get("prometheus.io/scrape") == "true":
+            assert ann["prometheus.io/path"] == "/metrics", name   # the ProbeServer's open route
+
+
+@pytest.mark.parametrize("name", [n for n, _ in pod_templates()])
+def test_pods_meet_the_restricted_pod_security_standard(name):
+    (tpl,) = [t for n, t in pod_templates() if n == name]
+    spec = tpl["spec"]
+    # No pod calls the Kubernetes API: a mounted token would only be something to steal.
+    assert spec.get("automountServiceAccountToken") is False
+    psc = spec["securityContext"]
+    for c in spec["containers"]:
+        sc = c["securityContext"]
+        assert (sc.get("seccompProfile") or psc.get("seccompProfile")) == {"type": "RuntimeDefault"}
+        assert sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True
+        assert (sc.get("runAsUser") or psc.get("runAsUser", 0)) != 0
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add")
+        assert sc["readOnlyRootFilesystem"] is True
+    (ns,) = of_kind("Namespace")
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_only_the_bootstrap_job_migrates():
+    # Replicas starting together would race on Alembic's version table; the Job runs once.
+    for dep in of_kind("Deployment"):
+        c = container(dep)
+        words = " ".join(c.get("command", []) + c.get("args", []))
+        assert "migrate" not in words, dep["metadata"]["name"]
+    (job,) = of_kind("Job")
+    assert "wildfire.storage.migrate upgrade" in " ".join(container(job)["args"])
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        op, key, values = expr["operator"], expr["key"], expr.get("values", [])
+        ok = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def _allowed(labels: dict, direction: str) -> tuple[bool, set[tuple[str, int]]]:
+    """(isolated in this direction, the (protocol, port) pairs any policy lets through) for a pod's labels."""
+    isolated, ports = False, set()
+    for pol in of_kind("NetworkPolicy"):
+        spec = pol["spec"]
+        if not _selects(spec["podSelector"], labels) or direction not in spec["policyTypes"]:
+            continue
+        isolated = True
+        for rule in spec.get(direction.lower(), []):
+            assert rule.get("ports"), f"{pol['metadata']['name']}: a {direction} rule without ports allows all"
+            ports |= {(p.get("protocol", "TCP"), p["port"]) for p in rule["ports"]}
+    return isolated, ports
+
+
+def _port_of(hostport: str) -> int:
+    return int(hostport.rsplit(":", 1)[1])
+
+
+def test_network_policies_allow_each_pod_only_what_it_needs():
+    (env_cm,) = [d for d in of_kind("ConfigMap") if d["metadata"]["name"] == "wildfire-env"]
+    kafka = {("TCP", _port_of(h)) for h in env_cm["data"]["WILDFIRE__KAFKA__BOOTSTRAP_SERVERS"].split(",")}
+    mqtt = ("TCP", int(env_cm["data"]["WILDFIRE_MQTT_PORT"]))
+    (secret,) = of_kind("Secret")
+    pg = ("TCP", _port_of(secret["stringData"]["database-url"].split("@", 1)[1].split("/", 1)[0]))
+    dns = {("UDP", 53), ("TCP", 53)}
+    https = ("TCP", 443)
+    cfg = load_config(ROOT / "config/stream_config.yaml", environ={})
+    for name, tpl in pod_templates():
+        labels = tpl["metadata"]["labels"]
+        in_iso, ingress = _allowed(labels, "Ingress")
+        out_iso, egress = _allowed(labels, "Egress")
+        assert in_iso and out_iso, f"{name} is not isolated by any NetworkPolicy"
+        assert dns | kafka | {pg} <= egress, name
+        metrics = {("TCP", p["containerPort"]) for c in tpl["spec"]["containers"] for p in c.get("ports", [])}
+        assert ingress == metrics, name      # the metrics port and nothing else; none for the Job
+        dep = next(d for d in [*workers(), consumer(), *of_kind("Job")] if d["metadata"]["name"] == name)
+        sources = dep["metadata"].get("annotations", {}).get("wildfire.io/sources", "")
+        types = {cfg.sources[s].source_type for s in sources.split(",") if s}
+        # HTTPS only for shards polling public APIs, MQTT only for the IoT shard; the consumer and the Job
+        # reach neither.
+        assert (https in egress) == bool(types - {"iot_mqtt"}), name
+        assert (mqtt in egress) == ("iot_mqtt" in types), name
+
+
+def test_network_policy_evaluator_is_not_vacuous():
+    # A pod no policy selects must come out as not isolated, else the test above proves nothing.
+    assert _allowed({"app.kubernetes.io/name": "something-else"}, "Egress") == (False, set())
+    assert _selects({"matchExpressions": [{"key": "a", "operator": "In", "values": ["x"]}]}, {"a": "y"}) is False

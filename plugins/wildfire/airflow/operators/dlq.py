@@ -1,6 +1,8 @@
 """Re-publish dead letters selected by source, reason and time range, with an audit entry.
 
-Guarantees: the dead letters are read and replayed in pages of ``page_size`` rows (default
+Guarantees: replayed records are published to Kafka and acknowledged before the task succeeds (and before
+the audit entry is written): :func:`wildfire.airflow.operators.fetch.publish_spool`; a dry run spools and
+publishes nothing. The dead letters are read and replayed in pages of ``page_size`` rows (default
 :data:`DEFAULT_PAGE_SIZE`), by keyset pagination on ``dead_letters.id`` (``WHERE id > last ORDER BY id
 LIMIT page``, one short query per page): at most one page of rows is held in memory whatever
 ``limit`` is (up to 1,000,000), each page is admitted before the next is read, and progress is logged
@@ -117,8 +119,10 @@ class DlqReplayOperator(BaseOperator):
 
     def __init__(self, *, source: str | None = None, reason: str | None = None, since: str | None = None,
                  until: str | None = None, dry_run: Any = True, limit: Any = 10_000,
-                 db_conn_id: str = "wildfire_db", page_size: int = DEFAULT_PAGE_SIZE, **kwargs: Any) -> None:
+                 db_conn_id: str = "wildfire_db", page_size: int = DEFAULT_PAGE_SIZE,
+                 publish_timeout_s: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.publish_timeout_s = publish_timeout_s
         self.source, self.reason, self.since, self.until = source, reason, since, until
         self.dry_run = dry_run
         self.limit = limit
@@ -130,7 +134,7 @@ class DlqReplayOperator(BaseOperator):
 
         from wildfire import ops_state
         from wildfire.airflow.hooks.database import WildfireDbHook
-        from wildfire.airflow.operators.fetch import open_pipeline
+        from wildfire.airflow.operators.fetch import DEFAULT_PUBLISH_TIMEOUT_S, open_pipeline, publish_spool
         from wildfire.config import load_config
         from wildfire.storage.migrate import sqlalchemy_url
 
@@ -143,6 +147,9 @@ class DlqReplayOperator(BaseOperator):
                                          reason=self.reason or None, since=self.since or None,
                                          until=self.until or None, limit=int(self.limit), page_size=self.page_size,
                                          dry_run=dry)
+            if not dry:
+                result["publish"] = publish_spool(spool, config,
+                                                  timeout_s=self.publish_timeout_s or DEFAULT_PUBLISH_TIMEOUT_S)
         finally:
             spool.close()
         actor = "airflow"

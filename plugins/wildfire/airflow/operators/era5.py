@@ -1,4 +1,8 @@
-"""One day of ERA5 into the spool (LOW priority): the ``era5_backfill`` DAG's mapped task."""
+"""One day of ERA5 into the spool (LOW priority) and on to Kafka: the ``era5_backfill`` DAG's mapped task.
+
+The day's records are published and acknowledged before the task succeeds
+(:func:`wildfire.airflow.operators.fetch.publish_spool`).
+"""
 
 from __future__ import annotations
 
@@ -28,8 +32,10 @@ class Era5DayToSpoolOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("day", "data_dir", "download")
 
-    def __init__(self, *, day: str, data_dir: str = "include/era5", download: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *, day: str, data_dir: str = "include/era5", download: bool = False,
+                 publish_timeout_s: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.publish_timeout_s = publish_timeout_s
         self.day = day
         self.data_dir = data_dir
         self.download = download
@@ -37,7 +43,7 @@ class Era5DayToSpoolOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from datetime import date
 
-        from wildfire.airflow.operators.fetch import open_pipeline
+        from wildfire.airflow.operators.fetch import DEFAULT_PUBLISH_TIMEOUT_S, open_pipeline, publish_spool
         from wildfire.config import load_config, resolve_path
         from wildfire.connectors.era5 import download_era5, load_era5_file
 
@@ -58,7 +64,9 @@ class Era5DayToSpoolOperator(BaseOperator):
         spool, ingestor = open_pipeline(config)
         try:
             report = ingestor.accept("era5", result.batch, dead_letters=result.dead_letters)
+            published = publish_spool(spool, config, timeout_s=self.publish_timeout_s or DEFAULT_PUBLISH_TIMEOUT_S)
         finally:
             spool.close()
         self.log.info("ERA5 %s: %s; admission %s", day, result.summary.as_dict(), report.as_dict())
-        return {"day": day.isoformat(), "summary": result.summary.as_dict(), "admission": report.as_dict()}
+        return {"day": day.isoformat(), "summary": result.summary.as_dict(), "admission": report.as_dict(),
+                "publish": published}

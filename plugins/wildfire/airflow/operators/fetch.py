@@ -1,11 +1,92 @@
-"""Fetch one source once and hand its records to the spool (admission first): the batch DAGs' task."""
+"""Fetch one source once, spool its records (admission first) and publish them: the batch DAGs' task.
+
+Every batch task that spools records (this operator, ERA5 days, the FIRMS archive backfill, dead-letter
+replay) ends with :func:`publish_spool`: it drains the spool into Kafka and waits for the broker's
+acknowledgement of every row before the task reports success. Under the KubernetesExecutor each task runs in
+its own pod with its own spool, which is gone with the pod: a task that returned with rows still spooled
+would lose them. Guarantees:
+
+* **Success means acknowledged.** ``execute()`` returns only when the spool is empty and nothing is in flight
+  (every row delivered with ``acks=all``, or moved to the dead-letter path as poison).
+* **Bounded, then retried.** Rows not acknowledged within ``publish_timeout_s`` (default
+  :data:`DEFAULT_PUBLISH_TIMEOUT_S`) make the task fail with :class:`SpoolNotDrainedError` (retriable), rows
+  still in the spool; Airflow retries it. The fetch operator saves its poll cursor only after a successful
+  publish, so a retry in a fresh pod fetches the same window again (duplicates are keyed; storage upserts).
+* **A live drainer is left alone.** When another process holds the spool's drain lock (the stream worker
+  sharing this spool under the Local/Celery executor), the task does not fail: it logs that the holder
+  drains the spool and returns with ``published: false``. The flock is released by the kernel when its
+  holder dies, so a held lock always means a live drainer.
+
+Not guaranteed: with a shared spool and no stream worker, two batch tasks publishing at the same moment
+may leave the later one's rows to the earlier one's drain, which can finish just before they are written;
+they then wait in the spool for the next drainer (the next batch task or the stream worker).
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from airflow.sdk import BaseOperator
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PUBLISH_TIMEOUT_S = 300.0
+"""Seconds a batch task waits for Kafka to acknowledge its spooled rows before it fails (and is retried)."""
+
+
+class SpoolNotDrainedError(RuntimeError):
+    """Rows were still in the spool (or unacknowledged) when the publish bound ran out; Airflow retries."""
+
+    retriable: ClassVar[bool] = True
+
+
+def publish_spool(spool: Any, config: Any, *, timeout_s: float = DEFAULT_PUBLISH_TIMEOUT_S,
+                  producer: Any = None, clock: Any = None) -> dict[str, Any]:
+    """Publish every row of ``spool`` to Kafka and wait for the acknowledgements (see the module docstring).
+
+    Returns ``{"published": True, "delivered": n, "dead_lettered": n, "seconds": s}``, or
+    ``{"published": False, "drained_by": holder, "spool_depth": n}`` when another live process drains this
+    spool. Raises :class:`SpoolNotDrainedError` when rows are left after ``timeout_s``.
+    """
+    import threading
+
+    from wildfire.clock import SYSTEM_CLOCK
+    from wildfire.publish import ProducerWrapper, SpoolPublisher
+    from wildfire.spool import DrainLockedError
+    from wildfire.streaming.breaker import CircuitBreaker
+
+    if timeout_s <= 0:
+        raise ValueError(f"publish timeout must be positive, got {timeout_s!r}")
+    clock = clock or SYSTEM_CLOCK
+    try:
+        spool.acquire_drain_lock()
+    except DrainLockedError as exc:
+        depth = spool.depth()
+        log.info("spool %s is drained by another live process (%s): leaving its %d rows to it", spool.path,
+                 exc, depth)
+        return {"published": False, "drained_by": str(exc), "spool_depth": depth}
+    try:
+        started = clock.monotonic()
+        if producer is None:
+            producer = ProducerWrapper(config.kafka, breaker=CircuitBreaker(config.circuit_breaker, clock=clock),
+                                       clock=clock)
+        publisher = SpoolPublisher(spool, producer, clock=clock)
+        totals = publisher.run(threading.Event(), deadline=started + timeout_s, until_empty=True)
+        left, in_flight = spool.depth(), totals.in_flight
+        seconds = round(clock.monotonic() - started, 3)
+    finally:
+        spool.release_drain_lock()
+    if left or in_flight:
+        raise SpoolNotDrainedError(
+            f"{left} rows still in spool {spool.path} ({in_flight} sent but unacknowledged) after {seconds} s: "
+            f"Kafka at {config.kafka.bootstrap_servers} did not acknowledge them within {timeout_s} s; the rows "
+            "stay in the spool and the task fails so that it is retried")
+    log.info("published the spool to Kafka: %d rows acknowledged, %d dead-lettered, in %.1f s",
+             totals.delivered, totals.dead_lettered, seconds)
+    return {"published": True, "delivered": totals.delivered, "dead_lettered": totals.dead_lettered,
+            "seconds": seconds}
 
 
 def open_pipeline(config: Any) -> tuple[Any, Any]:
@@ -32,9 +113,10 @@ class FetchToSpoolOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("source",)
 
-    def __init__(self, *, source: str, **kwargs: Any) -> None:
+    def __init__(self, *, source: str, publish_timeout_s: float = DEFAULT_PUBLISH_TIMEOUT_S, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.source = source
+        self.publish_timeout_s = publish_timeout_s
 
     def execute(self, context: Any) -> dict[str, Any]:
         import asyncio
@@ -53,10 +135,12 @@ class FetchToSpoolOperator(BaseOperator):
         spool, ingestor = open_pipeline(config)
         try:
             report = ingestor.accept(self.source, result.batch, dead_letters=result.dead_letters)
+            published = publish_spool(spool, config, timeout_s=self.publish_timeout_s)
         finally:
             spool.close()
-        # Shed records stay ahead of the cursor, so the next run fetches them again.
+        # Only after the publish: a task that fails there is retried from the same cursor (in a fresh pod
+        # its spool is gone). Shed records stay ahead of the cursor, so the next run fetches them again.
         cursors.save(self.source, rewind_cursor(src.source_type, previous, result.cursor, report.not_accepted))
         self.log.info("%s", result.summary.describe() if hasattr(result.summary, "describe") else result.summary)
         self.log.info("admission: %s", report.as_dict())
-        return {"summary": result.summary.as_dict(), "admission": report.as_dict()}
+        return {"summary": result.summary.as_dict(), "admission": report.as_dict(), "publish": published}
