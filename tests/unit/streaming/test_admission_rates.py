@@ -147,5 +147,36 @@ def test_spool_fill_drives_shedding_by_key(tmp_path: Path, held: int, state: Bac
         # Overflow at 10,000 evicts the lowest (pre-filled LOW rows), not the offered ones.
         assert in_spool | shed == set(keys)
         assert rep.shed.get("NORMAL", 0) == len(shed)
+        # The pre-filled LOW rows the overflow evicted are named, with their reason, in dropped_ids.
+        gone_pre = {f"pre-{i}" for i in range(held)} - _spooled_keys(cfg.spool.path)
+        assert _dropped_keys(cfg.spool.path) == {k: "overflow" for k in gone_pre}
+        assert len(gone_pre) == max(0, held + len(keys) - len(shed) - 10_000)
+    finally:
+        spool.close()
+
+
+def _dropped_keys(path: str) -> dict[str, str]:
+    con = sqlite3.connect(path)
+    try:
+        return dict(con.execute("SELECT key, reason FROM dropped_ids"))
+    finally:
+        con.close()
+
+
+def test_a_store_without_dropped_keys_gets_the_column_at_open(tmp_path: Path) -> None:
+    """A spool written before ``dropped_ids.key`` existed opens, and its evictions are then named."""
+    path = tmp_path / "old.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE dropped_ids (id INTEGER PRIMARY KEY, source TEXT NOT NULL, priority INTEGER NOT NULL,"
+                " reason TEXT NOT NULL, at REAL NOT NULL)")
+    con.execute("INSERT INTO dropped_ids VALUES (1, 'iot_mqtt', 2, 'overflow', ?)", (JANUARY,))
+    con.commit()
+    con.close()
+    cfg = build_config(read_yaml(DEFAULT_CONFIG_PATH), {"spool": {"path": str(path), "capacity_per_source": 5}})
+    spool = BufferManager(cfg.spool, cfg.sources, clock=ManualClock(wall_start=JANUARY))
+    try:
+        spool.put_batch(_batch("iot_mqtt", Priority.NORMAL, 8, "k"))
+        assert _dropped_keys(str(path)) == {None: "overflow", "k-0": "overflow", "k-1": "overflow",
+                                            "k-2": "overflow"}
     finally:
         spool.close()
