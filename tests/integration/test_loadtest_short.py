@@ -59,11 +59,31 @@ def short(name: str, **kw: Any) -> lt.Scenario:
     return lt.Scenario(name, **base)
 
 
-@pytest.mark.parametrize("multiplier", [1, 5, 10])
+@pytest.mark.parametrize("multiplier", [5, 10])
 def test_rate_scenarios_lose_nothing(tmp_path: Path, multiplier: int) -> None:
     res = lt.run_scenario(short(f"{multiplier}x", multiplier=multiplier), tmp_path)
     assert_ledger(res)
     assert res["offered_per_s"] > 0
+
+
+def test_1x_ledger_holds_and_names_a_key_that_goes_missing(tmp_path: Path) -> None:
+    """The ledger can fail: after a clean 1x run, one stored row deleted and one shed key also stored are named."""
+    import psycopg
+
+    with lt.LoadRun(short("1x", multiplier=1), tmp_path, log=lambda *_: None) as run:
+        res = run.run()
+        assert_ledger(res)
+        shed_key = run._key_name(run.shed_seq[0]) if len(run.shed_seq) else None
+        with psycopg.connect(run.db_url, autocommit=True) as db:
+            gone = db.execute("DELETE FROM alerts WHERE id = (SELECT min(id) FROM alerts) RETURNING key").fetchone()[0]
+            db.execute("INSERT INTO alerts (key, source, event_time, ingest_time, priority, quality, payload, "
+                       "schema_version) VALUES ('stranger', 'nws_alerts', now(), now(), 0, 1, '{}', 1)")
+        led = run.ledger(run.reader)
+    assert shed_key is None  # nothing is shed at 1x from an empty spool
+    assert led["residue"]["in_no_place"] == [gone]
+    assert led["residue_counts"] == {"in_no_place": 1, "not_offered": 1}
+    assert led["residue"]["not_offered"] == ["stranger"]
+    assert led["per_priority"]["CRITICAL"]["unreconciled"] == 1
 
 
 def test_broker_outage_opens_the_breaker_holds_records_and_drains(tmp_path: Path) -> None:
