@@ -124,6 +124,14 @@ def test_shedding_at_the_shipped_capacity_by_state(tmp_path: Path) -> None:
     assert res["ledger"]["per_priority"]["NORMAL"]["shed"] > 0
 
 
+def test_worker_sigkill_and_restart_loses_nothing(tmp_path: Path) -> None:
+    res = lt.run_scenario(short("worker-kill", multiplier=5, seconds=4.0, fault="worker-kill", fault_at_s=1.5),
+                          tmp_path)
+    assert_ledger(res)
+    assert res["worker_starts"] == 2
+    assert res["published_before_kill"] > 0  # killed while draining, not before it started
+
+
 def test_added_broker_latency_loses_nothing(tmp_path: Path) -> None:
     res = lt.run_scenario(short("latency-proxy", multiplier=1, fault="latency-proxy", proxy_ms=200.0), tmp_path)
     assert_ledger(res)
