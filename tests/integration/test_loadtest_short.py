@@ -95,9 +95,12 @@ def test_broker_outage_opens_the_breaker_holds_records_and_drains(tmp_path: Path
     events = [w for _, w in res["events"]]
     assert events[1:3] == ["broker stopping", "broker stopped"] and "broker up" in events
     # The worker's own breaker history, in order: opened by failures, probed, closed by a success.
+    # /status keeps the last 20 transitions: a slow broker restart (probes failing every 5 s) can push the first
+    # one out, then the 1 Hz samples must have seen the breaker open.
     tr = res["worker_breaker_transitions"]
     assert tr and tr[-1] == "HALF_OPEN->CLOSED", tr
-    assert tr[0] == "CLOSED->OPEN" and "OPEN->HALF_OPEN" in tr, tr
+    assert "OPEN->HALF_OPEN" in tr, tr
+    assert tr[0] == "CLOSED->OPEN" if len(tr) < 20 else "OPEN" in res["series"]["breaker"], tr
     # The spool grew while the broker was down and drained to empty afterwards.
     depth = [sum(v) for v in zip(*res["series"]["spool_depth"].values(), strict=True)]
     assert max(depth) >= 1_000, depth

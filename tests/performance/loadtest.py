@@ -1495,9 +1495,23 @@ def write_report(out: Path) -> Path:
     return path
 
 
+def machine() -> dict[str, Any]:
+    """Where a result was measured: host, CPUs, load before the run, versions, the code's commit."""
+    import platform
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"host": platform.node(), "cpus": os.cpu_count(), "load_avg_1_5_15": list(os.getloadavg()),
+            "python": platform.python_version(), "platform": platform.platform(), "commit": commit}
+
+
 def save_result(out: Path, res: dict[str, Any]) -> None:
     (out / "results").mkdir(parents=True, exist_ok=True)
     res["run_at"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    res.setdefault("machine", machine())
     (out / "results" / f"{res['scenario']}.json").write_text(json.dumps(res, indent=1, default=str))
     if "series" in res:
         write_chart(res, out / f"{res['scenario']}.png")
