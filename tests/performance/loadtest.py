@@ -1047,6 +1047,7 @@ class LoadRun:
 
     def run(self) -> dict[str, Any]:
         sc = self.sc
+        self.result["machine"] = machine()  # load before the run
         self.setup()
         self.t0 = time.time()
         self.t0_mono = time.monotonic()
