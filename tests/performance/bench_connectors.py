@@ -379,8 +379,8 @@ def bench_nws(stations: int, concurrency: int, repeat: int, delay_lo: float = 0.
             "baseline_seconds": t_base, "vs_baseline": t_base / t_ours,
             "goals": [{"name": f"NWS {stations} stations <= 1.5 s (median)", "figure": f"{t_ours:.2f} s",
                        "met": t_ours <= 1.5},
-                      {"name": f"NWS vs fixed batches at the same concurrency ({concurrency})",
-                       "figure": f"{t_base / t_ours:.2f}x", "met": t_base / t_ours > 1.0}]}
+                      {"name": f"NWS vs fixed batches at the same concurrency ({concurrency}), no goal",
+                       "figure": f"{t_base / t_ours:.2f}x", "met": None}]}
 
 
 def main(argv: list[str] | None = None) -> int:
