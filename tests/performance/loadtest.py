@@ -65,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
 import orjson  # noqa: E402
+from results import machine  # noqa: E402
 
 from tests.conftest import create_database, drop_database  # noqa: E402
 from wildfire.config import DEFAULT_CONFIG_PATH, StreamConfig, build_config, read_yaml  # noqa: E402
@@ -1494,19 +1495,6 @@ def write_report(out: Path) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
-
-
-def machine() -> dict[str, Any]:
-    """Where a result was measured: host, CPUs, load before the run, versions, the code's commit."""
-    import platform
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"host": platform.node(), "cpus": os.cpu_count(), "load_avg_1_5_15": list(os.getloadavg()),
-            "python": platform.python_version(), "platform": platform.platform(), "commit": commit}
 
 
 def save_result(out: Path, res: dict[str, Any]) -> None:
