@@ -14,7 +14,7 @@ export WILDFIRE_TEST_DATABASE_URL ?= postgresql://wildfire:wildfire@127.0.0.1:54
 export PATH := $(if $(wildcard $(HOME)/.cargo/bin),$(HOME)/.cargo/bin:,)$(PATH)
 
 .PHONY: help venv native native-optional compose-env services services-down services-status topics db-upgrade run stop demo test test-unit lint loadtest \
-        constraints clean bench screenshot
+        constraints clean bench screenshot report
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -93,15 +93,18 @@ test-unit: $(NATIVE_STAMP)  ## only the tests that need no service
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check plugins dags tests
 
-loadtest: services $(NATIVE_STAMP)  ## load and fault validation (~15 min): docs/loadtest/report.md + charts, not part of make test
+loadtest: services $(NATIVE_STAMP)  ## load and fault validation (~20 min, machine to itself): docs/loadtest/ results + report, not in make test
 	$(PY) tests/performance/loadtest.py --scenario all --seconds 40 --out docs/loadtest
 
-bench: services $(NATIVE_STAMP)  ## every micro-benchmark (figures recorded in docs/benchmarks.md)
+bench: services $(NATIVE_STAMP)  ## every micro-benchmark (results in docs/results/*.json; then make report)
 	$(PY) tests/performance/bench_streaming.py
 	$(PY) tests/performance/bench_connectors.py
 	$(PY) tests/performance/bench_publish.py --records 100000
 	$(PY) tests/performance/bench_spool_layout.py
 	$(PY) tests/performance/bench_storage.py
+
+report: $(STAMP)  ## regenerate docs/benchmarks.md's table and docs/loadtest/report.md from the results files
+	$(PY) tests/performance/report.py
 
 screenshot: services  ## refresh docs/img/ops-page.png (the operations page, captured by its browser test)
 	bash scripts/ensure_chromium.sh

@@ -109,9 +109,11 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     failed_at REAL NOT NULL, spool_id INTEGER
 );
 -- Rows dropped (overflow, TTL) in the last hour: a dropped row may already be in flight, and if Kafka then
--- acknowledges it, ack() finds it here and takes it back out of the drop counts (see ack).
+-- acknowledges it, ack() finds it here and takes it back out of the drop counts (see ack). ``key`` is the
+-- record's key, so a dropped record can be named (the load test's ledger), added to older stores at open.
 CREATE TABLE IF NOT EXISTS dropped_ids (
-    id INTEGER PRIMARY KEY, source TEXT NOT NULL, priority INTEGER NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL
+    id INTEGER PRIMARY KEY, source TEXT NOT NULL, priority INTEGER NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL,
+    key TEXT
 );
 CREATE TABLE IF NOT EXISTS quarantine (
     path TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL
@@ -492,6 +494,8 @@ class BufferManager:
                         for stmt in _SCHEMA.split(";"):
                             if stmt.strip():
                                 conn.execute(stmt)
+                        if "key" not in {c[1] for c in conn.execute("PRAGMA table_info(dropped_ids)")}:
+                            conn.execute("ALTER TABLE dropped_ids ADD COLUMN key TEXT")
                         for moved, reason in self._pending_quarantine_rows:
                             conn.execute("INSERT INTO quarantine VALUES (?, ?, ?)",
                                          (moved, reason, self.clock.time()))
@@ -852,8 +856,9 @@ class BufferManager:
             # that overflows during a flood.
             conn.execute("DELETE FROM dropped_ids WHERE at < ?", (now - _DROPPED_IDS_KEEP_S,))
             self._next_dropped_prune = now + 60.0
-        conn.executemany("INSERT OR REPLACE INTO dropped_ids VALUES (?, ?, ?, ?, ?)",
-                         ((rid, s, p, reason, now) for rid, s, p, _size in deleted))
+        conn.executemany("INSERT OR REPLACE INTO dropped_ids (id, source, priority, reason, at, key)"
+                         " VALUES (?, ?, ?, ?, ?, ?)",
+                         ((rid, s, p, reason, now, key) for rid, s, p, _size, key in deleted))
 
     def _undrop(self, conn: sqlite3.Connection, ids: list[int]) -> None:
         """Delivered rows that had been dropped meanwhile: take them back out of ``drops``."""
@@ -882,13 +887,13 @@ class BufferManager:
 
     def _delete_returning(self, conn: sqlite3.Connection, where: str, params: Sequence[Any], *,
                           adjust: bool = True) -> list[tuple]:
-        """Delete rows, keep ``depth`` in step; returns (id, source, priority, bytes) of each deleted row.
+        """Delete rows, keep ``depth`` in step; returns (id, source, priority, bytes, key) of each deleted row.
 
         ``adjust=False`` leaves ``depth`` to the caller (``_adjust_removed``), which must run in the same
         transaction: several deletes then cost one ``depth`` update.
         """
         deleted = conn.execute(
-            f"DELETE FROM spool WHERE {where} RETURNING id, source, priority, length(value)", params
+            f"DELETE FROM spool WHERE {where} RETURNING id, source, priority, length(value), key", params
         ).fetchall()
         if adjust:
             self._adjust_removed(conn, deleted)
@@ -898,7 +903,7 @@ class BufferManager:
         if not deleted:
             return
         removed: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
-        for _id, source, prio, size in deleted:
+        for _id, source, prio, size, _key in deleted:
             r = removed[(source, prio)]
             r[0] += 1
             r[1] += size
@@ -923,7 +928,7 @@ class BufferManager:
         deleted = self._delete_returning(conn, "id IN (SELECT value FROM json_each(?))",
                                          (orjson.dumps([c[1] for c in candidates[:n]]),))
         counts: dict[tuple[str, int], int] = defaultdict(int)
-        for _id, s, p, _size in deleted:
+        for _id, s, p, _size, _key in deleted:
             counts[(s, p)] += 1
         self._count_drops(conn, counts, REASON_OVERFLOW)
         self._remember_dropped(conn, deleted, REASON_OVERFLOW)
@@ -1100,7 +1105,7 @@ class BufferManager:
                     fh.flush()
                     os.fsync(fh.fileno())
             counts: dict[tuple[str, int], int] = defaultdict(int)
-            for _id, s, p, _size in deleted:
+            for _id, s, p, _size, _key in deleted:
                 counts[(s, p)] += 1
             self._count_drops(conn, counts, REASON_EXPIRED)
             self._remember_dropped(conn, deleted, REASON_EXPIRED)

@@ -12,6 +12,7 @@ re-creates the baseline table, empties ``fire_detections`` and consumes with a n
 so every repeat measures both sides on the same rows into the same empty, indexed table. The
 medians of the repeats are the figures to report.
 Goals (issue 6): >= 100,000 rows/s end to end and >= 50 % of the plain COPY's rate.
+Writes ``docs/results/storage.json`` (``--out`` to change the directory).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tests.conftest import (  # noqa: E402
     KAFKA_BOOTSTRAP,
@@ -153,8 +155,12 @@ def main() -> int:
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--batch-size", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3, help="runs of both sides; medians are reported")
+    ap.add_argument("--out", default=None, help="results directory (default docs/results)")
     args = ap.parse_args()
     n = args.records
+    from results import machine, write_result
+
+    before = machine()
 
     dbname, url = create_database("wf_bench", migrate=False)
     topic = create_topic(KAFKA_BOOTSTRAP, partitions=4, prefix="bench-storage")
@@ -187,6 +193,20 @@ def main() -> int:
         print(f"ratio end-to-end / plain COPY (median of per-run ratios): {med(ratios):.2f}  (goal >= 0.50)")
         print(f"end-to-end rows/s (median): {med(e2e_rates):,.0f}  (goal >= 100,000)")
         print(f"records {n:,}; batch size {args.batch_size:,}; every run stored exactly {n:,} rows")
+        path_out = write_result(
+            "storage", command=f"tests/performance/bench_storage.py --records {n} --batch-size {args.batch_size} "
+                               f"--repeat {args.repeat}",
+            inputs={"records": n, "batch_size": args.batch_size, "partitions": 4, "copy_file_bytes": size},
+            rounds=[{"plain_copy_rows_per_s": round(c, 1), "consumer_rows_per_s": round(e, 1), "ratio": round(x, 4)}
+                    for c, e, x in zip(copy_rates, e2e_rates, ratios, strict=True)],
+            summary={"plain_copy_rows_per_s": med(copy_rates), "consumer_rows_per_s": med(e2e_rates),
+                     "ratio": med(ratios)},
+            goals=[{"name": "Kafka -> PostgreSQL >= 50 % of a plain COPY (median of per-run ratios)",
+                    "figure": f"{med(ratios):.2f}", "met": med(ratios) >= 0.5},
+                   {"name": "Kafka -> PostgreSQL >= 100,000 rows/s (median)", "figure": f"{med(e2e_rates):,.0f}/s",
+                    "met": med(e2e_rates) >= 100_000}],
+            machine_before=before, out=Path(args.out) if args.out else None)
+        print(f"result: {path_out}")
     finally:
         delete_topic(KAFKA_BOOTSTRAP, topic)
         drop_database(dbname)

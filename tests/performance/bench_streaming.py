@@ -131,12 +131,15 @@ def guide(chunks) -> int:
     return asyncio.run(run())
 
 
-def measure(fn: Callable[[], int], repeat: int) -> tuple[float, int]:
+def measure(fn: Callable[[], int], repeat: int, rounds: list[float] | None = None) -> tuple[float, int]:
     best, count = float("inf"), 0
     for _ in range(repeat):
         t0 = time.perf_counter()
         count = fn()
-        best = min(best, time.perf_counter() - t0)
+        took = time.perf_counter() - t0
+        best = min(best, took)
+        if rounds is not None:
+            rounds.append(took)
     return best, count
 
 
@@ -144,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", default=None, help="results directory (default docs/results)")
     args = ap.parse_args(argv)
+    from results import machine, write_result
+
+    before = machine()
     chunks = workload(args.records)
     paths = [
         ("guide (4 asyncio.Queue, appendix B)", lambda: guide(chunks)),
@@ -155,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.records:,} records, mixed priority {[(p.name, w) for p, _, w in MIX]}, "
           f"batch {BATCH}, chunk {CHUNK}, best of {args.repeat}, Python {sys.version.split()[0]}")
     rows = []
+    all_rounds: dict[str, list[float]] = {}
     for name, fn in paths:
-        secs, count = measure(fn, args.repeat)
+        secs, count = measure(fn, args.repeat, all_rounds.setdefault(name, []))
         if count != args.records:
             print(f"error: {name} delivered {count} of {args.records} records", file=sys.stderr)
             return 1
@@ -167,6 +175,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:48} {secs:8.3f} {rate:12,.0f} {rate / base:8.2f}")
     ok = rows[2][2] >= 1_000_000 and rows[2][2] >= 5 * base
     print(f"goal (ours/bulk >= 1,000,000 records/s and >= 5x guide): {'met' if ok else 'MISSED'}")
+    path = write_result(
+        "streaming", command=f"tests/performance/bench_streaming.py --records {args.records} --repeat {args.repeat}",
+        inputs={"records": args.records, "batch": BATCH, "chunk": CHUNK,
+                "mix": [(p.name, w) for p, _, w in MIX]},
+        rounds=[{"path": name, "seconds": [round(x, 4) for x in secs]} for name, secs in all_rounds.items()],
+        summary={name: {"best_seconds": round(secs, 4), "records_per_s": round(rate, 1),
+                        "x_guide": round(rate / base, 2)} for name, secs, rate in rows},
+        goals=[{"name": "ours/bulk >= 1,000,000 records/s and >= 5x the guide's design (best of rounds)",
+                "figure": f"{rows[2][2]:,.0f}/s, {rows[2][2] / base:.1f}x", "met": ok}],
+        machine_before=before, out=Path(args.out) if args.out else None)
+    print(f"result: {path}")
     return 0
 
 

@@ -43,12 +43,34 @@ def walk(th: ThrottlingManager, clock: ManualClock, rows) -> None:
         assert (th.throttled, th.level, th.delay_s()) == (throttled, level, pytest.approx(delay)), f"at {t}s lag {lag}"
 
 
-def test_delay_formula_matches_appendix_a():
-    th, _, _ = make()
-    cfg = th.config
-    assert [cfg.base_delay_s * cfg.adjustment_factor ** lvl for lvl in range(6)] == [
-        1.0, 1.5, 2.25, 3.375, 5.0625, 7.59375]
-    assert round(3.375, 1) == 3.4 and round(5.0625, 1) == 5.1  # the guide's printed, rounded values
+def climb(th: ThrottlingManager, clock: ManualClock, levels: int) -> list[tuple[int, float, float]]:
+    """Rising lag above critical, one reading every 15 s: (level, delay_s(), send_rate) after each reading."""
+    out = []
+    for i in range(levels):
+        clock.advance(15)
+        th.observe_lag(6_000 + 1_000 * i)
+        out.append((th.level, th.delay_s(), th.send_rate("nasa_firms")))
+    return out
+
+
+def test_delay_and_send_rate_per_level_match_appendix_a():
+    th, clock, metrics = make()
+    assert th.delay_s() == 0.0 and th.send_rate("nasa_firms") == 1000.0  # not throttled: max rate, no delay
+    # Appendix A: 1.0 x 1.5^level; send rate max / 1.5^(level + 1), floored at min_send_rate 1.0.
+    assert climb(th, clock, 8) == [
+        (0, 1.0, pytest.approx(666.6667)), (1, 1.5, pytest.approx(444.4444)), (2, 2.25, pytest.approx(296.2963)),
+        (3, 3.375, pytest.approx(197.5309)), (4, 5.0625, pytest.approx(131.6872)),
+        (5, 7.59375, pytest.approx(87.79150)), (5, 7.59375, pytest.approx(87.79150)),
+        (5, 7.59375, pytest.approx(87.79150))]  # max_level 5 caps it
+    assert metrics.value("wildfire_throttle_delay_seconds") == pytest.approx(7.59375)
+    assert round(3.375, 1) == 3.4 and round(5.0625, 1) == 5.1  # the guide prints these rounded
+
+
+def test_delay_follows_the_configured_base_and_factor():
+    th, clock, _ = make(base_delay_s=0.5, adjustment_factor=2.0, max_level=3, min_send_rate=100.0)
+    assert [(lvl, d) for lvl, d, _ in climb(th, clock, 5)] == [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (3, 4.0)]
+    # 1000 / 2^4 = 62.5 is below the configured floor of 100 records/s
+    assert th.send_rate("nasa_firms") == 100.0
 
 
 def test_slide_32_timeline_then_reset_after_ten_low_readings():
