@@ -12,6 +12,9 @@ Every connector run, batch DAG task or real-time loop calls :meth:`Ingestor.acce
 4. turns connector dead letters (rows that could not become records) into messages for the
    dead-letter topic, spooled like any record so they reach Kafka and the ``dead_letters`` table.
 
+Backpressure is decided per source, from that source's own spool fill (each source has its own capacity);
+``Ingestor.backpressure`` follows the fullest source for status and metrics.
+
 What is guaranteed: a record counted as accepted is in the spool (CRITICAL and HIGH fsynced). What is
 not: ordering across priorities, and the backpressure state is per process (a batch task starts from
 the current fill reading, not from the worker's history).
@@ -97,10 +100,31 @@ class Ingestor:
         self.metrics = metrics
         self.backpressure = backpressure or BackpressureManager(config.backpressure, clock=clock, rng=self.rng,
                                                                 metrics=metrics)
+        # One state machine per source: each source's spool has its own capacity, so one source's full spool
+        # must not shed another's records (a shared machine fed every source's reading in turn flapped between
+        # WARNING and CRITICAL hundreds of times a second under load). ``self.backpressure`` follows the
+        # fullest source (status, metrics) and holds the configuration the per-source machines copy.
+        self._by_source: dict[str, BackpressureManager] = {}
+        self._fills: dict[str, float] = {}
         self.totals: dict[str, IngestReport] = {}
 
     def fill(self, source: str) -> float:
         return self.spool.depth(source) / max(1, self.spool.capacity(source))
+
+    def backpressure_for(self, source: str) -> BackpressureManager:
+        """The admission state machine of ``source`` (made on first use, reconfigured with the shared one)."""
+        manager = self._by_source.get(source)
+        if manager is None:
+            manager = BackpressureManager(self.backpressure.config, clock=self.clock, rng=self.rng)
+            manager.decisions = self.backpressure.decisions  # one decision count, exported by the shared machine
+            self._by_source[source] = manager
+        elif manager.config is not self.backpressure.config:
+            manager.reconfigure(self.backpressure.config)
+        return manager
+
+    def states(self) -> dict[str, str]:
+        """Backpressure state per source that has offered records."""
+        return {name: m.state.name for name, m in sorted(self._by_source.items())}
 
     def accept(self, source: str, records: EncodedBatch | Sequence[Record],
                *, dead_letters: Iterable[Any] = ()) -> IngestReport:
@@ -109,9 +133,13 @@ class Ingestor:
         batch = records if isinstance(records, EncodedBatch) else EncodedBatch.from_records(source, list(records))
         if batch.source != source:
             raise ValueError(f"batch is from source {batch.source!r}, not {source!r}")
-        state = self.backpressure.observe(self.fill(source))
+        manager = self.backpressure_for(source)
+        fill = self.fill(source)
+        state = manager.observe(fill)
+        self._fills[source] = fill
+        self.backpressure.observe(max(self._fills.values()))  # the fullest source, for status and metrics
         report.backpressure_state = state.name
-        report.retry_after_s = self.backpressure.retry_after_s()
+        report.retry_after_s = manager.retry_after_s()
 
         # Group row indexes by priority so admission is one call per priority (bulk, not per record).
         groups: dict[int, list[int]] = {}
@@ -121,7 +149,7 @@ class Ingestor:
         for p_value, idx in sorted(groups.items()):
             p = Priority(p_value)
             report.offered[p.name] = len(idx)
-            admitted = self.backpressure.admit_many(len(idx), p, source)
+            admitted = manager.admit_many(len(idx), p, source)
             if admitted < len(idx):
                 # Which ones are shed does not matter for correctness; a random subset keeps no bias by order.
                 kept = sorted(self.rng.sample(idx, admitted))

@@ -319,7 +319,7 @@ class StreamWorker:
                       "oldest_age_s": max(stats.oldest_age_s.values(), default=0.0),
                       "utilization": stats.utilization, "dead_letters": stats.dead_letters,
                       "quarantined": stats.quarantined},
-            "backpressure": {"state": self.backpressure.state.name,
+            "backpressure": {"state": self.backpressure.state.name, "by_source": self.ingestor.states(),
                              "fill": round(max(stats.utilization.values(), default=0.0), 4),
                              "fire_season": self.backpressure.fire_season_active()},
             "breaker": {"state": self.breaker.state.name, "failures": self.breaker.consecutive_failures},
