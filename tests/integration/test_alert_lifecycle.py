@@ -368,3 +368,44 @@ def test_spatial_query_says_unavailable_on_sqlite(tmp_path) -> None:
         eng.dispose()
     assert result["available"] is False and "PostGIS" in result["reason"]
     assert summary["detections_in_alerts"]["available"] is False and summary["alerts_in_force"] == []
+
+
+def test_connector_publishes_the_cancel_of_a_critical_alert_as_critical() -> None:
+    """Through the real connector and HTTP: the cursor remembers CRITICAL ids for the Update/Cancel rule."""
+    import asyncio
+
+    import httpx
+
+    from wildfire.clock import ManualClock
+    from wildfire.config import SourceConfig
+    from wildfire.connectors.nws import CRITICAL_MEMORY_S, NwsAlertsConnector
+    from wildfire.connectors.replay import ReplayServer, Reply
+
+    a = urn("cur.1")
+    original = nws_message("cur.1", "Alert", T0)
+    # Relabelled on purpose: an event outside the critical list, so only the reference can make it CRITICAL.
+    cancel = nws_message("cur.2", "Cancel", T0 + timedelta(hours=1), refs=((a, T0),), event="Civil Emergency")
+    late = nws_message("cur.3", "Cancel", T0 + timedelta(hours=1), refs=((a, T0),), event="Civil Emergency")
+    body = lambda feats: orjson.dumps({"type": "FeatureCollection", "features": feats})  # noqa: E731
+    geojson = {"Content-Type": "application/geo+json"}
+    cfg = SourceConfig(source_type="nws_alerts", topic="wildfire-alerts", options={"area": "CA"})
+    clock = ManualClock()
+    with ReplayServer() as server:
+        server.route("/alerts/active", [Reply(200, body([original]), geojson), Reply(200, body([cancel]), geojson),
+                                        Reply(200, body([late]), geojson)])
+
+        async def go():
+            async with httpx.AsyncClient(timeout=10) as client:
+                conn = NwsAlertsConnector(server.url, cfg, user_agent="wildfire-test/1 (ops@example.org)",
+                                          client=client, clock=clock)
+                first = await conn.fetch()
+                second = await conn.fetch(first.cursor)
+                clock.advance(CRITICAL_MEMORY_S + 1)  # memory lapses: the next relabelled Cancel is not promoted
+                third = await conn.fetch(second.cursor)
+                return first, second, third
+
+        first, second, third = asyncio.run(go())
+    assert [r.priority for r in first.batch] == [Priority.CRITICAL]
+    assert [(r.key, r.priority) for r in second.batch] == [(urn("cur.2"), Priority.CRITICAL)]
+    assert a in second.cursor["critical"]
+    assert [r.priority for r in third.batch] == [Priority.NORMAL] and a not in third.cursor["critical"]

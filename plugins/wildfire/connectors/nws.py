@@ -466,11 +466,11 @@ class NwsAlertsConnector(_NwsBase):
         summary = RunSummary(self.source_name)
         dead: list[DeadLetter] = []
         known: dict[str, str] = dict((cursor or {}).get("alerts", {}))
-        # id -> epoch seconds first seen as CRITICAL: an Update/Cancel referencing one is CRITICAL too.
-        critical: dict[str, float] = {k: float(v) for k, v in dict((cursor or {}).get("critical", {})).items()
-                                      if isinstance(v, int | float)}
         window = TimeWindow.from_config(self.config)
         now = self.clock.time()
+        # id -> epoch seconds first seen as CRITICAL: an Update/Cancel referencing one is CRITICAL too.
+        critical: dict[str, float] = {k: float(v) for k, v in dict((cursor or {}).get("critical", {})).items()
+                                      if isinstance(v, int | float) and now - v < CRITICAL_MEMORY_S}
         resp = await self._get(f"{self.base_url}/alerts/active", summary, {"area": self.area})
         body = _json(resp, self.source_name, "active alerts")
         features = body.get("features") if isinstance(body, dict) else None
@@ -500,6 +500,6 @@ class NwsAlertsConnector(_NwsBase):
         summary.accepted = len(records)
         # Only alerts still active stay in the cursor, and critical ids for a bounded time: it cannot grow
         # without bound.
-        recent = sorted(((t, k) for k, t in critical.items() if now - t < CRITICAL_MEMORY_S), reverse=True)
+        recent = sorted(((t, k) for k, t in critical.items()), reverse=True)
         return ConnectorResult(records, dead, summary, {
             "alerts": active, "critical": {k: t for t, k in recent[:CRITICAL_MEMORY_MAX]}})
