@@ -16,10 +16,18 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from wildfire.storage.alerts import IN_FORCE_STATES, alerts_in_force
+from wildfire.storage.alerts import IN_FORCE_STATES, alerts_in_force, db_time_text
 from wildfire.storage.schema import RECORD_TABLES
 
 CALIFORNIA = (-124.48, 32.53, -114.13, 42.01)
+
+
+def _at_or_after(column: sa.Column[Any], since: datetime, dialect: str) -> sa.ColumnElement[bool]:
+    if dialect == "sqlite":
+        # SQLite holds the writer's fixed-format UTC text ('...T..:..:..ffffffZ'); SQLAlchemy would bind
+        # 'YYYY-MM-DD HH:MM:SS', which sorts before every stored time of the same day.
+        return sa.type_coerce(column, sa.Text) >= db_time_text(since)
+    return column >= since
 
 
 def california_fire_activity(engine: sa.Engine, *, now: datetime | None = None, hours: int = 24) -> dict[str, Any]:
@@ -28,7 +36,8 @@ def california_fire_activity(engine: sa.Engine, *, now: datetime | None = None, 
     now = now or datetime.now(UTC)
     since = now - timedelta(hours=hours)
     west, south, east, north = CALIFORNIA
-    where = sa.and_(t.c.event_time >= since, t.c.lat.between(south, north), t.c.lon.between(west, east))
+    where = sa.and_(_at_or_after(t.c.event_time, since, engine.dialect.name), t.c.lat.between(south, north),
+                    t.c.lon.between(west, east))
     with engine.connect() as conn:
         count, frp = conn.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(t.c.frp), 0.0)).where(where)).one()
         by_sat = dict(conn.execute(sa.select(t.c.satellite, sa.func.count()).where(where).group_by(t.c.satellite)).all())

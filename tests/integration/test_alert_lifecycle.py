@@ -409,3 +409,48 @@ def test_connector_publishes_the_cancel_of_a_critical_alert_as_critical() -> Non
     assert [(r.key, r.priority) for r in second.batch] == [(urn("cur.2"), Priority.CRITICAL)]
     assert a in second.cursor["critical"]
     assert [r.priority for r in third.batch] == [Priority.NORMAL] and a not in third.cursor["critical"]
+
+
+def test_migrations_without_postgis_rights_fall_back_to_lat_lon(pg_url) -> None:
+    """PostGIS available on the server but not in the database, migrating role not a superuser (a managed
+    PostgreSQL): the migrations must not fail on CREATE EXTENSION; everything but the spatial query works."""
+    import psycopg
+
+    from tests.conftest import PG_ADMIN_URL, PG_URL
+
+    name = f"wf_alerts_nogis_{uuid.uuid4().hex[:10]}"
+    owner = PG_URL.split("//", 1)[1].split(":", 1)[0]
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        assert admin.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'postgis'").fetchone(), \
+            "PostGIS is not installed on this server (scripts/services.sh installs it)"
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0 OWNER "{owner}"')  # template0: no PostGIS
+    url = PG_URL.rsplit("/", 1)[0] + "/" + name
+    try:
+        upgrade(url)
+        eng = sa.create_engine(sqlalchemy_url(url), poolclass=sa.pool.NullPool)
+        writer = open_writer(url)
+        try:
+            store(writer, [alert_record(nws_message("nogis.1", "Alert", T0, geometry=POLYGON))])
+            assert [a["root_id"] for a in alerts_in_force(eng, now=T0)] == [urn("nogis.1")]
+            result = detections_in_alerts(eng, now=T0)
+            assert result["available"] is False and "PostGIS" in result["reason"]
+        finally:
+            writer.close()
+            eng.dispose()
+    finally:
+        drop_database(name)
+
+
+def test_summary_window_is_exact_on_both_stores(db_url, engine) -> None:
+    """A detection 25 h old is outside a 24 h window, also on SQLite when it falls on the window's first day."""
+    from wildfire.reports import california_fire_activity
+
+    now = datetime(2031, 3, 8, 20, 0, tzinfo=UTC)  # a day no other test stores detections on
+    writer = open_writer(db_url)
+    try:
+        store(writer, [detection(f"win-{db_url[-8:]}-old", 34.05, -118.6, now - timedelta(hours=25)),
+                       detection(f"win-{db_url[-8:]}-new", 34.05, -118.6, now - timedelta(hours=1))])
+    finally:
+        writer.close()
+    report = california_fire_activity(engine, now=now, hours=24)
+    assert report["detections"] == 1 and [h["key"] for h in report["hottest"]] == [f"win-{db_url[-8:]}-new"]

@@ -67,7 +67,8 @@ def _time(value: Any) -> datetime | None:
         return None
 
 
-def _text(ts: datetime | None) -> str | None:
+def db_time_text(ts: datetime | None) -> str | None:
+    """``ts`` as the fixed-format UTC text the writers store in SQLite (and PostgreSQL reads)."""
     # One fixed format both databases read, and SQLite text comparison orders by time.
     # isoformat, not strftime: strftime does not zero-pad years before 1000 on every platform.
     return None if ts is None else ts.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
@@ -124,7 +125,7 @@ def refresh_chains(run: Run, ids: Iterable[str], *, now: datetime | None = None)
         for ref_id, ref_sent in _refs(payload):
             if ref_id != key:
                 run("INSERT INTO alert_links (message_id, ref_id, ref_sent) VALUES (?, ?, ?) "
-                    "ON CONFLICT (message_id, ref_id) DO NOTHING", [key, ref_id, _text(ref_sent)])
+                    "ON CONFLICT (message_id, ref_id) DO NOTHING", [key, ref_id, db_time_text(ref_sent)])
     # The connected ids: follow links both ways until nothing new (bounded).
     nodes: set[str] = set(stored)
     edges: set[tuple[str, str]] = set()
@@ -195,17 +196,17 @@ def _write_chain(run: Run, members: list[str], stored: dict[str, tuple[int, dict
     ugc = next((u for m in reversed(have) if isinstance(u := stored[m][1].get("ugc"), list) and u), [])
     expires_at = _time(current.get("expires")) or _time(current.get("ends"))
     messages = [{"id": m, "type": stored[m][1].get("message_type") if m in stored else None,
-                 "sent": _text(sent[m]), "stored": m in stored} for m in sorted(members, key=order)]
+                 "sent": db_time_text(sent[m]), "stored": m in stored} for m in sorted(members, key=order)]
 
     def text(name: str) -> str | None:
         value = current.get(name)
         return value if isinstance(value, str) else None
 
     values = [root, _STATE_OF_TYPE[mtype], current_id, mtype, text("event"), text("headline"), text("severity"),
-              text("area_desc"), int(Priority(priority)), _text(sent[current_id]), _text(expires_at),
+              text("area_desc"), int(Priority(priority)), db_time_text(sent[current_id]), db_time_text(expires_at),
               orjson.dumps([z for z in ugc if isinstance(z, str)]).decode(),
               None if geometry is None else orjson.dumps(geometry).decode(), orjson.dumps(messages).decode(),
-              _text(now)]
+              db_time_text(now)]
     cols = ("root_id, state, current_id, message_type, event, headline, severity, area_desc, priority, sent, "
             "expires_at, ugc, geometry, messages, updated_at")
     updates = ", ".join(f"{c} = excluded.{c}" for c in cols.split(", ")[1:])
@@ -243,7 +244,7 @@ def in_force_clause(t: sa.Table, now: datetime, dialect: str) -> sa.ColumnElemen
     bound: Any = now
     if dialect == "sqlite":
         # SQLite holds the writers' fixed-format UTC text: compare it as text, in that format.
-        expires, bound = sa.type_coerce(t.c.expires_at, sa.Text), _text(now)
+        expires, bound = sa.type_coerce(t.c.expires_at, sa.Text), db_time_text(now)
     return sa.and_(t.c.state.in_(IN_FORCE_STATES), sa.or_(t.c.expires_at.is_(None), expires > bound))
 
 
