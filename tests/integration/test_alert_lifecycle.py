@@ -454,3 +454,114 @@ def test_summary_window_is_exact_on_both_stores(db_url, engine) -> None:
         writer.close()
     report = california_fire_activity(engine, now=now, hours=24)
     assert report["detections"] == 1 and [h["key"] for h in report["hottest"]] == [f"win-{db_url[-8:]}-new"]
+
+
+def test_two_consumers_storing_one_chain_at_once(pg_db) -> None:
+    """Consumer A's batch holds a Cancel and has not committed; consumer B stores the original Alert.
+
+    Without serialization B computes the chain without the uncommitted Cancel and, committing last,
+    leaves the alert active. The writers' advisory lock makes B wait and see the Cancel.
+    """
+    import threading
+
+    from wildfire.storage.writer import PostgresWriter
+
+    paused, release = threading.Event(), threading.Event()
+
+    class PausedWriter(PostgresWriter):
+        def _write_dead_letters(self, cur, dead_letters):  # runs inside the batch's transaction, after the chains
+            paused.set()
+            assert release.wait(30)
+            return super()._write_dead_letters(cur, dead_letters)
+
+    run = uuid.uuid4().hex[:8]
+    msgs = chain_of_three(run)
+    a_writer, b_writer = PausedWriter(pg_db), open_writer(pg_db)
+    errors: list[BaseException] = []
+
+    def in_thread(fn):
+        def go():
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                errors.append(exc)
+        t = threading.Thread(target=go)
+        t.start()
+        return t
+
+    try:
+        a = in_thread(lambda: store(a_writer, [alert_record(msgs["C"]["feature"])]))
+        assert paused.wait(30)
+        b = in_thread(lambda: store(b_writer, [alert_record(msgs["A"]["feature"])]))
+        b.join(1.0)
+        assert b.is_alive()  # B waits for A's transaction (advisory lock, or at least the chain row)
+        release.set()
+        a.join(30)
+        b.join(30)
+        assert not errors, errors
+    finally:
+        release.set()
+        a_writer.close()
+        b_writer.close()
+    eng = sa.create_engine(sqlalchemy_url(pg_db), poolclass=sa.pool.NullPool)
+    try:
+        [chain] = chains(eng, [msgs["A"]["id"], msgs["C"]["id"]])
+    finally:
+        eng.dispose()
+    assert chain["state"] == "cancelled" and chain["current"] == msgs["C"]["id"]
+
+
+def _random_chain_test_db(tmp_path_factory) -> str:
+    url = f"sqlite:///{tmp_path_factory.mktemp('fuzz') / 'w.db'}"
+    upgrade(url)
+    return url
+
+
+def test_any_message_set_gives_the_same_chains_in_any_order(tmp_path_factory) -> None:
+    """Property: random chains (references to any earlier messages, some never delivered, duplicates)
+    end as the same alert_chains rows whatever the arrival order (SQLite; PostgreSQL runs the same code)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    url = _random_chain_test_db(tmp_path_factory)
+    eng = sa.create_engine(url, poolclass=sa.pool.NullPool)
+
+    @st.composite
+    def scenario(draw):
+        n = draw(st.integers(2, 6))
+        specs = []
+        for i in range(n):
+            refs = draw(st.lists(st.integers(0, i - 1), unique=True, max_size=i)) if i else []
+            mtype = "Alert" if i == 0 else draw(st.sampled_from(["Update", "Cancel", "Alert"]))
+            minutes = draw(st.integers(0, 5)) + 10 * i  # ties possible only within the same step
+            specs.append((mtype, minutes, refs))
+        delivered = draw(st.lists(st.sampled_from(range(n)), min_size=1, max_size=2 * n))
+        order = draw(st.permutations(delivered))
+        return specs, sorted(set(delivered)), order
+
+    def deliver(specs, order, run):
+        writer = open_writer(url)
+        try:
+            for i in order:
+                mtype, minutes, refs = specs[i]
+                sent = T0 + timedelta(minutes=minutes)
+                feature = nws_message(f"{run}.{i}", mtype, sent,
+                                      refs=tuple((urn(f"{run}.{r}"), T0 + timedelta(minutes=specs[r][1]))
+                                                 for r in refs))
+                store(writer, [alert_record(feature)])
+        finally:
+            writer.close()
+        ids = [urn(f"{run}.{i}") for i in range(len(specs))]
+        return sorted(repr(c).replace(run, "RUN") for c in chains(eng, ids))
+
+    @settings(deadline=None, max_examples=25, database=None)
+    @given(scenario())
+    def check(case):
+        specs, distinct, order = case
+        reference = deliver(specs, distinct, uuid.uuid4().hex[:8])  # each once, in sent order
+        assert deliver(specs, order, uuid.uuid4().hex[:8]) == reference
+
+    try:
+        check()
+    finally:
+        eng.dispose()
