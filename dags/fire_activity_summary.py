@@ -1,4 +1,10 @@
-"""Daily fire-activity summary for California, run when new fire detections land (Asset-scheduled)."""
+"""Fire-activity summary, run when new fire detections land (Asset-scheduled).
+
+Reports (``wildfire.reports.fire_activity_summary``): detections in California over the last ``hours``
+(count, total FRP, by satellite, hottest), the NWS alerts in force now (cancelled and expired ones left
+out), and the detections of the window inside the polygon of an alert in force (PostgreSQL with
+PostGIS; on other stores the report says it is unavailable).
+"""
 
 from __future__ import annotations
 
@@ -25,10 +31,10 @@ with DAG(
         import sqlalchemy as sa
 
         from wildfire.airflow.hooks.database import WildfireDbHook
-        from wildfire.reports import california_fire_activity
+        from wildfire.reports import fire_activity_summary
         from wildfire.storage.migrate import sqlalchemy_url
 
         engine = sa.create_engine(sqlalchemy_url(WildfireDbHook().database_url()))
-        return california_fire_activity(engine, hours=int(params["hours"]))
+        return fire_activity_summary(engine, hours=int(params["hours"]))
 
     summarize()

@@ -179,6 +179,13 @@ find_pg_bin() {
   [ -n "$PG_BIN" ] || die "PostgreSQL server binaries not found: apt-get install -y postgresql"
 }
 
+pg_postgis() {  # the Debian PostGIS package for this server's major version (e.g. postgresql-15-postgis-3)
+  local ver
+  ver="$(basename "$(dirname "$PG_BIN")")"
+  [ -e "/usr/share/postgresql/$ver/extension/postgis.control" ] && return 0
+  ensure_pkg "/usr/share/postgresql/$ver/extension/postgis.control" "postgresql-$ver-postgis-3"
+}
+
 as_pg() {  # postgres refuses to run as root: use the postgres account then
   if [ "$(id -u)" = 0 ]; then
     su postgres -s /bin/bash -c "cd / && $*"  # cd: the caller's folder may be private to root
@@ -231,8 +238,15 @@ CONF
   if [ "$($psql -c "select 1 from pg_database where datname='wildfire'")" != 1 ]; then
     $psql -c "create database wildfire owner wildfire"
   fi
-  # PostGIS is optional: the schema falls back to plain lat/lon without it.
-  $psql -d wildfire -c "create extension if not exists postgis" >/dev/null 2>&1 || true
+  # PostGIS: the spatial columns and the detections-inside-alerts query need it. CREATE EXTENSION needs a
+  # superuser, so it is created here in template1 (every database made later, test databases included,
+  # has it) and in wildfire; the migrations, run as the wildfire role, then find it installed.
+  pg_postgis
+  local db
+  for db in template1 wildfire; do
+    $psql -d "$db" -c "create extension if not exists postgis" >/dev/null \
+      || log "warning: could not create the postgis extension in $db (spatial queries unavailable)"
+  done
   log "postgres up (database wildfire, role wildfire)"
 }
 

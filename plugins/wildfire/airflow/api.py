@@ -9,7 +9,9 @@ UI's ``_token`` cookie; anything else gets 401/403)::
                      (needs configuration read access)
     PATCH /config    merge a partial nested dict into the overrides; 422 naming each bad field or key
                      (needs configuration write access)
-    GET   /status    JSON for the page: recent worker states, recent audit, dead-letter counts
+    GET   /status    JSON for the page: recent worker states, recent audit, dead-letter counts, NWS alerts
+                     in force (``alerts``: not cancelled, not expired at the request time; at most
+                     ``MAX_ALERTS``, CRITICAL first)
     GET   /ops       the operations page (self-contained HTML + JS, polls /status every 2 s)
 
 Guarantees:
@@ -66,11 +68,13 @@ from wildfire.config import (
     resolve_path,
     runtime_errors,
 )
+from wildfire.storage.alerts import alerts_in_force
 from wildfire.storage.schema import dead_letters
 
 STREAM_WORKER = "stream_worker"
 HEARTBEAT_MAX_AGE = timedelta(minutes=2)
 MAX_WORKERS = 100  # most worker rows /status and /metrics return (newest first)
+MAX_ALERTS = 100  # most alerts in force /status lists (most urgent first)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 # Module-level on purpose: they are dependency *callables* (no state), and tests replace them through
@@ -326,6 +330,17 @@ def dead_letter_counts(engine: sa.Engine, now: datetime) -> dict[str, Any]:
     return {"total": total, "last_hour": last_hour, "by_reason": by_reason}
 
 
+def alert_listing(engine: sa.Engine, now: datetime) -> tuple[list[dict[str, Any]], str | None]:
+    """The page's alert table: alerts in force at ``now`` (cancelled and expired ones left out), or why not."""
+    try:
+        alerts = alerts_in_force(engine, now=now, limit=MAX_ALERTS)
+    except Exception as exc:  # noqa: BLE001 - e.g. a store not yet migrated: the rest of the page still shows
+        return [], f"alerts unavailable: {_first_line(exc)}"
+    keep = ("root_id", "current_id", "state", "message_type", "event", "headline", "severity", "area_desc",
+            "priority", "sent", "expires_at", "ugc")
+    return [{**{k: a[k] for k in keep}, "messages": len(a["messages"] or [])} for a in alerts], None
+
+
 # ---------------------------------------------------------------- the app
 
 
@@ -467,6 +482,7 @@ def create_app(
             body["database"] = "ok"
         except Exception as exc:  # noqa: BLE001 - the page shows the reason instead of going blank
             body["database"] = _first_line(exc)
+        body["alerts"], body["alerts_error"] = alert_listing(engine, ctx.now())
         return JSONResponse(_jsonable(body))
 
     @app.get("/ops", response_class=HTMLResponse)

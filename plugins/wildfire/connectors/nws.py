@@ -12,11 +12,24 @@ Guarantees:
   ``payload.unit_errors``. One station failing (404, 500, bad JSON) is a counted dead letter, not a
   failed run.
 - 429/503 are answered by waiting Retry-After (on the injected clock) and retrying.
-- Alerts: the alert id is the natural key. The cursor keeps a content hash per active alert id, so
-  an alert seen again unchanged is counted as deduplicated and not re-published; a changed alert
-  is published again (same key: storage upserts it). Priority: CRITICAL for Evacuation Immediate
-  and Fire Warning, HIGH for Red Flag Warning and Fire Weather Watch, ``config.record_priority``
+- Alerts: the message id (``properties.id``) is the natural key; every NWS message (``messageType``
+  ``Alert``, ``Update`` or ``Cancel``) is a record of its own, and its ``references`` (the earlier
+  messages it updates or cancels) are kept in ``payload.references`` as ``[{"id", "sent"}]``; storage
+  links them into one alert chain (``wildfire.storage.alerts``). The cursor keeps a content hash per
+  active alert id, so an alert seen again unchanged is counted as deduplicated and not re-published; a
+  changed alert is published again (same key: storage upserts it). Priority: CRITICAL for Evacuation
+  Immediate and Fire Warning, HIGH for Red Flag Warning and Fire Weather Watch, ``config.record_priority``
   otherwise (lists overridable with ``options.critical_events`` / ``options.high_events``).
+- An ``Update`` or ``Cancel`` takes the highest priority of its own event and of the messages it
+  references that this connector has published as CRITICAL (cursor ``critical``, kept
+  ``CRITICAL_MEMORY_S`` = 14 days, at most ``CRITICAL_MEMORY_MAX`` ids): the cancellation of an
+  evacuation travels on the CRITICAL lane even if its event text were changed. (NWS keeps the event
+  name along a chain, so the event rule alone covers the usual case; storage also gives a chain the
+  highest priority of its messages.)
+- Geometry: ``payload.geometry`` is the GeoJSON geometry as received when it is a well-formed Polygon
+  or MultiPolygon (closed rings of at least 4 positions, lon/lat in range), else null with the reason
+  in ``payload.geometry_error``; ``payload.ugc`` holds the UGC zones (``properties.geocode.UGC``). A
+  bad geometry costs the polygon (and the centroid when that cannot be computed), never the alert.
 - Per-item isolation: any failure to turn one station's observation or one alert into a record
   (any exception, not only a validation error) is a counted dead letter, and every other item of
   the same answer is still accepted. An observation or alert time outside the source's
@@ -53,10 +66,14 @@ from wildfire.connectors.base import (
     utc_time,
     within_deadline,
 )
+from wildfire.geojson import check_geometry
 from wildfire.priority import Priority
 from wildfire.records import Record, RecordError
 
 CRITICAL_EVENTS = ("Evacuation Immediate", "Fire Warning")
+MESSAGE_TYPES = ("Alert", "Update", "Cancel")
+CRITICAL_MEMORY_S = 14 * 86400  # how long the cursor remembers a CRITICAL message id (Update/Cancel priority)
+CRITICAL_MEMORY_MAX = 5000  # bound on those ids, newest kept
 HIGH_EVENTS = ("Red Flag Warning", "Fire Weather Watch")
 
 # unit suffix -> (dimension, factor, offset): SI value = raw * factor + offset
@@ -208,6 +225,27 @@ def _centroid(geometry: Any) -> tuple[float | None, float | None]:
         return None, None
 
 
+def alert_references(props: dict[str, Any]) -> list[dict[str, str | None]]:
+    """``properties.references`` as ``[{"id", "sent"}]``; entries without a string identifier are dropped."""
+    refs = props.get("references")
+    out: list[dict[str, str | None]] = []
+    if not isinstance(refs, list):
+        return out
+    for ref in refs:
+        if not isinstance(ref, dict):
+            continue
+        ident = ref.get("identifier")
+        if not isinstance(ident, str) or not ident or "\x00" in ident:
+            continue
+        sent = ref.get("sent")
+        try:
+            sent_iso: str | None = utc_time(sent).isoformat() if isinstance(sent, str) else None
+        except Exception:  # noqa: BLE001 - an unreadable reference time only loses that time
+            sent_iso = None
+        out.append({"id": ident, "sent": sent_iso})
+    return out
+
+
 def parse_alert(
     feature: Any,
     source_name: str,
@@ -218,8 +256,12 @@ def parse_alert(
     ingest_time: datetime | None = None,
     window: TimeWindow | None = None,
     now: float | None = None,
+    critical_ids: Any = (),
 ) -> Record:
-    """One ``/alerts/active`` Feature -> Record; RecordError if unusable (ImplausibleTime outside ``window``)."""
+    """One ``/alerts/active`` Feature -> Record; RecordError if unusable (ImplausibleTime outside ``window``).
+
+    ``critical_ids``: message ids known to be CRITICAL; an Update/Cancel referencing one is CRITICAL.
+    """
     if not isinstance(feature, dict) or not isinstance(feature.get("properties"), dict):
         raise RecordError("alert is not a GeoJSON Feature with properties")
     props = feature["properties"]
@@ -234,12 +276,19 @@ def parse_alert(
     ingest_time = ingest_time or datetime.now(UTC)
     if window is not None:
         window.check(when, ingest_time.timestamp() if now is None else now)
+    geometry, geometry_error = check_geometry(feature.get("geometry"))
     lat, lon = _centroid(feature.get("geometry"))
+    message_type = props.get("messageType")
+    references = alert_references(props)
+    priority = alert_priority(event, default_priority, critical_events, high_events)
+    if message_type in ("Update", "Cancel") and any(r["id"] in critical_ids for r in references):
+        priority = Priority.CRITICAL  # the update/cancel of a critical alert is itself critical
+    ugc = (props.get("geocode") or {}).get("UGC") if isinstance(props.get("geocode"), dict) else None
     payload = {
         "alert_id": str(alert_id),
         "event": event,
         "status": props.get("status"),
-        "message_type": props.get("messageType"),
+        "message_type": message_type if message_type in MESSAGE_TYPES else None,
         "severity": props.get("severity"),
         "certainty": props.get("certainty"),
         "urgency": props.get("urgency"),
@@ -247,7 +296,10 @@ def parse_alert(
         "description": props.get("description"),
         "instruction": props.get("instruction"),
         "area_desc": props.get("areaDesc"),
-        "ugc": list((props.get("geocode") or {}).get("UGC") or []),
+        "ugc": [str(z) for z in ugc if isinstance(z, str)] if isinstance(ugc, list) else [],
+        "references": references,
+        "geometry": geometry,
+        "geometry_error": geometry_error,
         "sender": props.get("senderName"),
         "sent": props.get("sent"),
         "effective": props.get("effective"),
@@ -261,7 +313,7 @@ def parse_alert(
         kind="alert",
         key=str(alert_id),
         event_time=when,
-        priority=alert_priority(event, default_priority, critical_events, high_events),
+        priority=priority,
         payload=payload,
         lat=lat,
         lon=lon,
@@ -416,6 +468,9 @@ class NwsAlertsConnector(_NwsBase):
         known: dict[str, str] = dict((cursor or {}).get("alerts", {}))
         window = TimeWindow.from_config(self.config)
         now = self.clock.time()
+        # id -> epoch seconds first seen as CRITICAL: an Update/Cancel referencing one is CRITICAL too.
+        critical: dict[str, float] = {k: float(v) for k, v in dict((cursor or {}).get("critical", {})).items()
+                                      if isinstance(v, int | float) and now - v < CRITICAL_MEMORY_S}
         resp = await self._get(f"{self.base_url}/alerts/active", summary, {"area": self.area})
         body = _json(resp, self.source_name, "active alerts")
         features = body.get("features") if isinstance(body, dict) else None
@@ -428,18 +483,23 @@ class NwsAlertsConnector(_NwsBase):
             try:
                 rec = parse_alert(feature, self.source_name, default_priority=self.config.record_priority,
                                   critical_events=self.critical_events, high_events=self.high_events,
-                                  ingest_time=ingest, window=window, now=now)
+                                  ingest_time=ingest, window=window, now=now, critical_ids=critical)
             except Exception as exc:  # noqa: BLE001 - one unusable alert must never cost the others
                 reason = reason_for(exc, "bad_alert")
                 summary.reject(reason)
                 dead.append(DeadLetter(self.source_name, reason, raw_json(feature), describe(exc)))
                 continue
             digest = rec.payload["content_hash"]
+            if rec.priority == Priority.CRITICAL:
+                critical.setdefault(rec.key, now)
             if rec.key in active or known.get(rec.key) == digest:
                 summary.deduplicated += 1
             else:
                 records.append(rec)
             active[rec.key] = digest
         summary.accepted = len(records)
-        # Only alerts still active stay in the cursor: it cannot grow without bound.
-        return ConnectorResult(records, dead, summary, {"alerts": active})
+        # Only alerts still active stay in the cursor, and critical ids for a bounded time: it cannot grow
+        # without bound.
+        recent = sorted(((t, k) for k, t in critical.items()), reverse=True)
+        return ConnectorResult(records, dead, summary, {
+            "alerts": active, "critical": {k: t for t, k in recent[:CRITICAL_MEMORY_MAX]}})

@@ -9,7 +9,8 @@ Guarantees:
 - The same tables are created on PostgreSQL and SQLite by the Alembic migrations in ``migrations/``;
   this module is the single description both the migrations and the writer read.
 
-A geometry column is *not* declared here: the migration adds ``geom geometry(Point, 4326)`` only when
+Geometry columns are *not* declared here: the migrations add ``geom geometry(Point, 4326)`` (record tables)
+and ``alert_chains.area`` only when
 the PostGIS extension is available, because lat/lon must work on every install.
 """
 
@@ -157,3 +158,43 @@ worker_status = sa.Table(
     sa.Column("heartbeat", TS, nullable=False),
     sa.Column("state", JSONType, nullable=False),
 )
+
+# ---------------------------------------------------------------- alert lifecycle (wildfire.storage.alerts)
+
+alert_links = sa.Table(
+    "alert_links",
+    metadata,
+    sa.Column("message_id", sa.Text, nullable=False),
+    sa.Column("ref_id", sa.Text, nullable=False),
+    sa.Column("ref_sent", TS),
+    sa.PrimaryKeyConstraint("message_id", "ref_id", name="pk_alert_links"),
+    sa.Index("ix_alert_links_ref_id", "ref_id"),
+)
+"""One row per (NWS message, earlier message it references): the edges alert chains are built from."""
+
+alert_chains = sa.Table(
+    "alert_chains",
+    metadata,
+    sa.Column("root_id", sa.Text, primary_key=True),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("current_id", sa.Text, nullable=False),
+    sa.Column("message_type", sa.Text),
+    sa.Column("event", sa.Text),
+    sa.Column("headline", sa.Text),
+    sa.Column("severity", sa.Text),
+    sa.Column("area_desc", sa.Text),
+    sa.Column("priority", sa.SmallInteger, nullable=False),
+    sa.Column("sent", TS),
+    sa.Column("expires_at", TS),
+    sa.Column("ugc", JSONType, nullable=False),
+    sa.Column("geometry", JSONType),
+    sa.Column("messages", JSONType, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+    sa.Index("ix_alert_chains_state_expires", "state", "expires_at"),
+)
+"""Per alert (its chain's root message id): the state decided from all its messages, by ``sent``.
+
+``state`` is ``active``/``updated``/``cancelled`` as stored; ``expired`` is applied at read time
+(:func:`wildfire.storage.alerts.alerts_in_force`). With PostGIS the migration adds ``area
+geometry(Geometry, 4326)`` generated from ``geometry`` and a GiST index on it.
+"""

@@ -19,6 +19,13 @@ Guarantees of :meth:`StorageWriter.write`:
   connection (and staging tables) if the old one was closed. Schema and permission errors raise
   as they are (not retriable: an operator must act).
 
+- Alert lifecycle: in the same transaction as a batch's alert rows, ``alert_links`` and ``alert_chains``
+  are brought up to date for them (:func:`wildfire.storage.alerts.refresh_chains`), on both databases.
+  If that step fails on a value (it is built not to), the rows are still committed, the failure is
+  logged and the chain is rebuilt the next time one of its messages is stored. On PostgreSQL the step
+  takes a transaction advisory lock (:data:`ALERT_CHAIN_LOCK`) so consumers of different partitions
+  storing messages of one chain at once cannot leave it computed without one of them.
+
 PostgreSQL path, per record kind: first ``COPY`` straight into the table under a savepoint (new
 keys, the common case, cost exactly a plain COPY); if any key is already stored the unique index
 refuses it, the savepoint rolls back and the batch takes the upsert path: ``COPY`` into a
@@ -32,6 +39,7 @@ returned survives power loss, which the offset-after-commit rule relies on).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,8 +49,11 @@ from typing import Any, ClassVar, Protocol
 import orjson
 
 from wildfire.records import RecordError, parse_time
+from wildfire.storage.alerts import psycopg_runner, refresh_chains, sqlite_runner
 from wildfire.storage.rows import KEY_INDEX, ROW_COLUMNS, DeadLetter, StorageBatch, dead_letter_row, make_dead_letter
 from wildfire.storage.schema import KIND_TABLES, TYPED_COLUMNS
+
+log = logging.getLogger(__name__)
 
 # "offset" is reserved in both PostgreSQL and SQLite, hence quoted.
 _DL_COLUMNS_SQL = 'source, topic, partition, "offset", key, reason, error, attempts, payload'
@@ -121,6 +132,9 @@ def _upsert_assignments(cols: tuple[str, ...]) -> str:
 
 
 # ---------------------------------------------------------------- PostgreSQL
+
+ALERT_CHAIN_LOCK = 0x57494C44414C5254
+"""PostgreSQL advisory lock key that serializes alert-chain updates across consumers ('WILDALRT')."""
 
 CONFLICT_BACKOFF_BATCHES = 10
 """Batches of a kind that skip the direct COPY after one of its batches hit an already stored key."""
@@ -243,6 +257,7 @@ class PostgresWriter:
                 _copy_rows(cur, self._copy_sql[kind], rows)
                 cur.execute(self._upsert_sql[kind])
                 changed += max(cur.rowcount, 0)
+            self._refresh_alerts(cur, batch)
             dead = self._write_dead_letters(cur, batch.dead_letters)
         return WriteResult(records, changed, dead)
 
@@ -277,6 +292,7 @@ class PostgresWriter:
                             changed += max(cur.rowcount, 0)
                     except self._row_errors as exc:
                         dead.append(_rejected(kind, pos, row, exc))
+            self._refresh_alerts(cur, batch)
             for d in dead:  # one at a time: a dead letter the database refuses must not undo the batch
                 row = _dl_row(d)
                 try:
@@ -286,6 +302,25 @@ class PostgresWriter:
                     with self._conn.transaction():
                         cur.execute(self._dl_sql, _bare_dead_letter(d, exc))
         return WriteResult(records, changed, len(dead))
+
+    def _refresh_alerts(self, cur: Any, batch: StorageBatch) -> None:
+        rows = batch.rows.get("alert")
+        if not rows:
+            return
+        # Consumers of different partitions may store messages of one chain at once; each would compute the
+        # chain without the other's uncommitted message and the last commit would win. This lock (held to
+        # the end of the batch's transaction) serializes the chain step, and READ COMMITTED statements after
+        # it see the other batch's rows. Alerts are few: the wait is short.
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (ALERT_CHAIN_LOCK,))
+        try:
+            with self._conn.transaction():  # a savepoint: a failure here must not cost the stored rows
+                refresh_chains(psycopg_runner(cur), [r[KEY_INDEX] for r in rows])
+        except self._row_errors as exc:
+            log.error("alert chains not refreshed for %d alert(s): %s: %s", len(rows), type(exc).__name__, exc)
+        except self._psycopg.OperationalError:
+            raise  # connection loss, lock timeout: the batch is retried whole
+        except Exception as exc:  # noqa: BLE001 - a defect here must not block every alert behind it
+            log.exception("alert chains not refreshed for %d alert(s): %s: %s", len(rows), type(exc).__name__, exc)
 
     def write_status(self, worker_id: str, component: str, state: dict[str, Any]) -> None:
         self._ensure_connected()
@@ -384,6 +419,7 @@ class SqliteWriter:
                             conn.execute("ROLLBACK TO one_row")
                             conn.execute("RELEASE one_row")
                             dead.append(_rejected(kind, pos, row, exc))
+                self._refresh_alerts(batch)
                 for d in dead:  # one at a time: a dead letter SQLite refuses must not undo the batch
                     try:
                         conn.execute(self._dl_sql, _dl_row(d))
@@ -396,6 +432,22 @@ class SqliteWriter:
         except sqlite3.OperationalError as exc:
             raise StorageUnavailable(f"SQLite write to {self.path} failed: {exc}") from None
         return WriteResult(records, changed, len(dead))
+
+    def _refresh_alerts(self, batch: StorageBatch) -> None:
+        rows = batch.rows.get("alert")
+        if not rows:
+            return
+        conn = self._conn
+        conn.execute("SAVEPOINT alert_chains")
+        try:
+            refresh_chains(sqlite_runner(conn), [r[KEY_INDEX] for r in rows])
+            conn.execute("RELEASE alert_chains")
+        except sqlite3.OperationalError:
+            raise  # locked, disk full: the batch is retried whole
+        except Exception as exc:  # noqa: BLE001 - the rows stay stored; the chain is rebuilt with its next message
+            conn.execute("ROLLBACK TO alert_chains")
+            conn.execute("RELEASE alert_chains")
+            log.error("alert chains not refreshed for %d alert(s): %s: %s", len(rows), type(exc).__name__, exc)
 
     def write_status(self, worker_id: str, component: str, state: dict[str, Any]) -> None:
         self._conn.execute(

@@ -37,7 +37,12 @@ _TYPED = {
 def _has_postgis(bind) -> bool:
     if bind.dialect.name != "postgresql":
         return False
-    return bind.execute(sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'postgis'")).first() is not None
+    # Installed already (e.g. from template1), or installable by this role: CREATE EXTENSION postgis needs a
+    # superuser, and a database owner without it would fail here instead of falling back to lat/lon.
+    if bind.execute(sa.text("SELECT 1 FROM pg_extension WHERE extname = 'postgis'")).first() is not None:
+        return True
+    return (bind.execute(sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'postgis'")).first() is not None
+            and bool(bind.execute(sa.text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")).scalar()))
 
 
 def upgrade() -> None:
