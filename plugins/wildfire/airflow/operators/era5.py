@@ -50,9 +50,11 @@ class Era5DayToSpoolOperator(BaseOperator):
             if not download:
                 raise FileNotFoundError(
                     f"no ERA5 file {path}: put one there, or set the DAG param download=true with CDS credentials "
-                    "(~/.cdsapirc or CDSAPI_URL/CDSAPI_KEY)")
+                    "(the cds_default Connection, or ~/.cdsapirc / CDSAPI_URL+CDSAPI_KEY)")
             folder.mkdir(parents=True, exist_ok=True)
-            download_era5(path, day)
+            from wildfire.settings import cds_client
+
+            download_era5(path, day, client=cds_client())
         src = config.source("era5")
         result = load_era5_file(path, "era5", priority=src.record_priority)
         spool, ingestor = open_pipeline(config)
