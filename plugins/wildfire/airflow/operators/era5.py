@@ -7,17 +7,9 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off", ""}
+from wildfire.airflow.params import param_bool
 
-
-def param_bool(value: Any, name: str) -> bool:
-    """A DAG param that must be a boolean: a bool, or its rendered text (``"False"`` is false, not truthy)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ValueError(f"param {name!r} must be true or false, got {value!r}")
+__all__ = ["Era5DayToSpoolOperator", "param_bool"]
 
 
 class Era5DayToSpoolOperator(BaseOperator):
