@@ -97,3 +97,53 @@ def test_seeding_is_idempotent_keeps_a_users_edit_and_demo_points_sources_at_the
     assert {after[c]["host"] for c in ("firms_default", "nws_default", "purpleair_default")} == {
         "http://127.0.0.1:8765"}
     assert after["kafka_default"] == conns["kafka_default"]
+
+
+DAG_TEST = """
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder=sys.argv[1])
+dr = bag.dags["wildfire_maintenance"].test()
+print(json.dumps({ti.task_id: ti.state for ti in dr.get_task_instances()}))
+"""
+
+
+@pytest.mark.airflow
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_task_uses_the_kafka_connection_edited_in_the_metastore(tmp_path, kafka_bootstrap):
+    """The UI's path: a Connection edited in the metastore is what a task's clients use (the config's broker is
+    dead; only kafka_default, as edited, reaches the real one)."""
+    import socket
+    import uuid
+
+    import yaml
+
+    from tests.conftest import delete_topic
+
+    home = tmp_path / "airflow"
+    assert airflow(home, "bash", f"{ROOT}/scripts/airflow.sh", "seed").returncode == 0
+    assert airflow(home, "airflow", "connections", "delete", "kafka_default").returncode == 0
+    added = airflow(home, "airflow", "connections", "add", "kafka_default", "--conn-type", "kafka", "--conn-extra",
+                    json.dumps({"bootstrap.servers": kafka_bootstrap}))
+    assert added.returncode == 0, added.stderr[-2000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    topic = f"metastore-{uuid.uuid4().hex[:10]}"
+    config = tmp_path / "stream_config.yaml"
+    config.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap_servers": dead, "enable_dlq": False},
+        "topics": {topic: {"partitions": 1}},
+        "sources": {"nws_alerts": {"topic": topic}},
+    }))
+    try:
+        out = airflow(home, "env", f"WILDFIRE_CONFIG={config}", sys.executable, "-c", DAG_TEST,
+                      str(ROOT / "dags" / "wildfire_maintenance.py"))
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == {"ensure_topics": "success"}, out.stdout[-2000:]
+        from confluent_kafka.admin import AdminClient
+
+        assert topic in AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10).topics
+    finally:
+        delete_topic(kafka_bootstrap, topic)
