@@ -71,12 +71,20 @@ def listed(home: Path) -> dict[str, dict]:
     return json.loads(path.read_text())
 
 
-@pytest.mark.airflow
-@pytest.mark.slow
-def test_seeding_is_idempotent_keeps_a_users_edit_and_demo_points_sources_at_the_replay(tmp_path):
-    home = tmp_path / "airflow"
+@pytest.fixture(scope="module")
+def seeded_home(tmp_path_factory) -> Path:
+    """An AIRFLOW_HOME migrated and seeded once by `scripts/airflow.sh seed` (tests edit different Connections)."""
+    home = tmp_path_factory.mktemp("seeded") / "airflow"
     first = airflow(home, "bash", f"{ROOT}/scripts/airflow.sh", "seed")
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "7 seeded, 0 kept" in first.stderr
+    return home
+
+
+@pytest.mark.airflow
+@pytest.mark.slow
+def test_seeding_is_idempotent_keeps_a_users_edit_and_demo_points_sources_at_the_replay(seeded_home):
+    home = seeded_home
     conns = listed(home)
     assert {"kafka_default", "wildfire_db", "firms_default", "cds_default"} <= set(conns)
     assert conns["firms_default"]["conn_type"] == "wildfire_firms"
@@ -111,7 +119,7 @@ print(json.dumps({ti.task_id: ti.state for ti in dr.get_task_instances()}))
 @pytest.mark.airflow
 @pytest.mark.kafka
 @pytest.mark.slow
-def test_a_task_uses_the_kafka_connection_edited_in_the_metastore(tmp_path, kafka_bootstrap):
+def test_a_task_uses_the_kafka_connection_edited_in_the_metastore(tmp_path, seeded_home, kafka_bootstrap):
     """The UI's path: a Connection edited in the metastore is what a task's clients use (the config's broker is
     dead; only kafka_default, as edited, reaches the real one)."""
     import socket
@@ -121,8 +129,7 @@ def test_a_task_uses_the_kafka_connection_edited_in_the_metastore(tmp_path, kafk
 
     from tests.conftest import delete_topic
 
-    home = tmp_path / "airflow"
-    assert airflow(home, "bash", f"{ROOT}/scripts/airflow.sh", "seed").returncode == 0
+    home = seeded_home
     assert airflow(home, "airflow", "connections", "delete", "kafka_default").returncode == 0
     added = airflow(home, "airflow", "connections", "add", "kafka_default", "--conn-type", "kafka", "--conn-extra",
                     json.dumps({"bootstrap.servers": kafka_bootstrap}))
