@@ -17,6 +17,8 @@ with DAG(
     tags=["wildfire", "operations"],
     default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
     doc_md=__doc__,
+    # Params reach the operator as the trigger form's values (dry_run=False a bool, limit an int).
+    render_template_as_native_obj=True,
     params={
         "source": Param("", type="string", title="Source (empty: all)"),
         "reason": Param("", type="string", title="Reason (empty: all)", description="e.g. publisher, bad_latitude"),

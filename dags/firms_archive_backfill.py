@@ -1,5 +1,9 @@
-"""Historical FIRMS (standard-processing archive) for a date range into the spool, LOW priority, then published
-to Kafka: the task succeeds once the broker acknowledged every record."""
+"""Historical FIRMS (standard-processing archive) into the spool, LOW priority: one mapped task per day,
+then published to Kafka: a day's task succeeds once the broker acknowledged every record of it.
+
+A failed day is retried (and can be cleared) on its own; at most two days run at once, so a long backfill
+never takes every task slot, and each day's admission report is its task's return value.
+"""
 
 from __future__ import annotations
 
@@ -16,38 +20,49 @@ with DAG(
     tags=["wildfire", "backfill", "nasa_firms"],
     default_args={"retries": 2, "retry_delay": timedelta(minutes=5)},
     doc_md=__doc__,
+    # Params reach the tasks as the trigger form's values (sources a list, not its text).
+    render_template_as_native_obj=True,
     params={
-        "start_date": Param("2024-08-01", type="string", format="date"),
-        "end_date": Param("2024-08-05", type="string", format="date"),
+        "start_date": Param("2024-08-01", type="string", format="date", title="First day"),
+        "end_date": Param("2024-08-05", type="string", format="date", title="Last day (inclusive)"),
         "sources": Param(["VIIRS_SNPP_SP", "MODIS_SP"], type="array",
                          items={"type": "string", "enum": ["VIIRS_SNPP_SP", "VIIRS_NOAA20_SP", "MODIS_SP", "LANDSAT_NRT"]}),
     },
 ) as dag:
 
     @task(retries=2)
-    def backfill(params: dict | None = None) -> dict:
+    def days(params: dict | None = None) -> list[str]:
+        from wildfire.airflow.params import day_range
+
+        return day_range(params["start_date"], params["end_date"])
+
+    @task(retries=2, max_active_tis_per_dag=2)
+    def backfill_day(day: str, params: dict | None = None) -> dict:
         import asyncio
         from datetime import date
 
         import httpx
 
+        from wildfire import settings
         from wildfire.airflow.operators.fetch import open_pipeline, publish_spool
         from wildfire.config import build_config, load_config
         from wildfire.connectors.firms import FirmsConnector
-        from wildfire.sources import Endpoints
 
+        sources = params["sources"]
+        if isinstance(sources, str) or not all(isinstance(s, str) for s in sources):
+            raise ValueError(f"param 'sources' must be a list of FIRMS source names, got {sources!r}")
         base = load_config()
         # The archive is history: LOW priority, so live detections always go first.
         config = build_config(base.model_dump(mode="json"), {"sources": {"nasa_firms": {
-            "record_priority": "LOW", "options": {"sources": list(params["sources"])}}}})
-        ep = Endpoints.from_airflow()
-        start, end = date.fromisoformat(params["start_date"]), date.fromisoformat(params["end_date"])
+            "record_priority": "LOW", "options": {"sources": list(sources)}}}})
+        ep = settings.endpoints()
+        the_day = date.fromisoformat(day)
 
         async def run():
             async with httpx.AsyncClient(timeout=120) as client:
                 conn = FirmsConnector(ep.firms_url, ep.firms_key or "", config.source("nasa_firms"),
                                       user_agent=config.http.user_agent, client=client)
-                return await conn.backfill(start, end)
+                return await conn.backfill(the_day, the_day)
 
         result = asyncio.run(run())
         spool, ingestor = open_pipeline(config)
@@ -57,6 +72,6 @@ with DAG(
             published = publish_spool(spool, config)
         finally:
             spool.close()
-        return {"summary": result.summary.as_dict(), "admission": report.as_dict(), "publish": published}
+        return {"day": day, "summary": result.summary.as_dict(), "admission": report.as_dict(), "publish": published}
 
-    backfill()
+    backfill_day.expand(day=days())

@@ -22,6 +22,8 @@ with DAG(
     tags=["wildfire", "storage"],
     default_args={"retries": 3, "retry_delay": timedelta(seconds=30)},
     doc_md=__doc__,
+    # Params reach the operator as the trigger form's values (dry_run=False a bool, limit an int).
+    render_template_as_native_obj=True,
     params={"seconds": Param(300, type="integer", minimum=1, maximum=86_400, title="Run window (seconds)")},
 ) as dag:
     consume = StorageConsumerOperator(task_id="consume", seconds="{{ params.seconds }}",

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Local Airflow: `airflow standalone` (api-server, scheduler, dag-processor, triggerer) on SQLite with
-# LocalExecutor, the project's dags/ and plugins/, Connections from AIRFLOW_CONN_* variables.
+# LocalExecutor, the project's dags/ and plugins/, Connections seeded into the metastore (seed_connections).
 #   scripts/airflow.sh start   # idempotent; waits for the UI, prints address and admin password
 #   scripts/airflow.sh stop    # ends the whole process group (the scheduler ignores SIGTERM at times)
+#   scripts/airflow.sh seed    # migrate the metadata database and seed the Connections only (start does both)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/airflow_env.sh"
@@ -21,6 +22,7 @@ start() {
   [ -x "$AIRFLOW" ] || { log "no .venv: run 'make venv' first"; exit 1; }
   log "migrating the metadata database (SQLite in $AIRFLOW_HOME)"
   "$AIRFLOW" db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/db-migrate.log"; exit 1; }
+  seed_connections
   # Nothing of this home runs now, so task instances still 'running' are orphans of a stopped Airflow.
   PYTHONPATH="$ROOT/plugins" "$ROOT/.venv/bin/python" -m wildfire.airflow.orphans
   log "starting airflow standalone (log: $LOG)"
@@ -41,6 +43,26 @@ start() {
   log "the UI did not answer within 180 s; stopping what started"; stop; exit 1
 }
 
+# The project's Connections into the metastore, idempotently: one that exists (a user's edit in the UI) is kept.
+# WILDFIRE_CONN_UPSTREAM=URL (make demo) then points firms/nws/purpleair_default at that replay (overwritten).
+seed_connections() {
+  local file="$AIRFLOW_HOME/connections.seed.json" py="$ROOT/.venv/bin/python" out="$AIRFLOW_HOME/connections-import.log"
+  for v in $(compgen -e | grep '^AIRFLOW_CONN_' || true); do
+    log "warning: $v is set in the environment and wins over the metastore Connection of that id"
+  done
+  # WILDFIRE_CONN_RESET=1 puts every Connection back to the seed values (e.g. the live APIs after make demo).
+  local overwrite=(); [ "${WILDFIRE_CONN_RESET:-0}" = 1 ] && overwrite=(--overwrite)
+  "$py" -m wildfire.airflow.connections write "$file" >"$out"
+  "$AIRFLOW" connections import "${overwrite[@]}" "$file" >>"$out" 2>&1 || { rm -f "$file"; tail -20 "$out"; exit 1; }
+  log "Connections: $(grep -c '^Imported connection' "$out" || true) seeded, $(grep -c 'already exists' "$out" || true) kept as edited (Admin -> Connections)"
+  if [ -n "${WILDFIRE_CONN_UPSTREAM:-}" ]; then
+    "$py" -m wildfire.airflow.connections write "$file" --upstream "$WILDFIRE_CONN_UPSTREAM" >>"$out"
+    "$AIRFLOW" connections import --overwrite "$file" >>"$out" 2>&1 || { rm -f "$file"; tail -20 "$out"; exit 1; }
+    log "Connections: firms_default, nws_default, purpleair_default point at $WILDFIRE_CONN_UPSTREAM"
+  fi
+  rm -f "$file"  # it holds the keys; the metastore has them now
+}
+
 stop() {
   if [ -f "$PIDFILE" ]; then
     pid="$(cat "$PIDFILE")"
@@ -58,7 +80,11 @@ stop() {
 
 case "${1:-start}" in
   start) start ;;
+  seed)
+    mkdir -p "$AIRFLOW_HOME"
+    "$AIRFLOW" db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/db-migrate.log"; exit 1; }
+    seed_connections ;;
   stop) stop ;;
   status) if running; then echo "airflow: running at $URL"; else echo "airflow: stopped"; exit 1; fi ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|seed" >&2; exit 2 ;;
 esac

@@ -1,7 +1,7 @@
 # Sourced by scripts/airflow.sh and the tests: the environment Airflow runs with locally.
 # Same variable names as docker-compose.yaml, so the two stacks stay consistent.
 ROOT="${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
-export AIRFLOW_HOME="$ROOT/.local/airflow"
+export AIRFLOW_HOME="${WILDFIRE_AIRFLOW_HOME:-$ROOT/.local/airflow}"
 export AIRFLOW__CORE__DAGS_FOLDER="$ROOT/dags"
 export AIRFLOW__CORE__PLUGINS_FOLDER="$ROOT/plugins"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
@@ -19,17 +19,7 @@ export AIRFLOW__API__PORT="${AIRFLOW__API__PORT:-8080}"
 export PATH="$ROOT/.venv/bin:$PATH"
 export PYTHONPATH="$ROOT/plugins${PYTHONPATH:+:$PYTHONPATH}"
 export WILDFIRE_CONFIG="${WILDFIRE_CONFIG:-$ROOT/config/stream_config.yaml}"
-# Connections (URIs/JSON). Real credentials: set these before `make run`, or edit them in the Airflow UI.
-# (Defaults go through variables: a '}' inside ${VAR:-...} would end the expansion early.)
-_kafka='{"conn_type": "kafka", "extra": {"bootstrap.servers": "127.0.0.1:9092"}}'
-_firms='{"conn_type": "http", "host": "https://firms.modaps.eosdis.nasa.gov", "password": "DEMO_KEY"}'
-_nws='{"conn_type": "http", "host": "https://api.weather.gov"}'
-_purpleair='{"conn_type": "http", "host": "https://api.purpleair.com", "password": ""}'
-export AIRFLOW_CONN_KAFKA_DEFAULT="${AIRFLOW_CONN_KAFKA_DEFAULT:-$_kafka}"
-export AIRFLOW_CONN_WILDFIRE_DB="${AIRFLOW_CONN_WILDFIRE_DB:-postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire}"
-export AIRFLOW_CONN_MQTT_DEFAULT="${AIRFLOW_CONN_MQTT_DEFAULT:-mqtt://127.0.0.1:1883}"
-export AIRFLOW_CONN_FIRMS_DEFAULT="${AIRFLOW_CONN_FIRMS_DEFAULT:-$_firms}"
-export AIRFLOW_CONN_NWS_DEFAULT="${AIRFLOW_CONN_NWS_DEFAULT:-$_nws}"
-export AIRFLOW_CONN_PURPLEAIR_DEFAULT="${AIRFLOW_CONN_PURPLEAIR_DEFAULT:-$_purpleair}"
-unset _kafka _firms _nws _purpleair
+# Connections live in the metastore (Admin -> Connections), seeded by scripts/airflow.sh start from
+# `python -m wildfire.airflow.connections write` (wildfire/airflow/connections.py lists them). No AIRFLOW_CONN_*
+# variable is set here: one would silently win over what a user edits in the UI.
 export WILDFIRE__STORAGE__DATABASE_URL="${WILDFIRE__STORAGE__DATABASE_URL:-postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire}"

@@ -9,10 +9,9 @@ PORT="${DEMO_UPSTREAM_PORT:-8765}"
 UP="http://127.0.0.1:$PORT"
 mkdir -p "$DEMO"
 
-# Every Connection points at the local replay; polling is faster than production so minutes show a day.
-export AIRFLOW_CONN_FIRMS_DEFAULT="{\"conn_type\": \"http\", \"host\": \"$UP\", \"password\": \"DEMO_MAP_KEY\"}"
-export AIRFLOW_CONN_NWS_DEFAULT="{\"conn_type\": \"http\", \"host\": \"$UP\"}"
-export AIRFLOW_CONN_PURPLEAIR_DEFAULT="{\"conn_type\": \"http\", \"host\": \"$UP\", \"password\": \"DEMO_READ_KEY\"}"
+# The source Connections (firms/nws/purpleair_default) are pointed at the local replay in the metastore by
+# scripts/airflow.sh start (WILDFIRE_CONN_UPSTREAM); polling is faster than production so minutes show a day.
+export WILDFIRE_CONN_UPSTREAM="$UP"
 export WILDFIRE__SOURCES__NASA_FIRMS__INGESTION__POLLING_INTERVAL_SECONDS=15
 export WILDFIRE__SOURCES__NWS_ALERTS__INGESTION__POLLING_INTERVAL_SECONDS=5
 export WILDFIRE__SOURCES__NWS_OBSERVATIONS__INGESTION__POLLING_INTERVAL_SECONDS=30

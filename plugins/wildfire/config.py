@@ -69,6 +69,12 @@ class _Model(BaseModel):
 
 class KafkaConfig(_Model):
     bootstrap_servers: str = "127.0.0.1:9092"
+    client_options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="librdkafka connection settings added to every client outside Airflow (security.protocol, "
+                    "sasl.mechanism, sasl.username, sasl.password, ssl.ca.location ...); '_' in a key means '.', so "
+                    "WILDFIRE__KAFKA__CLIENT_OPTIONS__SASL_PASSWORD sets sasl.password. Inside Airflow the "
+                    "kafka_default Connection's extra replaces bootstrap_servers and these (wildfire.settings)")
     client_id: str = "wildfire-ingestion"
     compression_type: Compression = "zstd"
     batch_size: int = Field(500, ge=1, le=100_000, description="records per producer batch")

@@ -190,9 +190,13 @@ class ProducerWrapper:
         self._urgent = self._make(urgent=True)
 
     def settings(self) -> dict[str, Any]:
+        from wildfire.settings import kafka_config
+
         k = self.kafka
+        # Servers and security (SASL/SSL) from the kafka_default Connection inside Airflow, the config outside;
+        # the delivery guarantees below always come from the platform's config.
         conf = {
-            "bootstrap.servers": k.bootstrap_servers,
+            **kafka_config(k),
             "client.id": k.client_id,
             "enable.idempotence": k.enable_idempotence,
             "acks": k.acks,

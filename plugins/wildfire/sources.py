@@ -1,9 +1,12 @@
 """Build connectors from the config and endpoints, and keep each source's poll cursor between runs.
 
-Endpoints (base URLs, keys) come from Airflow Connections inside Airflow (``Endpoints.from_airflow()``)
-and from environment variables elsewhere (``Endpoints.from_env()``: ``WILDFIRE_FIRMS_URL``,
-``WILDFIRE_FIRMS_MAP_KEY``, ``WILDFIRE_NWS_URL``, ``WILDFIRE_PURPLEAIR_URL``, ``WILDFIRE_PURPLEAIR_KEY``,
-``WILDFIRE_MQTT_HOST``, ``WILDFIRE_MQTT_PORT``), so the same code fetches live data or a local replay.
+Endpoints (base URLs, keys) come from :func:`wildfire.settings.endpoints`: Airflow Connections inside Airflow
+(``Endpoints.from_airflow()``: ``firms_default``, ``nws_default`` (extra ``contact``: the User-Agent contact),
+``purpleair_default``, ``mqtt_default``, ``cds_default``) and environment variables elsewhere
+(``Endpoints.from_env()``: ``WILDFIRE_FIRMS_URL``, ``WILDFIRE_FIRMS_MAP_KEY``, ``WILDFIRE_NWS_URL``,
+``WILDFIRE_NWS_CONTACT``, ``WILDFIRE_PURPLEAIR_URL``, ``WILDFIRE_PURPLEAIR_KEY``, ``WILDFIRE_MQTT_HOST``,
+``WILDFIRE_MQTT_PORT``, ``WILDFIRE_MQTT_USERNAME``, ``WILDFIRE_MQTT_PASSWORD``, ``WILDFIRE_CDS_URL``,
+``WILDFIRE_CDS_KEY``), so the same code fetches live data or a local replay.
 
 Cursors (FIRMS keys already seen, PurpleAir ``modified_since``, NWS alert hashes) are JSON files in a
 ``cursors`` folder beside the spool file, written atomically; a lost cursor only means duplicates, which storage upserts away.
@@ -54,6 +57,10 @@ class Endpoints:
     mqtt_port: int = 1883
     mqtt_username: str | None = None
     mqtt_password: str | None = None
+    nws_contact: str | None = None
+    """E-mail or URL put in the NWS User-Agent (api.weather.gov asks for one); None: ``http.user_agent``."""
+    cds_url: str = "https://cds.climate.copernicus.eu/api"
+    cds_key: str | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Endpoints:
@@ -67,11 +74,17 @@ class Endpoints:
             purpleair_key=env.get("WILDFIRE_PURPLEAIR_KEY") or None,
             mqtt_host=env.get("WILDFIRE_MQTT_HOST", d.mqtt_host),
             mqtt_port=int(env.get("WILDFIRE_MQTT_PORT", d.mqtt_port)),
+            mqtt_username=env.get("WILDFIRE_MQTT_USERNAME") or None,
+            mqtt_password=env.get("WILDFIRE_MQTT_PASSWORD") or None,
+            nws_contact=env.get("WILDFIRE_NWS_CONTACT") or None,
+            cds_url=env.get("WILDFIRE_CDS_URL", d.cds_url),
+            cds_key=env.get("WILDFIRE_CDS_KEY") or None,
         )
 
     @classmethod
     def from_airflow(cls) -> Endpoints:
         """Read every endpoint from its Airflow Connection; a missing Connection keeps the default."""
+        from wildfire.airflow.hooks.cds import CdsHook
         from wildfire.airflow.hooks.firms import FirmsHook
         from wildfire.airflow.hooks.mqtt import MqttHook
         from wildfire.airflow.hooks.nws import NwsHook
@@ -95,13 +108,18 @@ class Endpoints:
             values.update(firms_url=firms.base_url, firms_key=firms.credential)
         nws = read(lambda: NwsHook().get_endpoint())
         if nws:
-            values.update(nws_url=nws.base_url)
+            extra = nws.extra if isinstance(nws.extra, dict) else {}
+            contact = extra.get("contact") or extra.get("extra__wildfire_nws__contact")
+            values.update(nws_url=nws.base_url, nws_contact=str(contact).strip() or None if contact else None)
         pa = read(lambda: PurpleAirHook().get_endpoint(require_credential=False))
         if pa:
             values.update(purpleair_url=pa.base_url, purpleair_key=pa.credential)
         mq = read(lambda: MqttHook().get_conn())
         if mq:
             values.update(mqtt_host=mq.host, mqtt_port=mq.port, mqtt_username=mq.username, mqtt_password=mq.password)
+        cds = read(lambda: CdsHook().get_endpoint(require_credential=False))
+        if cds:
+            values.update(cds_url=cds.base_url, cds_key=cds.credential)
         return cls(**{**{f: getattr(d, f) for f in d.__slots__}, **values})  # type: ignore[attr-defined]
 
 
@@ -110,6 +128,9 @@ def build_connector(name: str, config: StreamConfig, endpoints: Endpoints, *, cl
     """The HTTP connector for source ``name``; raises ValueError for sources that are not polled over HTTP."""
     src = config.source(name)
     ua = config.http.user_agent
+    if endpoints.nws_contact and src.source_type in ("nws_observations", "nws_alerts"):
+        # api.weather.gov identifies callers by the User-Agent: the Connection's contact replaces the default one.
+        ua = f"{ua.split(' (', 1)[0]} ({endpoints.nws_contact})"
     if src.source_type == "nasa_firms":
         from wildfire.connectors.firms import FirmsConnector
 

@@ -54,6 +54,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from wildfire import settings
 from wildfire.clock import SYSTEM_CLOCK, Clock
 from wildfire.config import ConfigError, StreamConfig, live_overrides, load_config, resolve_path
 from wildfire.ingest import Ingestor
@@ -122,7 +123,7 @@ class StreamWorker:
             raise ValueError(f"unknown sources {unknown}: configured are {', '.join(sorted(config.sources))}")
         self.sources = [s for s in (sources or list(config.sources)) if config.sources[s].enabled]
         self.run_seconds = 60.0 * (run_minutes if run_minutes is not None else config.worker.run_minutes)
-        self.endpoints = endpoints or Endpoints.from_env()
+        self.endpoints = endpoints or settings.endpoints()
         self.clock = clock
         self.worker_id = worker_id or f"{COMPONENT}-{socket.gethostname()}-{os.getpid()}"
         self.metrics_port = config.worker.metrics_port if metrics_port is None else metrics_port
@@ -208,8 +209,7 @@ class StreamWorker:
                     from wildfire.storage.lag import ConsumerLag
 
                     topics = sorted({self.config.sources[s].topic for s in self.config.sources})
-                    self._lag_source = ConsumerLag(self.config.kafka.bootstrap_servers, self.config.kafka.consumer_group,
-                                                   topics, timeout_s=5.0)
+                    self._lag_source = ConsumerLag.from_config(self.config, topics=topics, timeout_s=5.0)
                 except Exception as exc:  # noqa: BLE001 - lag is advisory; never stop draining for it
                     self._lag_error = str(exc)
                     continue

@@ -11,9 +11,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_airflow_settings_declare_every_local_connection():
-    local = {m.lower() for m in re.findall(r"export AIRFLOW_CONN_([A-Z_]+)=", (ROOT / "scripts/airflow_env.sh").read_text())}
+    from wildfire.airflow.connections import connections
+
+    local = {cid: c["conn_type"] for cid, c in connections(environ={}).items()}
     settings = yaml.safe_load((ROOT / "airflow_settings.yaml").read_text())["airflow"]
-    declared = {c["conn_id"] for c in settings["connections"]}
+    declared = {c["conn_id"]: c["conn_type"] for c in settings["connections"]}
     assert local == declared, (local, declared)
     assert {p["pool_name"] for p in settings["pools"]} >= {"default_pool"}
 

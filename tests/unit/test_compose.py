@@ -315,12 +315,14 @@ def test_services_and_ports_match_local_stack():
     assert "3.3" in DOCKERFILE.read_text().split("AS airflow")[0].rsplit("FROM", 1)[1]
 
 
-def test_same_environment_names_as_local_airflow():
-    local = set(re.findall(r"export (AIRFLOW_CONN_[A-Z_]+)=", (ROOT / "scripts/airflow_env.sh").read_text()))
+def test_connections_are_seeded_into_the_metastore_like_the_local_stack():
+    # An AIRFLOW_CONN_* variable would win over the Connection a user edits in the UI.
     env = compose()["services"]["airflow-scheduler"]["environment"]
-    assert local, "no connections declared locally"
-    assert local <= set(env), local - set(env)
-    assert "WILDFIRE__STORAGE__DATABASE_URL" in env
+    assert not [k for k in env if k.startswith("AIRFLOW_CONN_")]
+    init = " ".join(compose()["services"]["airflow-init"]["command"])
+    assert "python -m wildfire.airflow.connections write" in init and "airflow connections import" in init
+    assert "WILDFIRE__STORAGE__DATABASE_URL" in env and "WILDFIRE__KAFKA__BOOTSTRAP_SERVERS" in env
+    assert not re.findall(r"export AIRFLOW_CONN_", (ROOT / "scripts/airflow_env.sh").read_text())
 
 
 def test_mounts_project_folders_and_creates_topics_from_config():

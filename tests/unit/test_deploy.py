@@ -293,7 +293,9 @@ def test_helm_values_use_known_chart_keys():
 
 
 def test_helm_values_pass_every_connection_from_a_secret():
-    local = set(re.findall(r"export (AIRFLOW_CONN_[A-Z_]+)=", (ROOT / "scripts/airflow_env.sh").read_text()))
+    from wildfire.airflow.connections import CONNECTION_IDS
+
+    local = {f"AIRFLOW_CONN_{c.upper()}" for c in CONNECTION_IDS}
     secret_env = {s["envName"] for s in helm_values()["secret"]}
     assert local and local <= secret_env, local - secret_env
     assert "WILDFIRE__STORAGE__DATABASE_URL" in secret_env

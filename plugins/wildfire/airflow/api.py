@@ -68,6 +68,7 @@ from wildfire.config import (
     resolve_path,
     runtime_errors,
 )
+from wildfire.settings import kafka_config
 from wildfire.storage.alerts import alerts_in_force
 from wildfire.storage.schema import dead_letters
 
@@ -144,12 +145,14 @@ class OpsContext:
 # ---------------------------------------------------------------- health inputs
 
 
-def check_kafka(bootstrap: str, timeout_s: float) -> Check:
+def check_kafka(kafka: str | Mapping[str, Any], timeout_s: float) -> Check:
+    """``kafka``: a server list or the connection dict of ``wildfire.settings.kafka_config`` (SASL/SSL kept)."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": int(timeout_s * 1000),
-                         "log_level": 0})
+    conn = dict(kafka) if isinstance(kafka, Mapping) else {"bootstrap.servers": kafka}
+    bootstrap = conn.get("bootstrap.servers")  # the only value named in the answer: never a credential
+    admin = AdminClient({**conn, "socket.timeout.ms": int(timeout_s * 1000), "log_level": 0})
     try:
         meta = admin.list_topics(timeout=timeout_s)
     except KafkaException as exc:
@@ -374,7 +377,10 @@ def create_app(
             return JSONResponse(body, status_code=503)
         checks: dict[str, Check] = {}
         engine = ctx.engine(cfg)
-        checks["kafka"] = check_kafka(cfg.kafka.bootstrap_servers, ctx.kafka_timeout_s)
+        try:
+            checks["kafka"] = check_kafka(kafka_config(cfg.kafka), ctx.kafka_timeout_s)
+        except ValueError as exc:  # a malformed kafka_default Connection: say which, stay up
+            checks["kafka"] = Check(False, str(exc))
         checks["database"] = check_database(engine)
         checks["spool"] = check_spool(cfg)
         if checks["database"].ok:

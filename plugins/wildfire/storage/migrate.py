@@ -13,18 +13,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from wildfire.config import StorageConfig, load_config, resolve_path
+from wildfire.config import StorageConfig, load_config
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 def database_url(storage: StorageConfig) -> str:
-    """The configured PostgreSQL URL, else ``sqlite:///<storage.sqlite_path>`` (directory created)."""
-    if storage.database_url:
-        return storage.database_url
-    path = resolve_path(storage.sqlite_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+    """The ``wildfire_db`` Connection inside Airflow; outside, the configured PostgreSQL URL, else
+    ``sqlite:///<storage.sqlite_path>`` (directory created). See :func:`wildfire.settings.database_url`."""
+    from wildfire.settings import database_url as resolve
+
+    return resolve(storage)
 
 
 def sqlalchemy_url(url: str) -> str:

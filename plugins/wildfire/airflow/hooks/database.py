@@ -1,4 +1,8 @@
-"""The wildfire database: Connection ``wildfire_db`` -> a SQLAlchemy URL for the storage layer."""
+"""The wildfire database: Connection ``wildfire_db`` (postgres) -> a SQLAlchemy URL for the storage layer.
+
+Login and password are percent-encoded into the URL, so a password with ``@``, ``/``, ``:`` or ``%`` works.
+A ``sqlite`` Connection names the file in its host field.
+"""
 
 from __future__ import annotations
 
@@ -17,13 +21,23 @@ class WildfireDbHook(BaseHook):
 
     def database_url(self) -> str:
         conn = self.get_connection(self.conn_id)
-        if conn.conn_type == "sqlite":
-            return f"sqlite:///{conn.host}"
-        user = conn.login or ""
-        password = f":{conn.password}" if conn.password else ""
-        auth = f"{user}{password}@" if user else ""
-        port = f":{conn.port}" if conn.port else ""
-        return f"postgresql://{auth}{conn.host}{port}/{conn.schema or 'wildfire'}"
+        return url_from_connection(conn.conn_type, host=conn.host, port=conn.port, login=conn.login,
+                                   password=conn.password, schema=conn.schema, conn_id=self.conn_id)
 
     def get_conn(self) -> str:
         return self.database_url()
+
+
+def url_from_connection(conn_type: str | None, *, host: str | None, port: int | None, login: str | None,
+                        password: str | None, schema: str | None, conn_id: str) -> str:
+    from sqlalchemy.engine import URL
+
+    if conn_type == "sqlite":
+        return f"sqlite:///{host}"
+    if conn_type not in ("postgres", "postgresql", None, ""):
+        raise ValueError(f"Connection {conn_id!r} has type {conn_type!r}: expected postgres (or sqlite)")
+    if not host:
+        raise ValueError(f"Connection {conn_id!r} has no host")
+    url = URL.create("postgresql", username=login or None, password=password or None, host=host,
+                     port=int(port) if port else None, database=schema or "wildfire")
+    return url.render_as_string(hide_password=False)

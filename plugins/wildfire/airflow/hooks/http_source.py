@@ -55,6 +55,13 @@ class HttpSourceHook(BaseHook):
             )
         return HttpEndpoint(base_url=host, credential=credential, extra=conn.extra_dejson or {})
 
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Form of this connection type (declared once, in :mod:`wildfire.airflow.provider`)."""
+        from wildfire.airflow.provider import ui_field_behaviour
+
+        return ui_field_behaviour(cls.conn_type)
+
     def get_conn(self) -> HttpEndpoint:
         return self.get_endpoint()
 

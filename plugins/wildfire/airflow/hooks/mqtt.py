@@ -25,6 +25,13 @@ class MqttHook(BaseHook):
         super().__init__()
         self.conn_id = conn_id
 
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict:
+        """Form of this connection type (declared once, in :mod:`wildfire.airflow.provider`)."""
+        from wildfire.airflow.provider import ui_field_behaviour
+
+        return ui_field_behaviour(cls.conn_type)
+
     def get_conn(self) -> MqttEndpoint:
         conn = self.get_connection(self.conn_id)
         return MqttEndpoint(conn.host or "127.0.0.1", int(conn.port or 1883), conn.login or None, conn.password or None)

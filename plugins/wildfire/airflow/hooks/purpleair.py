@@ -7,6 +7,7 @@ from wildfire.airflow.hooks.http_source import HttpSourceHook
 
 class PurpleAirHook(HttpSourceHook):
     hook_name = "PurpleAir"
+    conn_type = "wildfire_purpleair"
     default_conn_name = "purpleair_default"
     default_base_url = "https://api.purpleair.com"
     credential_required = True

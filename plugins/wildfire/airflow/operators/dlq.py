@@ -135,17 +135,20 @@ class DlqReplayOperator(BaseOperator):
         from wildfire import ops_state
         from wildfire.airflow.hooks.database import WildfireDbHook
         from wildfire.airflow.operators.fetch import DEFAULT_PUBLISH_TIMEOUT_S, open_pipeline, publish_spool
+        from wildfire.airflow.params import param_bool, param_int
         from wildfire.config import load_config
         from wildfire.storage.migrate import sqlalchemy_url
 
-        dry = str(self.dry_run).lower() in ("true", "1", "yes")
+        # A typo in dry_run must not mean a real replay: anything but a boolean is an error naming the param.
+        dry = param_bool(self.dry_run, "dry_run")
+        limit = param_int(self.limit, "limit", minimum=1)
         config = load_config()
         engine = sa.create_engine(sqlalchemy_url(WildfireDbHook(self.db_conn_id).database_url()))
         spool, ingestor = open_pipeline(config)
         try:
             result = replay_dead_letters(engine, config, ingestor, source=self.source or None,
                                          reason=self.reason or None, since=self.since or None,
-                                         until=self.until or None, limit=int(self.limit), page_size=self.page_size,
+                                         until=self.until or None, limit=limit, page_size=self.page_size,
                                          dry_run=dry)
             if not dry:
                 result["publish"] = publish_spool(spool, config,

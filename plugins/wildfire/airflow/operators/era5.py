@@ -11,17 +11,9 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off", ""}
+from wildfire.airflow.params import param_bool
 
-
-def param_bool(value: Any, name: str) -> bool:
-    """A DAG param that must be a boolean: a bool, or its rendered text (``"False"`` is false, not truthy)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ValueError(f"param {name!r} must be true or false, got {value!r}")
+__all__ = ["Era5DayToSpoolOperator", "param_bool"]
 
 
 class Era5DayToSpoolOperator(BaseOperator):
@@ -56,9 +48,11 @@ class Era5DayToSpoolOperator(BaseOperator):
             if not download:
                 raise FileNotFoundError(
                     f"no ERA5 file {path}: put one there, or set the DAG param download=true with CDS credentials "
-                    "(~/.cdsapirc or CDSAPI_URL/CDSAPI_KEY)")
+                    "(the cds_default Connection, or ~/.cdsapirc / CDSAPI_URL+CDSAPI_KEY)")
             folder.mkdir(parents=True, exist_ok=True)
-            download_era5(path, day)
+            from wildfire.settings import cds_client
+
+            download_era5(path, day, client=cds_client())
         src = config.source("era5")
         result = load_era5_file(path, "era5", priority=src.record_priority)
         spool, ingestor = open_pipeline(config)

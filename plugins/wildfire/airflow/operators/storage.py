@@ -27,17 +27,19 @@ class StorageConsumerOperator(BaseOperator):
         import threading
 
         from wildfire.airflow.hooks.database import WildfireDbHook
+        from wildfire.airflow.params import param_float
         from wildfire.config import load_config
         from wildfire.storage.consumer import StorageConsumer
         from wildfire.storage.migrate import upgrade
 
+        seconds = param_float(self.seconds, "seconds", minimum=1)
         config = load_config()
         url = WildfireDbHook(self.db_conn_id).database_url()
         upgrade(url)
         self._stop = threading.Event()
         consumer = StorageConsumer(config, url=url)
         try:
-            stats = consumer.run(self._stop, max_seconds=float(self.seconds))
+            stats = consumer.run(self._stop, max_seconds=seconds)
         finally:
             consumer.close()
         result = stats.as_dict() if hasattr(stats, "as_dict") else dict(vars(stats))

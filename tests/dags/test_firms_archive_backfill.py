@@ -1,0 +1,32 @@
+"""firms_archive_backfill maps one task per day (like era5_backfill), against the replayed FIRMS archive."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.airflow, pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
+
+
+def test_firms_archive_backfill_maps_one_task_per_day_at_low_priority(pipeline):
+    from airflow.dag_processing.dagbag import DagBag
+
+    from wildfire.config import load_config
+    from wildfire.priority import Priority
+    from wildfire.spool import BufferManager
+
+    bag = DagBag(dag_folder=str(ROOT / "dags" / "firms_archive_backfill.py"))
+    assert not bag.import_errors, bag.import_errors
+    dr = bag.dags["firms_archive_backfill"].test(run_conf={
+        "start_date": "2024-08-01", "end_date": "2024-08-03", "sources": ["VIIRS_SNPP_SP"]})
+    tis = [ti for ti in dr.get_task_instances() if ti.task_id == "backfill_day"]
+    assert sorted(ti.map_index for ti in tis) == [0, 1, 2]
+    assert {ti.state for ti in tis} == {"success"}
+    cfg = load_config(pipeline["config_path"])
+    spool = BufferManager(cfg.spool, cfg.sources)
+    try:
+        assert spool.depth("nasa_firms", int(Priority.LOW)) > 0
+    finally:
+        spool.close()
