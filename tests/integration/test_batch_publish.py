@@ -161,7 +161,7 @@ def test_era5_day_publishes_everything_before_it_returns(stack, task_dir, tmp_pa
     assert out["publish"]["published"] is True
 
 
-def test_firms_archive_backfill_publishes_everything_before_it_returns(stack, task_dir):
+def test_firms_archive_backfill_publishes_everything_before_it_returns(stack, task_dir, monkeypatch):
     from datetime import date
 
     import httpx
@@ -186,7 +186,9 @@ def test_firms_archive_backfill_publishes_everything_before_it_returns(stack, ta
             return await conn.backfill(date.fromisoformat(params["start_date"]), date.fromisoformat(params["end_date"]))
 
     expected = list(asyncio.run(fetch()).batch.keys)
-    out = module.dag.get_task("backfill").python_callable(params=params)
+    # The task body runs here outside a task supervisor: make it read the Connections as a task would.
+    monkeypatch.setenv("WILDFIRE_SETTINGS_SOURCE", "airflow")
+    out = module.dag.get_task("backfill_day").python_callable(day=params["start_date"], params=params)
     assert_all_in_kafka_then_delete(stack, pod, "wildfire-satellite", expected)
     assert out["publish"]["published"] is True
 
