@@ -69,6 +69,12 @@ class _Model(BaseModel):
 
 class KafkaConfig(_Model):
     bootstrap_servers: str = "127.0.0.1:9092"
+    client_options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="librdkafka connection settings added to every client outside Airflow (security.protocol, "
+                    "sasl.mechanism, sasl.username, sasl.password, ssl.ca.location ...); '_' in a key means '.', so "
+                    "WILDFIRE__KAFKA__CLIENT_OPTIONS__SASL_PASSWORD sets sasl.password. Inside Airflow the "
+                    "kafka_default Connection's extra replaces bootstrap_servers and these (wildfire.settings)")
     client_id: str = "wildfire-ingestion"
     compression_type: Compression = "zstd"
     batch_size: int = Field(500, ge=1, le=100_000, description="records per producer batch")
@@ -364,6 +370,21 @@ class StreamConfig(_Model):
             return self.sources[name]
         except KeyError:
             raise KeyError(f"unknown source {name!r}; configured: {', '.join(sorted(self.sources))}") from None
+
+
+def kafka_client_config(kafka: KafkaConfig) -> dict[str, Any]:
+    """The librdkafka settings every Kafka client of the platform starts from: ``bootstrap.servers`` and
+    ``kafka.client_options`` (TLS, SASL), ``_`` in an option name read as ``.``.
+
+    Producers (bulk and CRITICAL), the storage consumer, topic creation, lag readers and the health check all
+    build their client from this dict and then add their own delivery settings, so one ``client_options``
+    block secures every connection. The dict holds secrets (``sasl.password``): never log it; show it through
+    :func:`redact`.
+    """
+    conf: dict[str, Any] = {"bootstrap.servers": kafka.bootstrap_servers}
+    for key, value in kafka.client_options.items():
+        conf[key.replace("_", ".")] = value
+    return conf
 
 
 # ---------------------------------------------------------------- loading

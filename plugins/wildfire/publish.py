@@ -52,7 +52,7 @@ from itertools import repeat
 from typing import Any, ClassVar
 
 from wildfire.clock import SYSTEM_CLOCK, Clock
-from wildfire.config import KafkaConfig
+from wildfire.config import KafkaConfig, kafka_client_config
 from wildfire.priority import Priority
 from wildfire.spool import BufferManager, DrainCursor, SpoolRow
 from wildfire.streaming.breaker import CircuitBreaker, CircuitState
@@ -191,8 +191,9 @@ class ProducerWrapper:
 
     def settings(self) -> dict[str, Any]:
         k = self.kafka
+        # Servers and security (TLS, SASL: kafka.client_options); the delivery guarantees below always win.
         conf = {
-            "bootstrap.servers": k.bootstrap_servers,
+            **kafka_client_config(k),
             "client.id": k.client_id,
             "enable.idempotence": k.enable_idempotence,
             "acks": k.acks,

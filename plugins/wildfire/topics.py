@@ -28,7 +28,9 @@ def ensure_topics(config: StreamConfig, *, admin=None, timeout: float = 30.0, ch
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
-    admin = admin or AdminClient({"bootstrap.servers": config.kafka.bootstrap_servers})
+    from wildfire.config import kafka_client_config
+
+    admin = admin or AdminClient(kafka_client_config(config.kafka))
     metadata = admin.list_topics(timeout=timeout)
     created, existing, grown, mismatched = [], [], [], []
     to_create = []

@@ -208,8 +208,7 @@ class StreamWorker:
                     from wildfire.storage.lag import ConsumerLag
 
                     topics = sorted({self.config.sources[s].topic for s in self.config.sources})
-                    self._lag_source = ConsumerLag(self.config.kafka.bootstrap_servers, self.config.kafka.consumer_group,
-                                                   topics, timeout_s=5.0)
+                    self._lag_source = ConsumerLag.from_config(self.config, topics=topics, timeout_s=5.0)
                 except Exception as exc:  # noqa: BLE001 - lag is advisory; never stop draining for it
                     self._lag_error = str(exc)
                     continue

@@ -61,6 +61,7 @@ from wildfire.config import (
     build_config,
     check_overrides,
     env_overrides,
+    kafka_client_config,
     read_yaml,
     redact,
     resolve_path,
@@ -140,12 +141,14 @@ class OpsContext:
 # ---------------------------------------------------------------- health inputs
 
 
-def check_kafka(bootstrap: str, timeout_s: float) -> Check:
+def check_kafka(kafka: str | Mapping[str, Any], timeout_s: float) -> Check:
+    """``kafka``: a server list or the connection dict of ``wildfire.config.kafka_client_config`` (TLS/SASL kept)."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": int(timeout_s * 1000),
-                         "log_level": 0})
+    conn = dict(kafka) if isinstance(kafka, Mapping) else {"bootstrap.servers": kafka}
+    bootstrap = conn.get("bootstrap.servers")  # the only value named in the answer: never a credential
+    admin = AdminClient({**conn, "socket.timeout.ms": int(timeout_s * 1000), "log_level": 0})
     try:
         meta = admin.list_topics(timeout=timeout_s)
     except KafkaException as exc:
@@ -359,7 +362,7 @@ def create_app(
             return JSONResponse(body, status_code=503)
         checks: dict[str, Check] = {}
         engine = ctx.engine(cfg)
-        checks["kafka"] = check_kafka(cfg.kafka.bootstrap_servers, ctx.kafka_timeout_s)
+        checks["kafka"] = check_kafka(kafka_client_config(cfg.kafka), ctx.kafka_timeout_s)
         checks["database"] = check_database(engine)
         checks["spool"] = check_spool(cfg)
         if checks["database"].ok:

@@ -226,8 +226,10 @@ class StorageConsumer:
         self._crash = os.environ.get(CRASH_ENV) == "1" if crash_after_db_commit is None else crash_after_db_commit
         # (topic, partition) -> next offset to read, written to the DB but not yet committed to Kafka.
         self._pending: dict[tuple[str, int], int] = {}
+        from wildfire.config import kafka_client_config
+
         conf = {
-            "bootstrap.servers": config.kafka.bootstrap_servers,
+            **kafka_client_config(config.kafka),  # servers + security (TLS, SASL); ours below win
             "group.id": self.group_id,
             "client.id": f"{config.kafka.client_id}-storage",
             "enable.auto.commit": False,
@@ -485,7 +487,7 @@ def _probes(consumer: StorageConsumer, cfg: StreamConfig, host: str, port: int) 
     from wildfire.storage.lag import ConsumerLag
 
     registry = CollectorRegistry()
-    lag = ConsumerLag(cfg.kafka.bootstrap_servers, consumer.group_id, consumer.topics, registry=registry)
+    lag = ConsumerLag.from_config(cfg, group=consumer.group_id, topics=consumer.topics, registry=registry)
     started = _time.monotonic()
 
     class StatsCollector:

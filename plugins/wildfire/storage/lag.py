@@ -20,7 +20,7 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -102,23 +102,29 @@ def _gauges(registry: Any) -> tuple[Any, Any]:
 class ConsumerLag:
     """Reads a consumer group's lag from Kafka; implements :class:`LagSource`."""
 
-    def __init__(self, bootstrap_servers: str, group: str, topics: Iterable[str], *,
+    def __init__(self, bootstrap_servers: str | Mapping[str, Any], group: str, topics: Iterable[str], *,
                  timeout_s: float = 10.0, registry: Any = None) -> None:
+        """``bootstrap_servers``: a server list, or a librdkafka connection dict
+        (:func:`wildfire.config.kafka_client_config`, TLS/SASL included)."""
         from confluent_kafka import Consumer
 
         self.group = group
         self.topics = list(topics)
         self.timeout_s = timeout_s
         # A member-less client of the group: it reads offsets, never subscribes, never joins.
-        self._client = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": group,
+        conn = dict(bootstrap_servers) if isinstance(bootstrap_servers, Mapping) else {
+            "bootstrap.servers": bootstrap_servers}
+        self._client = Consumer({**conn, "group.id": group,
                                  "enable.auto.commit": False, "client.id": f"lag-{group}"})
         self._per_partition, self._total = _gauges(registry)
 
     @classmethod
-    def from_config(cls, config: StreamConfig, *, topics: Iterable[str] | None = None, **kw: Any) -> ConsumerLag:
+    def from_config(cls, config: StreamConfig, *, topics: Iterable[str] | None = None, group: str | None = None,
+                    **kw: Any) -> ConsumerLag:
+        from wildfire.config import kafka_client_config
         from wildfire.storage.consumer import source_topics
 
-        return cls(config.kafka.bootstrap_servers, config.kafka.consumer_group,
+        return cls(kafka_client_config(config.kafka), group or config.kafka.consumer_group,
                    topics if topics is not None else source_topics(config), **kw)
 
     def snapshot(self) -> LagSnapshot:
