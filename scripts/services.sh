@@ -4,6 +4,11 @@
 #     (KAFKA_PORT, KAFKA_CONTROLLER_PORT and KAFKA_DIR override these, so fault tests can run a
 #      private broker they may stop without disturbing the shared one)
 #   PostgreSQL (Debian package) on 127.0.0.1:5432, database and role `wildfire`
+#     (KAFKA_SASL_SSL_PORT adds a SASL_SSL listener, SCRAM-SHA-512 over TLS, on 127.0.0.1:that port: a CA and
+#      the broker's keystore are generated with openssl under $KAFKA_DIR/tls unless KAFKA_SSL_KEYSTORE names a
+#      PKCS12 keystore (password KAFKA_SSL_KEYSTORE_PASSWORD); KAFKA_AUTHORIZER=1 turns on ACLs (StandardAuthorizer)
+#      with KAFKA_SUPER_USERS, default User:ANONYMOUS, the principal of the plaintext and controller listeners.
+#      SCRAM users and ACLs are created through the AdminClient. The shared broker stays plaintext.)
 #   Mosquitto (Debian package) on 127.0.0.1:1883
 # Every action is idempotent. All data lives under .local/ (git-ignored).
 #
@@ -22,6 +27,11 @@ KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
 # The port clients are told to reconnect to; differs from KAFKA_PORT only behind a proxy (load tests).
 KAFKA_ADVERTISED_PORT="${KAFKA_ADVERTISED_PORT:-$KAFKA_PORT}"
+KAFKA_SASL_SSL_PORT="${KAFKA_SASL_SSL_PORT:-}"
+KAFKA_SSL_KEYSTORE="${KAFKA_SSL_KEYSTORE:-}"
+KAFKA_SSL_KEYSTORE_PASSWORD="${KAFKA_SSL_KEYSTORE_PASSWORD:-}"
+KAFKA_AUTHORIZER="${KAFKA_AUTHORIZER:-}"
+KAFKA_SUPER_USERS="${KAFKA_SUPER_USERS:-User:ANONYMOUS}"
 PG_PORT=5432
 MQTT_PORT=1883
 
@@ -68,17 +78,46 @@ kafka_libs() {
   fi
 }
 
+kafka_tls() {  # a CA and the broker's PKCS12 keystore (CN/SAN 127.0.0.1, localhost) under $KAFKA_DIR/tls
+  local d="$KAFKA_DIR/tls"
+  if [ -f "$d/broker.p12" ] && [ -f "$d/keystore.password" ]; then
+    KAFKA_SSL_KEYSTORE="$d/broker.p12"; KAFKA_SSL_KEYSTORE_PASSWORD="$(cat "$d/keystore.password")"; return 0
+  fi
+  ensure_pkg openssl openssl
+  mkdir -p "$d" && chmod 700 "$d"
+  log "generating a CA and a broker keystore in $d"
+  openssl rand -hex 16 >"$d/keystore.password"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=wildfire-test-ca" \
+    -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout "$d/broker.key" -out "$d/broker.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$d/san.ext"
+  openssl x509 -req -in "$d/broker.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 30 \
+    -extfile "$d/san.ext" -out "$d/broker.crt" 2>/dev/null
+  openssl pkcs12 -export -in "$d/broker.crt" -inkey "$d/broker.key" -certfile "$d/ca.crt" -name broker \
+    -passout "file:$d/keystore.password" -out "$d/broker.p12"
+  KAFKA_SSL_KEYSTORE="$d/broker.p12"; KAFKA_SSL_KEYSTORE_PASSWORD="$(cat "$d/keystore.password")"
+}
+
 kafka_config() {
   mkdir -p "$KAFKA_DIR/data"
+  local listeners="PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT"
+  local advertised="PLAINTEXT://127.0.0.1:$KAFKA_ADVERTISED_PORT"
+  local protocols="PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+  if [ -n "$KAFKA_SASL_SSL_PORT" ]; then
+    [ -n "$KAFKA_SSL_KEYSTORE" ] || kafka_tls
+    listeners="$listeners,SASL_SSL://127.0.0.1:$KAFKA_SASL_SSL_PORT"
+    advertised="$advertised,SASL_SSL://127.0.0.1:$KAFKA_SASL_SSL_PORT"
+    protocols="$protocols,SASL_SSL:SASL_SSL"
+  fi
   cat >"$KAFKA_DIR/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_ADVERTISED_PORT
+listeners=$listeners
+advertised.listeners=$advertised
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=$protocols
 log.dirs=$KAFKA_DIR/data
 num.partitions=1
 # Topics come from config/stream_config.yaml; a typo'd topic must fail, not appear.
@@ -92,6 +131,24 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 message.max.bytes=2097152
 PROPS
+  if [ -n "$KAFKA_SASL_SSL_PORT" ]; then
+    cat >>"$KAFKA_DIR/server.properties" <<PROPS
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.ssl.keystore.type=PKCS12
+listener.name.sasl_ssl.ssl.keystore.location=$KAFKA_SSL_KEYSTORE
+listener.name.sasl_ssl.ssl.keystore.password=$KAFKA_SSL_KEYSTORE_PASSWORD
+PROPS
+    chmod 600 "$KAFKA_DIR/server.properties"  # holds the keystore password
+  fi
+  if [ -n "$KAFKA_AUTHORIZER" ]; then
+    cat >>"$KAFKA_DIR/server.properties" <<PROPS
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=$KAFKA_SUPER_USERS
+allow.everyone.if.no.acl.found=false
+PROPS
+  fi
   cat >"$KAFKA_DIR/log4j2.properties" <<PROPS
 rootLogger.level=WARN
 rootLogger.appenderRef.f.ref=F
@@ -312,7 +369,7 @@ status() {
 }
 
 case "${1:-up}" in
-  up) pg_start; mqtt_start; kafka_start ;;
+  up) ensure_pkg openssl openssl; pg_start; mqtt_start; kafka_start ;;  # openssl: transport tests make their CAs
   down) kafka_stop; mqtt_stop; pg_stop ;;
   status) status ;;
   kafka-start) kafka_start ;;

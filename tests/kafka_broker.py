@@ -7,6 +7,13 @@
 
 It drives ``scripts/services.sh kafka-start|kafka-stop`` with KAFKA_DIR / KAFKA_PORT / KAFKA_CONTROLLER_PORT
 overrides, so it is the same broker build and configuration as the shared one.
+
+    PrivateKafka(d, sasl_ssl=True, authorizer=True, super_users="User:ANONYMOUS;User:admin")
+
+adds a SASL_SSL listener (SCRAM-SHA-512 over TLS) on ``broker.sasl_ssl_port``, with a CA and broker keystore that
+services.sh generates under ``d/tls`` (``broker.ca_file``), and ACLs enforced by KRaft's StandardAuthorizer. The
+plaintext listener stays; its principal is ``User:ANONYMOUS`` (a super user by default: the test's admin path for
+creating SCRAM users and ACLs).
 """
 
 from __future__ import annotations
@@ -39,17 +46,41 @@ def free_port_pair() -> int:
     raise RuntimeError("no free pair of TCP ports found for a private Kafka broker")
 
 
+def free_port(exclude: tuple[int, ...] = ()) -> int:
+    for _ in range(200):
+        port = random.randrange(20_000, 40_000)
+        if port not in exclude and _port_free(port):
+            return port
+    raise RuntimeError("no free TCP port found for a private Kafka listener")
+
+
 class PrivateKafka:
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, *, sasl_ssl: bool = False, authorizer: bool = False,
+                 super_users: str | None = None) -> None:
         self.directory = Path(directory)
         self.port = port or free_port_pair()
         if self.port == 9092:
             raise ValueError("port 9092 is the shared broker: fault tests must never stop it")
         self.bootstrap = f"127.0.0.1:{self.port}"
+        self.sasl_ssl_port = free_port((self.port, self.port + 1)) if sasl_ssl else None
+        self.sasl_ssl_bootstrap = f"127.0.0.1:{self.sasl_ssl_port}" if sasl_ssl else None
+        self.ca_file = self.directory / "tls" / "ca.crt"  # written by services.sh when sasl_ssl
+        self.authorizer = authorizer
+        self.super_users = super_users
 
     def _env(self) -> dict[str, str]:
-        return {**os.environ, "KAFKA_DIR": str(self.directory), "KAFKA_PORT": str(self.port),
-                "KAFKA_CONTROLLER_PORT": str(self.port + 1)}
+        env = {**os.environ, "KAFKA_DIR": str(self.directory), "KAFKA_PORT": str(self.port),
+               "KAFKA_CONTROLLER_PORT": str(self.port + 1)}
+        for name in ("KAFKA_SASL_SSL_PORT", "KAFKA_SSL_KEYSTORE", "KAFKA_SSL_KEYSTORE_PASSWORD", "KAFKA_AUTHORIZER",
+                     "KAFKA_SUPER_USERS", "KAFKA_ADVERTISED_PORT"):
+            env.pop(name, None)  # only what this instance asks for
+        if self.sasl_ssl_port:
+            env["KAFKA_SASL_SSL_PORT"] = str(self.sasl_ssl_port)
+        if self.authorizer:
+            env["KAFKA_AUTHORIZER"] = "1"
+        if self.super_users:
+            env["KAFKA_SUPER_USERS"] = self.super_users
+        return env
 
     def _run(self, action: str, timeout: float) -> None:
         proc = subprocess.run(["bash", str(SERVICES), action], env=self._env(), capture_output=True, text=True,

@@ -372,6 +372,22 @@ class StreamConfig(_Model):
             raise KeyError(f"unknown source {name!r}; configured: {', '.join(sorted(self.sources))}") from None
 
 
+def kafka_client_config(kafka: KafkaConfig) -> dict[str, Any]:
+    """The librdkafka settings every Kafka client of the platform starts from outside Airflow (inside, the
+    ``kafka_default`` Connection: :func:`wildfire.settings.kafka_config`): ``bootstrap.servers`` and
+    ``kafka.client_options`` (TLS, SASL), ``_`` in an option name read as ``.``.
+
+    Producers (bulk and CRITICAL), the storage consumer, topic creation, lag readers and the health check all
+    build their client from this dict and then add their own delivery settings, so one ``client_options``
+    block secures every connection. The dict holds secrets (``sasl.password``): never log it; show it through
+    :func:`redact`.
+    """
+    conf: dict[str, Any] = {"bootstrap.servers": kafka.bootstrap_servers}
+    for key, value in kafka.client_options.items():
+        conf[key.replace("_", ".")] = value
+    return conf
+
+
 # ---------------------------------------------------------------- loading
 
 

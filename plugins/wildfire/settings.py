@@ -97,10 +97,9 @@ def kafka_config(kafka: KafkaConfig, *, conn_id: str = KAFKA_CONN_ID, airflow: b
                 raise
             log.warning("Airflow Connection %r is not defined: Kafka clients use kafka.bootstrap_servers=%s from the "
                         "config", conn_id, kafka.bootstrap_servers)
-    conf: dict[str, Any] = {"bootstrap.servers": kafka.bootstrap_servers}
-    for key, value in kafka.client_options.items():
-        conf[key.replace("_", ".")] = value
-    return conf
+    from wildfire.config import kafka_client_config
+
+    return kafka_client_config(kafka)
 
 
 def database_url(storage: StorageConfig, *, conn_id: str = DB_CONN_ID, airflow: bool | None = None) -> str:

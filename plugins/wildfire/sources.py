@@ -5,8 +5,10 @@ Endpoints (base URLs, keys) come from :func:`wildfire.settings.endpoints`: Airfl
 ``purpleair_default``, ``mqtt_default``, ``cds_default``) and environment variables elsewhere
 (``Endpoints.from_env()``: ``WILDFIRE_FIRMS_URL``, ``WILDFIRE_FIRMS_MAP_KEY``, ``WILDFIRE_NWS_URL``,
 ``WILDFIRE_NWS_CONTACT``, ``WILDFIRE_PURPLEAIR_URL``, ``WILDFIRE_PURPLEAIR_KEY``, ``WILDFIRE_MQTT_HOST``,
-``WILDFIRE_MQTT_PORT``, ``WILDFIRE_MQTT_USERNAME``, ``WILDFIRE_MQTT_PASSWORD``, ``WILDFIRE_CDS_URL``,
-``WILDFIRE_CDS_KEY``), so the same code fetches live data or a local replay.
+``WILDFIRE_MQTT_PORT``, ``WILDFIRE_MQTT_USERNAME``, ``WILDFIRE_MQTT_PASSWORD``, ``WILDFIRE_MQTT_TLS``,
+``WILDFIRE_MQTT_TLS_CA``, ``WILDFIRE_MQTT_TLS_CERT``, ``WILDFIRE_MQTT_TLS_KEY``, ``WILDFIRE_CDS_URL``,
+``WILDFIRE_CDS_KEY``), so the same code fetches live data or a local replay. MQTT TLS from the ``mqtt_default``
+Connection: its extra keys ``tls`` (true/false), ``tls_ca``, ``tls_cert``, ``tls_key`` (file paths on the worker).
 
 Cursors (FIRMS keys already seen, PurpleAir ``modified_since``, NWS alert hashes) are JSON files in a
 ``cursors`` folder beside the spool file, written atomically; a lost cursor only means duplicates, which storage upserts away.
@@ -34,7 +36,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +58,16 @@ class Endpoints:
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
     mqtt_username: str | None = None
-    mqtt_password: str | None = None
+    mqtt_password: str | None = field(default=None, repr=False)  # never in a log line
+    mqtt_tls: bool = False
+    """TLS to the broker; implied by ``mqtt_tls_ca``. Without a CA file the system's CAs are trusted."""
+    mqtt_tls_ca: str | None = None
+    mqtt_tls_cert: str | None = None
+    mqtt_tls_key: str | None = None
     nws_contact: str | None = None
     """E-mail or URL put in the NWS User-Agent (api.weather.gov asks for one); None: ``http.user_agent``."""
     cds_url: str = "https://cds.climate.copernicus.eu/api"
-    cds_key: str | None = None
+    cds_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Endpoints:
@@ -79,6 +86,10 @@ class Endpoints:
             nws_contact=env.get("WILDFIRE_NWS_CONTACT") or None,
             cds_url=env.get("WILDFIRE_CDS_URL", d.cds_url),
             cds_key=env.get("WILDFIRE_CDS_KEY") or None,
+            mqtt_tls=_flag(env.get("WILDFIRE_MQTT_TLS"), "WILDFIRE_MQTT_TLS"),
+            mqtt_tls_ca=env.get("WILDFIRE_MQTT_TLS_CA") or None,
+            mqtt_tls_cert=env.get("WILDFIRE_MQTT_TLS_CERT") or None,
+            mqtt_tls_key=env.get("WILDFIRE_MQTT_TLS_KEY") or None,
         )
 
     @classmethod
@@ -116,11 +127,26 @@ class Endpoints:
             values.update(purpleair_url=pa.base_url, purpleair_key=pa.credential)
         mq = read(lambda: MqttHook().get_conn())
         if mq:
-            values.update(mqtt_host=mq.host, mqtt_port=mq.port, mqtt_username=mq.username, mqtt_password=mq.password)
+            values.update(mqtt_host=mq.host, mqtt_port=mq.port, mqtt_username=mq.username, mqtt_password=mq.password,
+                          mqtt_tls=mq.tls, mqtt_tls_ca=mq.tls_ca, mqtt_tls_cert=mq.tls_cert, mqtt_tls_key=mq.tls_key)
         cds = read(lambda: CdsHook().get_endpoint(require_credential=False))
         if cds:
             values.update(cds_url=cds.base_url, cds_key=cds.credential)
         return cls(**{**{f: getattr(d, f) for f in d.__slots__}, **values})  # type: ignore[attr-defined]
+
+
+def _flag(value: object, name: str) -> bool:
+    """``true/false/1/0/yes/no`` (any case) or a bool; anything else is a ValueError naming the setting."""
+    if value is None or value == "":
+        return False
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}: expected true or false, got {value!r}")
 
 
 def build_connector(name: str, config: StreamConfig, endpoints: Endpoints, *, client: Any,

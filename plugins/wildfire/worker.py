@@ -278,8 +278,6 @@ class StreamWorker:
             return
         from wildfire.connectors.mqtt import MqttConnector
 
-        e = self.endpoints
-
         def sink(records: list[Any]) -> None:
             report = self.ingestor.accept("iot_mqtt", records)
             self._note_fetch("iot_mqtt", {}, report.as_dict())
@@ -288,9 +286,10 @@ class StreamWorker:
             report = self.ingestor.accept("iot_mqtt", [], dead_letters=[dl])
             self._note_fetch("iot_mqtt", {"rejected_total": 1}, report.as_dict())
 
-        self._mqtt = MqttConnector(e.mqtt_host, e.mqtt_port, self.config.sources["iot_mqtt"], sink=sink,
-                                   dead_letter_sink=dead, client_id=f"wildfire-{self.worker_id}"[:64],
-                                   username=e.mqtt_username, password=e.mqtt_password, clock=self.clock).start()
+        # Host, credentials and TLS from the endpoints (WILDFIRE_MQTT_* or the mqtt_default Connection).
+        self._mqtt = MqttConnector.from_endpoints(self.endpoints, self.config.sources["iot_mqtt"], sink=sink,
+                                                  dead_letter_sink=dead, client_id=f"wildfire-{self.worker_id}"[:64],
+                                                  clock=self.clock).start()
 
     # ------------------------------------------------------------ status, config, http
 

@@ -23,6 +23,13 @@ Guarantees:
   fire-weather threshold from ``config.options["thresholds"]`` (defaults: temperature >= 40 C,
   relative humidity <= 15 %, wind >= 13 m/s).
 - The network loop reconnects by itself after a broker restart (back-off 1-30 s).
+- Transport security: TLS when a CA file is given (``tls_ca``; ``tls=True`` alone uses the system's CAs), the
+  broker's certificate and host name verified; an optional client certificate (``tls_cert`` + ``tls_key``);
+  username/password. A file that does not exist is a ValueError naming the setting at construction. A refused
+  connection (bad credentials, not authorised) or a failed TCP/TLS connect is logged as an ERROR once per streak
+  and kept in ``last_error``; the loop keeps retrying, the password is never logged. Settings come from
+  :class:`wildfire.sources.Endpoints` (``WILDFIRE_MQTT_*`` variables or the ``mqtt_default`` Connection):
+  :meth:`MqttConnector.from_endpoints`.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
@@ -42,6 +50,9 @@ from wildfire.config import SourceConfig
 from wildfire.connectors.base import DeadLetter, ImplausibleTime, RunSummary, TimeWindow, describe
 from wildfire.priority import Priority
 from wildfire.records import Record
+
+if TYPE_CHECKING:
+    from wildfire.sources import Endpoints
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +194,24 @@ class MqttConnector:
         clock: Clock = SYSTEM_CLOCK,
         source_name: str = "iot_mqtt",
         keepalive_s: int = 30,
+        tls: bool = False,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         import paho.mqtt.client as mqtt
 
         if not client_id:
             raise ValueError(f"{source_name}: a fixed client_id is required for a persistent session")
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError(f"{source_name}: MQTT TLS client certificate and key go together "
+                             f"(tls_cert={tls_cert!r}, tls_key={'set' if tls_key else None})")
+        for setting, path in (("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key)):
+            if path and not Path(path).is_file():
+                raise ValueError(f"{source_name}: MQTT {setting} file {path!r} does not exist")
+        self.tls = bool(tls or tls_ca or tls_cert)
+        self.last_error: str | None = None
+        self._answered = False  # a CONNACK arrived on the current connection (accepted or refused)
         self.host, self.port = host, port
         self.config = config
         self.sink = sink
@@ -220,7 +244,11 @@ class MqttConnector:
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         if username:
             client.username_pw_set(username, password)
+        if self.tls:
+            # Verifies the broker's certificate chain and host name (paho's default); ca None: system CAs.
+            client.tls_set(ca_certs=tls_ca, certfile=tls_cert, keyfile=tls_key)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
@@ -228,9 +256,37 @@ class MqttConnector:
 
     # -- paho callbacks (network thread)
 
+    @classmethod
+    def from_endpoints(cls, endpoints: Endpoints, config: SourceConfig, **kw: Any) -> MqttConnector:
+        """A connector for the broker, credentials and TLS settings of ``endpoints``."""
+        e = endpoints
+        return cls(e.mqtt_host, e.mqtt_port, config, username=e.mqtt_username, password=e.mqtt_password,
+                   tls=e.mqtt_tls, tls_ca=e.mqtt_tls_ca, tls_cert=e.mqtt_tls_cert, tls_key=e.mqtt_tls_key, **kw)
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def _failed(self, text: str) -> None:
+        # Once per streak: the loop retries every 1-30 s and a wrong password must not flood the log.
+        if text != self.last_error:
+            log.error("%s: %s", self.source_name, text)
+        self.last_error = text
+
+    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        self._failed(f"cannot connect to {self.url} (broker down, or the TLS handshake failed: check the CA, "
+                     "the broker's certificate and host name); retrying")
+
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self._answered = True
         if reason_code.is_failure:
+            hint = (" (check the MQTT username and password)" if int(reason_code.value) in (4, 5, 134, 135)
+                    else "")
+            self._failed(f"broker {self.url} refused the connection: {reason_code}{hint}; retrying")
             return
+        if self.last_error:
+            log.warning("%s: connected to %s again", self.source_name, self.url)
+        self.last_error = None
         # The persistent session keeps the subscription, but a broker that lost its state would not.
         # "Connected" is only reported once the SUBACK is back (see _on_subscribe): before that a
         # message published by another client can reach the broker ahead of our SUBSCRIBE on a new
@@ -250,6 +306,12 @@ class MqttConnector:
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self._connected.clear()
+        if not self._answered and reason_code.is_failure:
+            # TCP was accepted but the broker hung up without a CONNACK: typically a TLS-only listener
+            # reached without TLS (or a broker that rejects the client before MQTT starts).
+            self._failed(f"{self.url} closed the connection before answering (a TLS listener reached without TLS? "
+                         "set WILDFIRE_MQTT_TLS_CA or the Connection's tls_ca); retrying")
+        self._answered = False
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         now = self.clock.time()
