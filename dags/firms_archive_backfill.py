@@ -1,5 +1,6 @@
 """Historical FIRMS (standard-processing archive) for a date range into the spool, LOW priority, then published
-to Kafka: the task succeeds once the broker acknowledged every record."""
+to Kafka: the task succeeds once the broker acknowledged every record, and the date range is then recorded in the
+coverage ledger (``wildfire.coverage``). Started by hand, or by ``coverage_watch`` for a gap in FIRMS coverage."""
 
 from __future__ import annotations
 
@@ -57,6 +58,12 @@ with DAG(
             published = publish_spool(spool, config)
         finally:
             spool.close()
-        return {"summary": result.summary.as_dict(), "admission": report.as_dict(), "publish": published}
+        from wildfire.coverage import day_range, record_safely
+
+        # The range is fetched and acknowledged: the coverage ledger closes the gap (a ledger failure is
+        # logged, not the task's; the coverage_watch DAG then still shows the gap).
+        covered = record_safely(base, "nasa_firms", *day_range(start, end))
+        return {"summary": result.summary.as_dict(), "admission": report.as_dict(), "publish": published,
+                "coverage_recorded": covered}
 
     backfill()
