@@ -238,8 +238,8 @@ class CoverageConfig(_Model):
     reach_s: float | None = Field(None, ge=0, description="how far back of its own time one successful poll reaches")
     latency_s: float | None = Field(None, ge=0, description="the upstream publishes data this late: no gap is "
                                                             "counted in the last latency_s")
-    tolerance_polls: float = Field(2.0, ge=1, le=1000, description="holes up to this many poll intervals are "
-                                                                    "not gaps (poll jitter, a slow poll)")
+    tolerance_polls: float | None = Field(None, ge=0, le=1000, description="holes up to this many poll intervals "
+                                          "are not gaps (poll jitter, a slow poll); default 2, ERA5 0 (whole days)")
     alarm_margin_s: float = Field(6 * 3600, ge=0, description="a gap this close to passing beyond history_s "
                                                               "raises the alarm")
     backfill: bool = Field(True, description="start the source's backfill DAG for a gap within its history")

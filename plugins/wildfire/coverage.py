@@ -12,7 +12,8 @@ FIRMS archive backfill          ``[start_date 00:00Z, end_date + 1 day 00:00Z)``
 ERA5 day                        ``[day 00:00Z, day + 1 00:00Z)``
 ==============================  ==================================================================================
 
-Ranges closer than ``tolerance_polls`` poll intervals are merged: a hole that small is poll jitter, not a gap.
+Ranges closer than ``tolerance_polls`` poll intervals (default 2; ERA5 0, it is recorded in whole days) are
+merged: a hole that small is poll jitter, not a gap.
 
 **Gaps.** Between a source's first coverage and ``now - latency_s - tolerance``, every range not covered is a
 gap. A gap is *closed* when coverage resumed after it, *open* while the source is still not fetched. Each gap
@@ -78,19 +79,21 @@ coverage_backfills = sa.Table(
 BACKFILL_DAGS = {"nasa_firms": "firms_archive_backfill", "era5": "era5_backfill"}
 """Source type -> the DAG that fetches a past date range of it."""
 
+_POLLED = {"reach_s": 0.0, "latency_s": 0.0, "tolerance_polls": 2.0}
 DEFAULTS: dict[str, dict[str, float]] = {
     # FIRMS NRT area API serves the last 10 days; reach_s comes from options.day_range.
-    "nasa_firms": {"history_s": 10 * DAY_S, "reach_s": DAY_S, "latency_s": 0.0},
+    "nasa_firms": {**_POLLED, "history_s": 10 * DAY_S, "reach_s": DAY_S},
     # Latest observation per station only: what was not fetched while it was the latest is gone.
-    "nws_observations": {"history_s": 0.0, "reach_s": 0.0, "latency_s": 0.0},
+    "nws_observations": {**_POLLED, "history_s": 0.0},
     # Alerts in force only: an alert issued and expired during a gap is gone.
-    "nws_alerts": {"history_s": 0.0, "reach_s": 0.0, "latency_s": 0.0},
+    "nws_alerts": {**_POLLED, "history_s": 0.0},
     # Current sensor values (modified_since): intermediate readings of a gap are gone.
-    "purpleair": {"history_s": 0.0, "reach_s": 0.0, "latency_s": 0.0},
-    # ERA5 reaches back to 1940 and is published ~5 days behind real time.
-    "era5": {"history_s": 80 * 365 * DAY_S, "reach_s": 0.0, "latency_s": 5 * DAY_S},
+    "purpleair": {**_POLLED, "history_s": 0.0},
+    # ERA5 reaches back to 1940 and is published ~5 days behind real time; it is recorded in whole days, so
+    # any missing day is a gap (no tolerance).
+    "era5": {"history_s": 80 * 365 * DAY_S, "reach_s": 0.0, "latency_s": 5 * DAY_S, "tolerance_polls": 0.0},
     # Pushed, not polled: nothing records coverage, so no gaps are computed.
-    "iot_mqtt": {"history_s": 0.0, "reach_s": 0.0, "latency_s": 0.0},
+    "iot_mqtt": {**_POLLED, "history_s": 0.0},
 }
 
 
@@ -121,7 +124,8 @@ def policy(config: Any, source: str) -> Policy:
         history_s=d["history_s"] if cov.history_s is None else cov.history_s,
         reach_s=reach if cov.reach_s is None else cov.reach_s,
         latency_s=d["latency_s"] if cov.latency_s is None else cov.latency_s,
-        tolerance_s=cov.tolerance_polls * src.ingestion.polling_interval_seconds,
+        tolerance_s=(d["tolerance_polls"] if cov.tolerance_polls is None else cov.tolerance_polls)
+        * src.ingestion.polling_interval_seconds,
         alarm_margin_s=cov.alarm_margin_s, backfill_dag=dag)
 
 
