@@ -21,7 +21,10 @@ with DAG(
         "start_date": Param("2024-08-01", type="string", format="date"),
         "end_date": Param("2024-08-05", type="string", format="date"),
         "sources": Param(["VIIRS_SNPP_SP", "MODIS_SP"], type="array",
-                         items={"type": "string", "enum": ["VIIRS_SNPP_SP", "VIIRS_NOAA20_SP", "MODIS_SP", "LANDSAT_NRT"]}),
+                         items={"type": "string", "enum": [
+                             "VIIRS_SNPP_SP", "VIIRS_NOAA20_SP", "MODIS_SP", "LANDSAT_NRT",
+                             # Recent days (coverage_watch's gaps) exist only as NRT until the SP archive has them.
+                             "VIIRS_SNPP_NRT", "VIIRS_NOAA20_NRT", "VIIRS_NOAA21_NRT", "MODIS_NRT"]}),
     },
 ) as dag:
 

@@ -24,8 +24,8 @@ has a state against the upstream's history (``sources.<name>.coverage.history_s`
 - ``lost``: part of it is already beyond the history: it can never be fetched again.
 
 A closed gap ``within`` (or ``alarm``) history of a source with a backfill DAG (FIRMS ->
-``firms_archive_backfill``, ERA5 -> ``era5_backfill``) is backfilled by the ``coverage_watch`` DAG, which
-triggers the DAG run with the gap's dates; the run is recorded in ``coverage_backfills`` (one run per gap).
+``firms_archive_backfill`` with the NRT products of ``options.sources``, ERA5 -> ``era5_backfill`` with
+``download``) is backfilled by the ``coverage_watch`` DAG, which triggers the DAG run with the gap's dates; the run is recorded in ``coverage_backfills`` (one run per gap).
 Sources without a backfill DAG (NWS, PurpleAir) are reported, never backfilled.
 
 **Off the data path.** The stream worker records through :class:`CoverageRecorder`: a poll only appends to an
@@ -247,13 +247,17 @@ def summarize(engine: sa.Engine, config: Any, now: datetime) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- backfill claims (the coverage_watch DAG)
 
-def backfill_conf(gap: Gap) -> dict[str, Any]:
+def backfill_conf(gap: Gap, products: list[str] | None = None) -> dict[str, Any]:
     """The trigger conf that fetches ``gap`` (whole UTC days, both ends inclusive)."""
     first = gap.start.date()
     last = (gap.end - timedelta(microseconds=1)).date() if gap.end > gap.start else first
     conf: dict[str, Any] = {"start_date": first.isoformat(), "end_date": last.isoformat()}
     if gap.backfill_dag == "era5_backfill":
         conf["download"] = True  # the missing days are, by definition, not in the data folder
+    if gap.backfill_dag == "firms_archive_backfill" and products:
+        # The NRT products the poll fetches: NASA's standard-processing archive has a gap's recent days only
+        # months later, so the default SP products would return nothing for them.
+        conf["sources"] = list(products)
     return conf
 
 
@@ -271,7 +275,8 @@ def claim_backfills(engine: sa.Engine, config: Any, now: datetime) -> list[dict[
                       gap.source, gap.start, gap.end, gap.fetchable_until)
         if not gap.closed or gap.state == "lost" or gap.backfill_dag is None:
             continue
-        conf = backfill_conf(gap)
+        src = config.source(gap.source)
+        conf = backfill_conf(gap, list(src.options.get("sources") or []) if src.source_type == "nasa_firms" else None)
         run_id = f"coverage__{gap.source}__{gap.start:%Y%m%dT%H%M%S}__{gap.end:%Y%m%dT%H%M%S}"
         with engine.begin() as conn:
             exists = conn.execute(sa.select(b.run_id).where(

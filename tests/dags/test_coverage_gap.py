@@ -15,7 +15,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.dags.test_dag_runs import dag, run
+from tests.dags.test_dag_runs import dag, run, topic_messages
 
 pytestmark = [pytest.mark.airflow, pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
 
@@ -79,7 +79,8 @@ def test_upstream_outage_is_recorded_backfilled_and_closed(pipeline):
         claimed = conn.execute(sa.select(coverage.coverage_backfills)).mappings().all()
     assert len(claimed) == 1 and claimed[0]["dag_id"] == "firms_archive_backfill"
     conf = claimed[0]["conf"]
-    assert conf == {"start_date": t0.date().isoformat(), "end_date": (t2 - timedelta(days=1)).date().isoformat()}
+    assert conf == {"start_date": t0.date().isoformat(), "end_date": (t2 - timedelta(days=1)).date().isoformat(),
+                    "sources": ["VIIRS_NOAA21_NRT", "MODIS_NRT"]}  # the NRT products the stream polls
     from airflow.models.dagrun import DagRun
 
     triggered = DagRun.find(dag_id="firms_archive_backfill", run_id=claimed[0]["run_id"])
@@ -90,8 +91,12 @@ def test_upstream_outage_is_recorded_backfilled_and_closed(pipeline):
     assert dr.get_task_instance("watch").xcom_pull(task_ids="watch") == []
 
     # The backfill itself (here by dag.test with the triggered conf): once its range is recorded, the gap is closed.
-    _, states = run("firms_archive_backfill", **conf)
+    before = len(topic_messages(pipeline, "wildfire-satellite"))
+    dr, states = run("firms_archive_backfill", **conf)
     assert states == {"backfill": "success"}, states
+    result = dr.get_task_instance("backfill").xcom_pull(task_ids="backfill")
+    assert result["coverage_recorded"] is True and result["publish"]["published"] is True
+    assert len(topic_messages(pipeline, "wildfire-satellite")) > before  # the gap's detections were fetched
     now = datetime.now(UTC)
     assert [g for g in coverage.gaps(engine, cfg, now) if g.source == "nasa_firms" and g.closed] == []
     engine.dispose()

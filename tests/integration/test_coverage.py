@@ -84,7 +84,8 @@ def test_claim_backfills_once_per_closed_gap_within_history(engine):
     claims = coverage.claim_backfills(engine, cfg, now)
     assert claims == [{"trigger_dag_id": "firms_archive_backfill",
                        "trigger_run_id": "coverage__nasa_firms__20260801T120000__20260802T140000",
-                       "conf": {"start_date": "2026-08-01", "end_date": "2026-08-02"}}]
+                       "conf": {"start_date": "2026-08-01", "end_date": "2026-08-02",
+                                "sources": ["VIIRS_SNPP_NRT", "VIIRS_NOAA20_NRT", "VIIRS_NOAA21_NRT", "MODIS_NRT"]}}]
     assert coverage.claim_backfills(engine, cfg, now + timedelta(minutes=15)) == []  # one gap, one run
     summary = coverage.summarize(engine, cfg, now)
     assert [b["run_id"] for b in summary["backfills"]] == [claims[0]["trigger_run_id"]]
