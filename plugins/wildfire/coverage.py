@@ -368,10 +368,13 @@ class CoverageRecorder:
         self._thread.start()
         return self
 
-    def stop(self, timeout_s: float | None = None) -> None:
-        """Write what is pending (bounded by the database timeouts) and stop the thread."""
+    def stop(self, timeout_s: float | None = None, *, wait: bool = True) -> None:
+        """Write what is pending (bounded by the database timeouts) and stop the thread; ``wait=False`` only
+        asks for it (so a caller can overlap it with other bounded shutdown work, then call again)."""
         self._stop.set()
         self._wake.set()
+        if not wait:
+            return
         if self._thread is not None:
             self._thread.join(timeout=timeout_s if timeout_s is not None else 2 * sum(self._timeouts) + 2)
         if self._engine is not None:

@@ -641,6 +641,8 @@ class StreamWorker:
         self.summary.breaker_transitions = [f"{a.name}->{b.name}" for _, a, b in self.breaker.transitions]
         if left:
             log.warning("%d deliveries unconfirmed at shutdown; their records stay in the spool", left)
+        if self.coverage is not None:
+            self.coverage.stop(wait=False)  # its last write overlaps the final status write: one bounded wait
         self._stop_status()
         if self.coverage is not None:
             self.coverage.stop()
