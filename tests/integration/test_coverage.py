@@ -175,3 +175,25 @@ def test_migration_0004_on_sqlite(tmp_path):
     coverage.record(eng, "nasa_firms", T0 + timedelta(hours=1, seconds=30), T0 + timedelta(hours=2), tolerance_s=60)
     assert coverage.ranges(eng)["nasa_firms"] == [(T0, T0 + timedelta(hours=2))]
     eng.dispose()
+
+
+def test_concurrent_writers_leave_one_merged_range(pg_url):
+    # Stream worker and batch tasks record the same source from different processes: the advisory lock
+    # serializes each merge, so adjacent ranges written at once still end as one row.
+    from concurrent.futures import ThreadPoolExecutor
+
+    name, url = create_database("coverage_conc")
+    engines = [sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://")) for _ in range(4)]
+    try:
+        def write(i: int) -> None:
+            for j in range(i, 40, 4):
+                s = T0 + timedelta(minutes=j)
+                coverage.record(engines[i], "nasa_firms", s, s + timedelta(minutes=1))
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(write, range(4)))
+        assert coverage.ranges(engines[0]) == {"nasa_firms": [(T0, T0 + timedelta(minutes=40))]}
+    finally:
+        for e in engines:
+            e.dispose()
+        drop_database(name)
