@@ -261,11 +261,18 @@ def backfill_conf(gap: Gap, products: list[str] | None = None) -> dict[str, Any]
     return conf
 
 
-def claim_backfills(engine: sa.Engine, config: Any, now: datetime) -> list[dict[str, Any]]:
-    """Closed gaps still fetchable, of sources with a backfill DAG, not yet claimed: claim each once and return
-    one ``{"trigger_dag_id", "trigger_run_id", "conf"}`` per gap (TriggerDagRunOperator keyword arguments).
+REOFFER_S = 3600.0
+"""A claimed gap is offered to the trigger again for this long: a watch or trigger task that failed after the
+claim is retried and still starts the run; Airflow's run id (one per gap) makes the repeat a skip."""
 
-    An open gap is not claimed: the source is still down, the backfill starts once coverage resumes.
+
+def claim_backfills(engine: sa.Engine, config: Any, now: datetime) -> list[dict[str, Any]]:
+    """Closed gaps still fetchable, of sources with a backfill DAG: claim each once (``coverage_backfills``) and
+    return one ``{"trigger_dag_id", "trigger_run_id", "conf"}`` per gap (TriggerDagRunOperator keyword arguments).
+
+    A gap claimed less than :data:`REOFFER_S` ago is returned again with the same run id (the trigger then skips
+    the existing run); after that it is left alone. An open gap is not claimed: the source is still down, the
+    backfill starts once coverage resumes.
     """
     out = []
     b = coverage_backfills.c
@@ -279,9 +286,12 @@ def claim_backfills(engine: sa.Engine, config: Any, now: datetime) -> list[dict[
         conf = backfill_conf(gap, list(src.options.get("sources") or []) if src.source_type == "nasa_firms" else None)
         run_id = f"coverage__{gap.source}__{gap.start:%Y%m%dT%H%M%S}__{gap.end:%Y%m%dT%H%M%S}"
         with engine.begin() as conn:
-            exists = conn.execute(sa.select(b.run_id).where(
+            exists = conn.execute(sa.select(b.run_id, b.conf, b.triggered_at).where(
                 b.source == gap.source, b.gap_start == gap.start, b.gap_end == gap.end)).first()
             if exists is not None:
+                if (now - _utc(exists.triggered_at)).total_seconds() < REOFFER_S:
+                    out.append({"trigger_dag_id": gap.backfill_dag, "trigger_run_id": exists.run_id,
+                                "conf": exists.conf})
                 continue
             conn.execute(coverage_backfills.insert().values(
                 source=gap.source, gap_start=gap.start, gap_end=gap.end, dag_id=gap.backfill_dag, run_id=run_id,

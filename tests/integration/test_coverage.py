@@ -86,7 +86,10 @@ def test_claim_backfills_once_per_closed_gap_within_history(engine):
                        "trigger_run_id": "coverage__nasa_firms__20260801T120000__20260802T140000",
                        "conf": {"start_date": "2026-08-01", "end_date": "2026-08-02",
                                 "sources": ["VIIRS_SNPP_NRT", "VIIRS_NOAA20_NRT", "VIIRS_NOAA21_NRT", "MODIS_NRT"]}}]
-    assert coverage.claim_backfills(engine, cfg, now + timedelta(minutes=15)) == []  # one gap, one run
+    # Within the hour the same claim is offered again (a failed trigger task retried; Airflow skips the existing
+    # run id), then never again: one gap, one run.
+    assert coverage.claim_backfills(engine, cfg, now + timedelta(minutes=15)) == claims
+    assert coverage.claim_backfills(engine, cfg, now + timedelta(hours=1)) == []
     summary = coverage.summarize(engine, cfg, now)
     assert [b["run_id"] for b in summary["backfills"]] == [claims[0]["trigger_run_id"]]
     assert {g["source"] for g in summary["gaps"]} == {"nasa_firms", "nws_observations", "purpleair"}
