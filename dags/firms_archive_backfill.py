@@ -1,5 +1,7 @@
-"""Historical FIRMS (standard-processing archive) into the spool, LOW priority: one mapped task per day,
-then published to Kafka: a day's task succeeds once the broker acknowledged every record of it.
+"""Historical FIRMS (standard-processing archive, or the NRT products for recent days) into the spool, LOW
+priority: one mapped task per day, then published to Kafka: a day's task succeeds once the broker acknowledged
+every record of it, and the day is then recorded in the coverage ledger (``wildfire.coverage``). Started by hand,
+or by ``coverage_watch`` for a gap in FIRMS coverage.
 
 A failed day is retried (and can be cleared) on its own; at most two days run at once, so a long backfill
 never takes every task slot, and each day's admission report is its task's return value.
@@ -26,7 +28,10 @@ with DAG(
         "start_date": Param("2024-08-01", type="string", format="date", title="First day"),
         "end_date": Param("2024-08-05", type="string", format="date", title="Last day (inclusive)"),
         "sources": Param(["VIIRS_SNPP_SP", "MODIS_SP"], type="array",
-                         items={"type": "string", "enum": ["VIIRS_SNPP_SP", "VIIRS_NOAA20_SP", "MODIS_SP", "LANDSAT_NRT"]}),
+                         items={"type": "string", "enum": [
+                             "VIIRS_SNPP_SP", "VIIRS_NOAA20_SP", "MODIS_SP", "LANDSAT_NRT",
+                             # Recent days (coverage_watch's gaps) exist only as NRT until the SP archive has them.
+                             "VIIRS_SNPP_NRT", "VIIRS_NOAA20_NRT", "VIIRS_NOAA21_NRT", "MODIS_NRT"]}),
     },
 ) as dag:
 
@@ -72,6 +77,13 @@ with DAG(
             published = publish_spool(spool, config)
         finally:
             spool.close()
-        return {"day": day, "summary": result.summary.as_dict(), "admission": report.as_dict(), "publish": published}
+        from wildfire.coverage import day_range as whole_days
+        from wildfire.coverage import record_safely
+
+        # The day is fetched and acknowledged: the coverage ledger closes its part of the gap (a ledger failure is
+        # logged, not the task's; the coverage_watch DAG then still shows the gap).
+        covered = record_safely(base, "nasa_firms", *whole_days(the_day, the_day))
+        return {"day": day, "summary": result.summary.as_dict(), "admission": report.as_dict(), "publish": published,
+                "coverage_recorded": covered}
 
     backfill_day.expand(day=days())

@@ -232,6 +232,25 @@ class IngestionConfig(_Model):
     buffer_size: int = Field(100, ge=1)
 
 
+class CoverageConfig(_Model):
+    """How the coverage ledger (``wildfire.coverage``) judges this source's gaps; None: the source type's default.
+
+    Defaults by source type (``wildfire.coverage.DEFAULTS``): FIRMS NRT keeps ~10 days and a poll reaches back
+    ``options.day_range`` days; NWS observations, NWS alerts and PurpleAir serve current values only (history 0:
+    a gap is lost at once); ERA5 keeps decades and publishes ~5 days late.
+    """
+
+    history_s: float | None = Field(None, ge=0, description="how far back the upstream can still be fetched")
+    reach_s: float | None = Field(None, ge=0, description="how far back of its own time one successful poll reaches")
+    latency_s: float | None = Field(None, ge=0, description="the upstream publishes data this late: no gap is "
+                                                            "counted in the last latency_s")
+    tolerance_polls: float | None = Field(None, ge=0, le=1000, description="holes up to this many poll intervals "
+                                          "are not gaps (poll jitter, a slow poll); default 2, ERA5 0 (whole days)")
+    alarm_margin_s: float = Field(6 * 3600, ge=0, description="a gap this close to passing beyond history_s "
+                                                              "raises the alarm")
+    backfill: bool = Field(True, description="start the source's backfill DAG for a gap within its history")
+
+
 class SourceConfig(_Model):
     source_type: Literal["nasa_firms", "nws_observations", "nws_alerts", "purpleair", "era5", "iot_mqtt"]
     enabled: bool = True
@@ -258,6 +277,7 @@ class SourceConfig(_Model):
     event_time_max_ahead_s: float = Field(86_400.0, ge=0, le=366 * 86_400)
     event_time_earliest: AwareDatetime = datetime(1970, 1, 1, tzinfo=UTC)
     options: dict[str, Any] = Field(default_factory=dict, description="connector-specific settings")
+    coverage: CoverageConfig = CoverageConfig()
 
 
 class TopicConfig(_Model):

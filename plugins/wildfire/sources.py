@@ -262,15 +262,21 @@ async def fetch_once(name: str, config: StreamConfig, endpoints: Endpoints, *, c
             await client.aclose()
 
 
-async def poll_source(name: str, connector: Any, ingestor: Any, cursors: CursorStore) -> tuple[Any, Any]:
+async def poll_source(name: str, connector: Any, ingestor: Any, cursors: CursorStore, *,
+                      coverage: Any = None) -> tuple[Any, Any]:
     """One poll of ``name`` into the spool: fetch from the saved cursor, admit, save the rewound cursor.
 
     Returns ``(ConnectorResult, IngestReport)``. If admission raises (spool full in ``block`` mode, a spool
     error), the cursor is not saved at all, so the next poll repeats this one.
+
+    ``coverage`` (a :class:`wildfire.coverage.CoverageRecorder`) is told of the successful poll once the cursor
+    is saved; it never blocks and never raises, so the ledger can never fail or stall a poll.
     """
     previous = cursors.load(name)
     result = await connector.fetch(previous)
     report = ingestor.accept(name, result.batch, dead_letters=result.dead_letters)
     source_type = ingestor.config.source(name).source_type
     cursors.save(name, rewind_cursor(source_type, previous, result.cursor, report.not_accepted))
+    if coverage is not None:
+        coverage.polled(name)
     return result, report

@@ -26,8 +26,9 @@ reported). Status goes to the ``worker_status`` table and to ``/health``, ``/rea
 The status database is not on the data path. A background thread (``worker-status``) writes the status row,
 reads the runtime overrides and prunes ``worker_status`` rows older than ``worker.status_retention_s``, with
 ``worker.status_connect_timeout_s`` and ``worker.status_statement_timeout_s``; the publish loop never waits
-for it and applies fetched overrides itself. An unreachable, hanging or unmigrated status database shows
-as a ``/health`` warning (``degraded``), ``wildfire_worker_status_write_failures_total`` and an ERROR log,
+for it and applies fetched overrides itself. The coverage ledger (``wildfire.coverage``) is written the same
+way, by its own ``coverage-recorder`` thread (failures: ``wildfire_coverage_record_failures_total``). An
+unreachable, hanging or unmigrated status database shows as a ``/health`` warning (``degraded``), ``wildfire_worker_status_write_failures_total`` and an ERROR log,
 while records keep flowing to Kafka. The worker never migrates the schema (``make db-upgrade`` does).
 
 Run outside Airflow: ``python -m wildfire.worker --mode continuous_streaming --minutes 55``.
@@ -170,6 +171,19 @@ class StreamWorker:
             registry=self.registry)
         self._status_up_metric = Gauge("wildfire_worker_status_db_up", "1 when the last status write succeeded",
                                        registry=self.registry)
+        # The coverage ledger (wildfire.coverage) is written like the status: off the data path, by its own
+        # thread with the status database's timeouts; a failure is an ERROR log and this counter, never a poll's.
+        self._coverage_failures_metric = Counter(
+            "wildfire_coverage_record_failures", "coverage ledger writes that failed (polls went on)",
+            registry=self.registry)
+        self.coverage: Any = None
+        if status_db:
+            from wildfire.coverage import CoverageRecorder
+
+            w = config.worker
+            self.coverage = CoverageRecorder(config, clock=clock, connect_timeout_s=w.status_connect_timeout_s,
+                                             statement_timeout_s=w.status_statement_timeout_s,
+                                             on_failure=self._coverage_failures_metric.inc)
         self._http: Any = None
         self._loop_beat = clock.monotonic()
         self._ready = False
@@ -249,7 +263,8 @@ class StreamWorker:
             started = time.monotonic()
             try:
                 # Shed records stay ahead of the saved cursor, so the next poll fetches them again.
-                result, report = await poll_source(name, connector, self.ingestor, self.cursors)
+                result, report = await poll_source(name, connector, self.ingestor, self.cursors,
+                                                   coverage=self.coverage)
                 self._note_fetch(name, result.summary.as_dict(), report.as_dict())
                 self._fetch_errors.pop(name, None)
             except Exception as exc:  # noqa: BLE001 - counted and retried on the next poll
@@ -337,6 +352,8 @@ class StreamWorker:
                        "refused_overrides": list(self._refused_overrides)},
             "status_db": {"ok": self._status_error is None, "error": self._status_error,
                           "failures": self._status_failures},
+            "coverage_db": None if self.coverage is None else {
+                "ok": self.coverage.error is None, "error": self.coverage.error, "failures": self.coverage.failures},
             "kafka_authorization_errors": {t: e for t, (e, _) in self.publisher.authorization_errors.items()},
             "metrics_url": f"http://{self.metrics_host}:{self.metrics_port}/metrics" if self._http else None,
         }
@@ -356,6 +373,8 @@ class StreamWorker:
         if self._status_error:
             warnings.append(f"status database: {self._status_error} (records still publish; status and "
                             "overrides are not updated)")
+        if self.coverage is not None and self.coverage.error:
+            warnings.append(f"coverage ledger: {self.coverage.error} (polls go on; coverage is retried)")
         busy = self._status_busy_since
         limit = self.config.worker.status_connect_timeout_s + self.config.worker.status_statement_timeout_s + 5
         if busy is not None and self.clock.monotonic() - busy > limit:
@@ -552,6 +571,8 @@ class StreamWorker:
             self._fetch_thread.start()
             self._start_mqtt()
         self._start_status()
+        if self.coverage is not None:
+            self.coverage.start()
         self._ready = True
         next_config = started + self.config.worker.config_reload_s
         log.info("stream worker %s: mode %s, sources %s, window %.0f s", self.worker_id, self.mode,
@@ -619,7 +640,11 @@ class StreamWorker:
         self.summary.breaker_transitions = [f"{a.name}->{b.name}" for _, a, b in self.breaker.transitions]
         if left:
             log.warning("%d deliveries unconfirmed at shutdown; their records stay in the spool", left)
+        if self.coverage is not None:
+            self.coverage.stop(wait=False)  # its last write overlaps the final status write: one bounded wait
         self._stop_status()
+        if self.coverage is not None:
+            self.coverage.stop()
         if self._http is not None:
             self._http.stop()
         self.spool.close()

@@ -3,15 +3,18 @@
 Routes (every one behind Airflow's own authentication: a Bearer JWT from ``POST /auth/token`` or the
 UI's ``_token`` cookie; anything else gets 401/403)::
 
-    GET   /health    200 or 503 with reasons: Kafka, database, spool, breaker, stream-worker heartbeat
-    GET   /metrics   Prometheus text: every worker's own endpoint (labelled worker_id) + DB gauges
+    GET   /health    200 or 503 with reasons: Kafka, database, spool, breaker, stream-worker heartbeat;
+                     ``warnings`` (status unchanged): coverage gaps about to be lost (alarm) or lost
+    GET   /metrics   Prometheus text: every worker's own endpoint (labelled worker_id) + DB gauges, incl.
+                     ``wildfire_coverage_gap_seconds{source,state}`` and ``wildfire_coverage_gaps{source,state}``
     GET   /config    the runtime overrides in force and the effective config they give, secrets masked
                      (needs configuration read access)
     PATCH /config    merge a partial nested dict into the overrides; 422 naming each bad field or key
                      (needs configuration write access)
     GET   /status    JSON for the page: recent worker states, recent audit, dead-letter counts, NWS alerts
                      in force (``alerts``: not cancelled, not expired at the request time; at most
-                     ``MAX_ALERTS``, CRITICAL first)
+                     ``MAX_ALERTS``, CRITICAL first); ``coverage``: the ledger's ranges, gaps (each
+                     ``within`` / ``alarm`` / ``lost``) and backfill runs (``wildfire.coverage.summarize``)
     GET   /ops       the operations page (self-contained HTML + JS, polls /status every 2 s)
 
 Guarantees:
@@ -38,6 +41,7 @@ Guarantees:
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -74,6 +78,8 @@ from wildfire.storage.schema import dead_letters
 
 STREAM_WORKER = "stream_worker"
 HEARTBEAT_MAX_AGE = timedelta(minutes=2)
+log = logging.getLogger(__name__)
+
 MAX_WORKERS = 100  # most worker rows /status and /metrics return (newest first)
 MAX_ALERTS = 100  # most alerts in force /status lists (most urgent first)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -289,8 +295,36 @@ class _Families:
         return self.families
 
 
+def coverage_gaps(engine: sa.Engine, cfg: StreamConfig, now: datetime) -> tuple[list[Any], str | None]:
+    """(gaps of the coverage ledger, error); an alarm gap (about to pass beyond its upstream's history) is
+    logged as ERROR, so it is seen in the logs as well as on the page, in /metrics and in /health."""
+    from wildfire import coverage
+
+    try:
+        found = coverage.gaps(engine, cfg, now)
+    except Exception as exc:  # noqa: BLE001 - e.g. not migrated: the page says so instead of going blank
+        return [], _first_line(exc)
+    for g in found:
+        if g.state == "alarm":
+            log.error("coverage gap of %s from %s to %s passes beyond the upstream's history at %s",
+                      g.source, g.start.isoformat(), g.end.isoformat(), g.fetchable_until.isoformat())
+    return found, None
+
+
+def coverage_warnings(gaps: list[Any]) -> list[str]:
+    out = []
+    for g in gaps:
+        if g.state == "alarm":
+            out.append(f"coverage: {g.source} gap {g.start.isoformat()} .. {g.end.isoformat()} passes beyond the "
+                       f"upstream's history at {g.fetchable_until.isoformat()}: backfill it now")
+        elif g.state == "lost":
+            out.append(f"coverage: {g.source} gap {g.start.isoformat()} .. {g.end.isoformat()} is beyond the "
+                       "upstream's history: lost for good")
+    return out
+
+
 def render_metrics(workers: list[dict[str, Any]], dead_letter_count: int | None, now: datetime,
-                   timeout_s: float) -> str:
+                   timeout_s: float, gaps: list[Any] | None = None) -> str:
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import GaugeMetricFamily
 
@@ -316,6 +350,21 @@ def render_metrics(workers: list[dict[str, Any]], dead_letter_count: int | None,
         dl = GaugeMetricFamily("wildfire_ops_dead_letters", "rows in the dead_letters table")
         dl.add_metric([], dead_letter_count)
         own.append(dl)
+    if gaps is not None:
+        seconds = GaugeMetricFamily("wildfire_coverage_gap_seconds", "seconds of the source's time not fetched, "
+                                    "by state: within (still fetchable), alarm (about to be lost), lost",
+                                    labels=["source", "state"])
+        count = GaugeMetricFamily("wildfire_coverage_gaps", "gaps in the source's coverage, by state",
+                                  labels=["source", "state"])
+        totals: dict[tuple[str, str], list[float]] = {}
+        for g in gaps:
+            t = totals.setdefault((g.source, g.state), [0.0, 0])
+            t[0] += g.seconds
+            t[1] += 1
+        for (source, state), (secs, n) in sorted(totals.items()):
+            seconds.add_metric([source, state], secs)
+            count.add_metric([source, state], n)
+        own.extend([seconds, count])
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(own + list(merged.values())))  # type: ignore[arg-type]
     return generate_latest(registry).decode()
@@ -393,9 +442,14 @@ def create_app(
         else:
             checks["heartbeat"] = Check(False, "unknown: database unreachable")
         reasons = [f"{name}: {c.detail}" for name, c in checks.items() if not c.ok]
+        warnings: list[str] = []
+        if checks["database"].ok:
+            gaps, gap_error = coverage_gaps(engine, cfg, ctx.now())
+            warnings = coverage_warnings(gaps) + ([f"coverage ledger unreadable: {gap_error}"] if gap_error else [])
         body = {
             "status": "ok" if not reasons else "unhealthy",
             "reasons": reasons,
+            "warnings": warnings,
             "checks": {name: {"ok": c.ok, "detail": c.detail, **c.data} for name, c in checks.items()},
             "checked_at": ctx.now().isoformat(),
         }
@@ -406,6 +460,7 @@ def create_app(
         cfg, error = load()
         workers: list[dict[str, Any]] = []
         dl_count: int | None = None
+        gaps: list[Any] | None = None
         if cfg is not None:
             engine = ctx.engine(cfg)
             try:
@@ -413,7 +468,9 @@ def create_app(
                 dl_count = dead_letter_counts(engine, ctx.now())["total"]
             except Exception:  # noqa: BLE001 - an unreachable DB shows as missing gauges, not as a 500
                 pass
-        text = render_metrics(workers, dl_count, ctx.now(), ctx.scrape_timeout_s)
+            found, gap_error = coverage_gaps(engine, cfg, ctx.now())
+            gaps = None if gap_error else found
+        text = render_metrics(workers, dl_count, ctx.now(), ctx.scrape_timeout_s, gaps)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/config", dependencies=[Depends(require_config_reader)])
@@ -489,6 +546,13 @@ def create_app(
         except Exception as exc:  # noqa: BLE001 - the page shows the reason instead of going blank
             body["database"] = _first_line(exc)
         body["alerts"], body["alerts_error"] = alert_listing(engine, ctx.now())
+        body["coverage"], body["coverage_error"] = None, None
+        try:
+            from wildfire import coverage
+
+            body["coverage"] = coverage.summarize(engine, cfg, ctx.now())
+        except Exception as exc:  # noqa: BLE001 - e.g. not migrated: shown on the page
+            body["coverage_error"] = _first_line(exc)
         return JSONResponse(_jsonable(body))
 
     @app.get("/ops", response_class=HTMLResponse)

@@ -64,6 +64,7 @@ class ReplayServer:
         self._cursor: dict[str, int] = {}
         self._lock = threading.Lock()
         self.requests: list[SeenRequest] = []
+        self.outage: Reply | None = None  # set: every route answers this (an upstream outage), see set_outage
         self.in_flight = 0
         self.max_in_flight = 0
         server = self
@@ -125,7 +126,13 @@ class ReplayServer:
     def route_prefix(self, prefix: str, handler: Handler) -> None:
         self._prefix.append((prefix, handler))
 
+    def set_outage(self, reply: Reply | None = Reply(503, b"Service Unavailable", {"Retry-After": "1"})) -> None:
+        """Answer every request with ``reply`` (default 503) until called with ``None``: an upstream outage."""
+        self.outage = reply
+
     def _answer(self, path: str, query: dict[str, list[str]]) -> Reply:
+        if self.outage is not None:
+            return self.outage
         handler: Handler | None = self._exact.get(path)
         slot = path
         if handler is None:

@@ -1,7 +1,8 @@
 """One day of ERA5 into the spool (LOW priority) and on to Kafka: the ``era5_backfill`` DAG's mapped task.
 
 The day's records are published and acknowledged before the task succeeds
-(:func:`wildfire.airflow.operators.fetch.publish_spool`).
+(:func:`wildfire.airflow.operators.fetch.publish_spool`); then the day is recorded in the coverage ledger
+(``wildfire.coverage``).
 """
 
 from __future__ import annotations
@@ -62,5 +63,8 @@ class Era5DayToSpoolOperator(BaseOperator):
         finally:
             spool.close()
         self.log.info("ERA5 %s: %s; admission %s", day, result.summary.as_dict(), report.as_dict())
+        from wildfire.coverage import day_range, record_safely
+
+        record_safely(config, "era5", *day_range(day, day))  # logged, never raised: the day is published
         return {"day": day.isoformat(), "summary": result.summary.as_dict(), "admission": report.as_dict(),
                 "publish": published}

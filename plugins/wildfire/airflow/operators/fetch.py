@@ -20,6 +20,9 @@ would lose them. Guarantees:
 Not guaranteed: with a shared spool and no stream worker, two batch tasks publishing at the same moment
 may leave the later one's rows to the earlier one's drain, which can finish just before they are written;
 they then wait in the spool for the next drainer (the next batch task or the stream worker).
+
+After a successful publish, every batch task records the time range it fetched in the coverage ledger
+(``wildfire.coverage.record_safely``: a ledger failure is logged, never the task's).
 """
 
 from __future__ import annotations
@@ -141,6 +144,14 @@ class FetchToSpoolOperator(BaseOperator):
         # Only after the publish: a task that fails there is retried from the same cursor (in a fresh pod
         # its spool is gone). Shed records stay ahead of the cursor, so the next run fetches them again.
         cursors.save(self.source, rewind_cursor(src.source_type, previous, result.cursor, report.not_accepted))
+        # The coverage ledger (wildfire.coverage) learns of the successful poll; a failure there is logged,
+        # never the task's: the records are already acknowledged.
+        from datetime import UTC, datetime, timedelta
+
+        from wildfire.coverage import policy, record_safely
+
+        now = datetime.now(UTC)
+        record_safely(config, self.source, now - timedelta(seconds=policy(config, self.source).reach_s), now)
         self.log.info("%s", result.summary.describe() if hasattr(result.summary, "describe") else result.summary)
         self.log.info("admission: %s", report.as_dict())
         return {"summary": result.summary.as_dict(), "admission": report.as_dict(), "publish": published}
