@@ -77,3 +77,25 @@ def test_sslmode_require_reaches_the_driver_on_every_path(pg_url):
     # The URL, with its password, is shown masked in /config; sslmode stays visible.
     shown = redact(cfg.model_dump(mode="json"))["storage"]["database_url"]
     assert "sslmode=require" in shown and ":wildfire@" not in shown
+
+
+def test_the_wildfire_db_connection_extra_reaches_the_driver(db_url, monkeypatch):
+    """Inside Airflow the URL comes from the ``wildfire_db`` Connection: its extra's ``sslmode`` must reach libpq."""
+    import json
+
+    from sqlalchemy.engine import make_url
+
+    from wildfire.airflow.hooks.database import WildfireDbHook
+
+    u = make_url(db_url)
+    conn = {"conn_type": "postgres", "host": u.host, "port": u.port, "login": u.username, "password": u.password,
+            "schema": u.database}
+    monkeypatch.setenv("AIRFLOW_CONN_WILDFIRE_DB", json.dumps({**conn, "extra": {"sslmode": "require",
+                                                                                  "unrelated": "x"}}))
+    url = WildfireDbHook().database_url()
+    assert dict(make_url(url).query) == {"sslmode": "require"}
+    with pytest.raises(psycopg.OperationalError, match="SSL"):
+        psycopg.connect(url, connect_timeout=5)
+    monkeypatch.setenv("AIRFLOW_CONN_WILDFIRE_DB", json.dumps({**conn, "extra": {"sslmode": "disable"}}))
+    with psycopg.connect(WildfireDbHook().database_url(), connect_timeout=5) as ok:
+        assert ok.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (False,)
