@@ -124,6 +124,9 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
+    from results import machine, write_result
+
+    before = machine()
     n = args.records - args.records % COMMIT_EVERY
     # FIRMS-shaped: ~60-byte keys, ~400-byte JSON values of varied bytes.
     keys = [f"VIIRS_SNPP_NRT|N|VIIRS|2025-08-01|{i % 2400:04d}|{32.5 + i % 9000 / 1e3:.4f}|-120.{i:07d}"
@@ -154,6 +157,24 @@ def main() -> int:
     for name in layouts:
         print(f"  {name:<30} put {med(puts[name]):>11,.0f} records/s ({med(puts[name]) / med(puts[base]):.1f}x), "
               f"ack-delete {med(acks[name]):>11,.0f} records/s ({med(acks[name]) / med(acks[base]):.1f}x)")
+    now, chunked = "record, level ids (now)", f"chunk of {args.chunk}"
+    path = write_result(
+        "spool_layout", command=f"tests/performance/bench_spool_layout.py --records {args.records} "
+                                f"--chunk {args.chunk} --rounds {args.rounds}",
+        inputs={"records": n, "chunk": args.chunk, "rounds": args.rounds,
+                "value_bytes": sum(map(len, values)) // n},
+        rounds=[{"layout": name, "put_per_s": [round(x) for x in puts[name]],
+                 "ack_delete_per_s": [round(x) for x in acks[name]]} for name in layouts],
+        summary={name: {"put_median_per_s": round(med(puts[name])), "ack_delete_median_per_s": round(med(acks[name]))}
+                 for name in layouts},
+        goals=[{"name": "today's layout vs the drain-index layout, put / ack-delete (medians), no goal",
+                "figure": f"{med(puts[now]) / med(puts[base]):.1f}x / {med(acks[now]) / med(acks[base]):.1f}x",
+                "met": None},
+               {"name": f"chunked rows ({args.chunk} per row) vs today's layout, put / ack-delete, no goal (not built)",
+                "figure": f"{med(puts[chunked]) / med(puts[now]):.1f}x / {med(acks[chunked]) / med(acks[now]):.1f}x",
+                "met": None}],
+        machine_before=before)
+    print(f"result: {path}")
     return 0
 
 
