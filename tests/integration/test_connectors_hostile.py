@@ -12,7 +12,6 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -46,12 +45,6 @@ PA_KEY = "PA-READ-5B0D1C2E-3F4A-11EF-9C6B"
 BBOX = "-124.48,32.53,-114.13,42.01"
 NOW = 1_744_012_800.0  # 2025-04-07T08:00:00Z: the FIRMS sample's day
 GEOJSON = {"Content-Type": "application/geo+json"}
-
-
-@pytest.fixture
-def server() -> Iterator[ReplayServer]:
-    with ReplayServer() as srv:
-        yield srv
 
 
 def run(coro):

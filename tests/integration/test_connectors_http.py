@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
@@ -38,12 +37,6 @@ UA = "wildfire-ingestion/0.1 (ops@example.org)"
 KEY = "0123456789abcdef0123456789abcdef"
 CSV = {"Content-Type": "text/csv"}
 GEOJSON = {"Content-Type": "application/geo+json"}
-
-
-@pytest.fixture
-def server() -> Iterator[ReplayServer]:
-    with ReplayServer() as srv:
-        yield srv
 
 
 def run(coro):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -41,12 +41,6 @@ from wildfire.spool import BufferManager
 
 CAPACITY = 5000  # above the largest poll (FIRMS: 3,873 rows), so nothing is evicted
 UA = "wildfire-ingestion/0.1 (ops@example.org)"
-
-
-@pytest.fixture
-def server() -> Iterator[ReplayServer]:
-    with ReplayServer() as srv:
-        yield srv
 
 
 def route_firms(server: ReplayServer) -> None:
