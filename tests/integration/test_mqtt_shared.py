@@ -242,6 +242,47 @@ def test_a_member_that_stops_and_does_not_come_back_is_adopted(mqtt_broker) -> N
         publish_retained_clear(mqtt_broker, [f"test-members/{uid}/g{uid}/{cid}" for cid in ids])
 
 
+def test_stale_and_hostile_member_statuses(mqtt_broker) -> None:
+    """A retained ``offline`` of a member whose session is gone is adopted as empty and cleared (once, not on
+    every start); statuses with other payloads, or published under our own id, start nothing."""
+    host, port = mqtt_broker
+    uid = uuid.uuid4().hex[:10]
+    members = f"test-members/{uid}"
+    opts = {"topic_filter": f"test/{uid}/#", "shared_group": f"g{uid}", "takeover_after_s": 1,
+            "members_topic": members}
+    cfg = SourceConfig(source_type="iot_mqtt", topic="wildfire-iot", options=opts)
+    me = f"wf-me-{uid}"
+    ghost, junk = f"wf-ghost-{uid}", f"wf-junk-{uid}"
+    pub = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"hostile-{uid}")
+    pub.connect(host, port)
+    pub.loop_start()
+    for topic, payload in ((ghost, b"offline"), (junk, b"\xff" * 1000), (me, b"offline")):
+        pub.publish(f"{members}/g{uid}/{topic}", payload, qos=1, retain=True).wait_for_publish(5)
+    seen: dict[str, bytes] = {}
+    watcher = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"watch-{uid}")
+    watcher.on_message = lambda c, u, m: seen.__setitem__(m.topic.rsplit("/", 1)[-1], bytes(m.payload))
+    watcher.connect(host, port)
+    watcher.loop_start()
+    conn = MqttConnector(host, port, cfg, sink=ListSink(), client_id=me).start()
+    try:
+        assert conn.wait_connected(10)
+        watcher.subscribe(f"{members}/g{uid}/+", qos=1)
+        assert wait_until(lambda: conn.members.adopted_sessions == 1, 15)
+        assert wait_until(lambda: seen.get(ghost) == b"" and seen.get(me) == b"online", 5), seen
+        time.sleep(1.5)
+        assert conn.members.adopted_sessions == 1 and conn.members.adopted_messages == 0
+        assert conn.members.status.get(junk) == b"\xff" * 1000 and conn.connected
+    finally:
+        conn.stop()
+        watcher.loop_stop()
+        watcher.disconnect()
+        for cid in (me, ghost, junk):
+            pub.publish(f"{members}/g{uid}/{cid}", b"", qos=1, retain=True).wait_for_publish(5)
+            drop_session(host, port, cid)
+        pub.loop_stop()
+        pub.disconnect()
+
+
 @pytest.mark.parametrize(("options", "needle"), [
     ({"shared_group": "a/b"}, "shared_group"),
     ({"shared_group": "#"}, "shared_group"),

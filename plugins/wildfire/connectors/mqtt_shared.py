@@ -150,8 +150,8 @@ class Membership:
         payload = bytes(msg.payload)
         if msg.qos:
             client.ack(msg.mid, msg.qos)  # manual acks are on; a status is handled once read
-        if peer == self.me:
-            return
+        if peer == self.me or not _LEVEL.match(peer) or len(peer) > 256:
+            return  # our own status, or a level no member of ours could have as client id: nothing to adopt
         with self._lock:
             if payload:
                 self.status[peer] = payload
@@ -232,6 +232,7 @@ class SessionAdoption:
         self._present = False
         self._unsub_mid: int | None = None
         self._failure: str | None = None
+        self._busy = 0  # messages being stored right now (paho's network thread, one at a time)
 
     def abort(self) -> None:
         self._aborted.set()
@@ -259,7 +260,12 @@ class SessionAdoption:
                 client.ack(msg.mid, msg.qos)  # the dead member's view of the group: not ours to act on
             return
         self.messages += 1
-        self.connector._on_message(client, userdata, msg)  # validate, spool, then PUBACK: the normal path
+        self._busy += 1
+        try:
+            self.connector._on_message(client, userdata, msg)  # validate, spool, then PUBACK: the normal path
+        finally:
+            self._busy -= 1
+            self._last = time.monotonic()  # quiet counts from the end of the last store, however long it took
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self._gone.set()
@@ -286,7 +292,7 @@ class SessionAdoption:
             if not self._ready.is_set():
                 return None
             self._last = max(self._last, time.monotonic())
-            while time.monotonic() - self._last < ADOPT_QUIET_S:
+            while self._busy or time.monotonic() - self._last < ADOPT_QUIET_S:
                 if self._gone.is_set() or self._aborted.is_set() or time.monotonic() > deadline:
                     return None
                 time.sleep(0.05)
