@@ -34,10 +34,14 @@ exactly the dead member's unacknowledged in-flight messages (at most the broker'
 remains. Records the dead member had already spooled but not yet published wait in its spool until it runs
 again (same client id or not: the spool is per worker, not per session).
 
-Not guaranteed: if the adopter dies mid-adoption, the session (expiry unchanged) stays for the next adopter
-only if another ``offline`` status reaches the group (the adopter's own will, or the dead member's on its next
-connect attempt); a member whose client id changes on every start (the default worker id contains the pid)
-leaves one retained status per run until it is adopted and cleared.
+Not guaranteed: the next member in ring order also adopts once its stagger (``takeover_after_s`` per rank)
+has passed while the status still says ``offline``; it takes the session over from a slow or dead first
+adopter (the broker moves the session; unacknowledged messages go to the newcomer, so again at-least-once).
+If every live member fails to finish, the session (its expiry unchanged) waits for the member's return or
+the next ``offline`` status. Quiet for ``ADOPT_QUIET_S`` is taken as "the broker has nothing more queued".
+A member whose client id changes on every start (the stream worker's default id contains the pid) is adopted
+after each stop, by its peers or by its own next incarnation. Anyone allowed to publish to the members topic
+can trigger an adoption of any client id: restrict that topic with broker ACLs.
 """
 
 from __future__ import annotations
