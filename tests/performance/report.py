@@ -36,6 +36,8 @@ KNOWN: tuple[tuple[str, str, str, str], ...] = (
     ("storage", "Kafka -> PostgreSQL, FIRMS-shaped records", "tests/performance/bench_storage.py", "docs/storage.md"),
     ("spool_layout", "spool row layouts in SQLite alone (per record, drain index, chunked)",
      "tests/performance/bench_spool_layout.py", "docs/spool-and-publishing.md"),
+    ("scaleout", "scale-out: 1/2/4 storage consumers, 1/2 IoT workers (shared subscription), per process",
+     "tests/performance/bench_scaleout.py", "docs/scaling.md"),
 )
 # Benchmarks that print their figures but do not write a results file yet.
 NOT_YET: tuple[tuple[str, str, str], ...] = ()

@@ -2,8 +2,16 @@
 
 Guarantees:
 
-- QoS 1 subscription on a persistent session (``clean_session=False``, fixed client id): messages
-  published while the connector is away are kept by the broker and delivered when it returns.
+- MQTT 5, QoS 1 subscription on a persistent session (``clean_start=False``, fixed client id, session expiry
+  ``options.session_expiry_s``, default one day): messages published while the connector is away are kept by
+  the broker and delivered when it returns (a session left alone longer than the expiry is discarded).
+- Scale-out (``options.shared_group``; unset: one plain subscription): the subscription becomes the MQTT 5
+  shared subscription ``$share/<group>/<topic_filter>``, so N connectors (N IoT workers, each with its own
+  spool and client id) split the fleet: the broker hands each message to one member. A member that dies
+  leaves its unacknowledged messages, and its round-robin share of newer ones, in its persistent session
+  (Mosquitto 2.0 neither redelivers them to other members nor stops queueing for an offline member; with
+  session expiry 0 it discards them). The survivors therefore take the session over: see
+  :mod:`wildfire.connectors.mqtt_shared` (membership by retained status + delayed Last Will, session adoption).
 - Manual acknowledgement: a message is PUBACKed only after the injected ``sink(records)`` returned
   without raising (the spool accepted it). If the sink raises, the message is left unacknowledged
   and the broker delivers it again when the session resumes (MQTT redelivers unacked QoS 1
@@ -199,8 +207,6 @@ class MqttConnector:
         tls_cert: str | None = None,
         tls_key: str | None = None,
     ) -> None:
-        import paho.mqtt.client as mqtt
-
         if not client_id:
             raise ValueError(f"{source_name}: a fixed client_id is required for a persistent session")
         if bool(tls_cert) != bool(tls_key):
@@ -223,6 +229,12 @@ class MqttConnector:
         opts = config.options
         self.topic_filter = str(opts.get("topic_filter", "wildfire/sensors/#"))
         self.qos = int(opts.get("qos", 1))
+        from wildfire.connectors.mqtt_shared import ShareOptions
+
+        self.share = ShareOptions.from_options(opts, source_name)
+        self.client_id = client_id
+        # What this client subscribes to: the plain filter, or the group's shared subscription.
+        self.subscription = self.share.subscription(self.topic_filter)
         self.thresholds = {**DEFAULT_THRESHOLDS, **opts.get("thresholds", {})}
         self.summary = RunSummary(source_name)
         self.window = TimeWindow.from_config(config)
@@ -234,25 +246,48 @@ class MqttConnector:
         self._connected = threading.Event()
         self._subscribe_mid: int | None = None
         self.connections = 0
-        client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            clean_session=False,
-            protocol=mqtt.MQTTv311,
-        )
-        client.manual_ack_set(True)
+        self._credentials = (username, password)
+        self._tls_files = (tls_ca, tls_cert, tls_key)
+        client = self.new_client(client_id)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
-        if username:
-            client.username_pw_set(username, password)
-        if self.tls:
-            # Verifies the broker's certificate chain and host name (paho's default); ca None: system CAs.
-            client.tls_set(ca_certs=tls_ca, certfile=tls_cert, keyfile=tls_key)
+        self.members: Any = None
+        if self.share.group:
+            from wildfire.connectors.mqtt_shared import Membership
+
+            # Sets the delayed Last Will on ``client``: peers learn of our death only if we stay away.
+            self.members = Membership(self, client)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         self.client = client
+
+    def new_client(self, client_id: str) -> Any:
+        """A paho MQTT 5 client with this connector's credentials and TLS, manual acks; no callbacks yet."""
+        import paho.mqtt.client as mqtt
+
+        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv5)
+        client.manual_ack_set(True)
+        username, password = self._credentials
+        if username:
+            client.username_pw_set(username, password)
+        if self.tls:
+            # Verifies the broker's certificate chain and host name (paho's default); ca None: system CAs.
+            tls_ca, tls_cert, tls_key = self._tls_files
+            client.tls_set(ca_certs=tls_ca, certfile=tls_cert, keyfile=tls_key)
+        return client
+
+    def connect_properties(self) -> Any:
+        """CONNECT properties: the session outlives the connection by ``session_expiry_s`` (MQTT 5 default 0
+        would discard it, and with it every unacknowledged message, at the first network blip)."""
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.share.session_expiry_s
+        return props
 
     # -- paho callbacks (network thread)
 
@@ -291,17 +326,20 @@ class MqttConnector:
         # "Connected" is only reported once the SUBACK is back (see _on_subscribe): before that a
         # message published by another client can reach the broker ahead of our SUBSCRIBE on a new
         # session and is not routed to us.
-        _, self._subscribe_mid = client.subscribe(self.topic_filter, qos=self.qos)
+        _, self._subscribe_mid = client.subscribe(self.subscription, qos=self.qos)
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
         if mid != self._subscribe_mid:
             return
         if any(rc.is_failure for rc in reason_codes):
             # Stay "not connected": readiness probes then report the source as down.
-            log.error("%s: broker refused the subscription to %r: %s", self.source_name, self.topic_filter, reason_codes)
+            log.error("%s: broker refused the subscription to %r: %s", self.source_name, self.subscription,
+                      reason_codes)
             return
         with self._lock:
             self.connections += 1
+        if self.members is not None:
+            self.members.announce(client)  # "online", and watch the other members' status
         self._connected.set()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
@@ -343,7 +381,8 @@ class MqttConnector:
 
     def start(self) -> MqttConnector:
         """Connect in the background; the loop keeps reconnecting until :meth:`stop`."""
-        self.client.connect_async(self.host, self.port, keepalive=self.keepalive_s)
+        self.client.connect_async(self.host, self.port, keepalive=self.keepalive_s, clean_start=False,
+                                  properties=self.connect_properties())
         self.client.loop_start()
         return self
 
@@ -356,7 +395,13 @@ class MqttConnector:
         return self._connected.is_set()
 
     def stop(self) -> None:
-        self.client.disconnect()
+        if self.members is not None:
+            # Leave with the (delayed) Last Will: back within takeover_after_s (a restart), nothing happens;
+            # otherwise a peer adopts the session and what is queued in it.
+            self.members.stop()
+            self.client.disconnect(reasoncode=self.members.leave_reason())
+        else:
+            self.client.disconnect()
         self.client.loop_stop()
         self._connected.clear()
 
