@@ -25,7 +25,8 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     tags=["wildfire", "storage"],
-    default_args={"retries": 3, "retry_delay": timedelta(seconds=30), **FAILURE_ARGS},
+    default_args={"retries": 3, "retry_delay": timedelta(seconds=30), "priority_weight": PRIORITY_STREAM,
+                  "weight_rule": "absolute", **FAILURE_ARGS},
     doc_md=__doc__,
     # Params reach the operator as the trigger form's values (dry_run=False a bool, limit an int).
     render_template_as_native_obj=True,
@@ -33,8 +34,7 @@ with DAG(
                            title="Run window (seconds)")},
 ) as dag:
     consume = StorageConsumerOperator(task_id="consume", seconds="{{ params.seconds }}",
-                                      execution_timeout=consumer_timeout(), pool=STREAMING_POOL,
-                                      priority_weight=PRIORITY_STREAM, weight_rule="absolute")
+                                      execution_timeout=consumer_timeout(), pool=STREAMING_POOL)
 
     @task.short_circuit(retries=2)
     def stored_fire_detections(stats: dict) -> bool:

@@ -31,7 +31,8 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     tags=["wildfire", "streaming"],
-    default_args={"retries": 3, "retry_delay": timedelta(seconds=30), **FAILURE_ARGS},
+    default_args={"retries": 3, "retry_delay": timedelta(seconds=30), "priority_weight": PRIORITY_STREAM,
+                  "weight_rule": "absolute", **FAILURE_ARGS},
     doc_md=__doc__,
     params={
         "mode": Param("stored", type="string", enum=["stored", "batch", "real_time", "continuous_streaming"],
@@ -56,6 +57,4 @@ with DAG(
         fire_season="{{ params.fire_season }}",
         execution_timeout=stream_timeout(),
         pool=STREAMING_POOL,
-        priority_weight=PRIORITY_STREAM,
-        weight_rule="absolute",
     )

@@ -425,6 +425,7 @@ class StreamWorker:
         the final status once. Each call is bounded by the engine's timeouts; the publish loop never waits."""
         while not self._status_final.is_set():
             self._status_cycle()
+            self._ask_yield()  # not a database call: asked even when the status database is down
             self._status_final.wait(min(5.0, self.config.worker.config_reload_s))
         self._status_cycle(final=True)
 
@@ -445,7 +446,6 @@ class StreamWorker:
                     self._overrides_seen = ov_id
                     with self._pending_lock:
                         self._pending_overrides = (ov_id, overrides)
-                self._ask_yield()
                 now = self.clock.monotonic()
                 if now >= self._next_prune:
                     self._next_prune = now + 600.0
