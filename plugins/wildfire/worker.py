@@ -620,7 +620,8 @@ class StreamWorker:
     # ------------------------------------------------------------ the run
 
     def stop(self, reason: str = "stop requested") -> None:
-        self.summary.stopped_by = reason
+        if not self._stop.is_set():  # the first reason is the one that stopped it
+            self.summary.stopped_by = reason
         self._stop.set()
 
     def run(self) -> WorkerSummary:
