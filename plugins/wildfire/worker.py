@@ -41,7 +41,7 @@ ends the window the same way. The sources a worker polls right now are published
 status; the batch DAGs skip those (``ops_state.stream_pollers``).
 
 Run outside Airflow: ``python -m wildfire.worker --mode continuous_streaming --minutes 55`` (without
-``--mode``/``--sources``: the stored choice).
+``--mode``/``--sources``: the stored choice, and the process exits when it changes; with them: those, kept).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class StreamWorker:
                  metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
                  lag_source: Any = None, spool_path: str | None = None,
                  yield_check: Callable[[], str | None] | None = None,
-                 settings_seen: tuple[str, list[str]] | None = None) -> None:
+                 settings_seen: tuple[str, list[str]] | None = None, follow_settings: bool = True) -> None:
         mode = mode or config.worker.mode
         sources = sources or list(config.worker.sources) or None
         if mode not in MODES:
@@ -213,6 +213,7 @@ class StreamWorker:
         self._settings_seen: tuple[str, tuple[str, ...]] | None = (
             (settings_seen[0], tuple(settings_seen[1])) if settings_seen else None)
         self._polling: set[str] = set()
+        self._follow_settings = follow_settings  # False: explicit mode/sources (CLI flags) that a change must not undo
 
     # ------------------------------------------------------------ ordering and throttling
 
@@ -484,6 +485,8 @@ class StreamWorker:
     def _check_settings(self, cfg: StreamConfig) -> None:
         """End the window when the stored mode/sources change after this worker first read them."""
         chosen = (cfg.worker.mode, tuple(cfg.worker.sources))
+        if not self._follow_settings:
+            return
         if self._settings_seen is None:
             self._settings_seen = chosen
             return
@@ -742,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     path = args.config or os.environ.get("WILDFIRE_CONFIG") or None
     mode, sources = args.mode, [s for s in args.sources.split(",") if s] or None
-    seen = None
+    seen, follow = None, mode is None and sources is None
     if mode is None and sources is None and not args.no_status_db:
         # The stored choice (stream_settings); an unreachable status database leaves the file's.
         from wildfire import ops_state, stream_settings
@@ -755,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - the status database is not on the data path
             log.error("stored stream settings unreadable (%s); using worker.mode/worker.sources of the config",
                       ops_state.first_line(exc))
-    worker = StreamWorker(cfg, mode=mode, sources=sources, settings_seen=seen,
+    worker = StreamWorker(cfg, mode=mode, sources=sources, settings_seen=seen, follow_settings=follow,
                           run_minutes=args.minutes, fire_season=args.fire_season,
                           config_path=path or resolve_path("config/stream_config.yaml"),
                           metrics_port=args.metrics_port, metrics_host=args.metrics_host,

@@ -104,3 +104,22 @@ def test_a_waiting_trigger_form_run_gets_the_window(tmp_path, topics, status_pg)
         worker.stop("test done")
         thread.join(60)
     assert worker.summary.stopped_by == "a queued wildfire_stream run waits (trigger form)"
+
+
+def test_explicit_cli_mode_is_kept_when_the_stored_choice_changes(tmp_path, topics, status_pg):  # noqa: F811
+    url, engine = status_pg
+    topic, dlq = topics
+    path = write_config(tmp_path, topic, dlq, url)
+    worker = polling_worker(path, follow_settings=False)  # python -m wildfire.worker --mode real_time ...
+    thread = start(worker)
+    try:
+        wait_for(lambda: worker._overrides_seen is not None or worker._status_error is None, timeout=10,
+                 what="a first status cycle")
+        stream_settings.store_choice(engine, "ops-user", mode="batch", config_path=path, environ={})
+        wait_for(lambda: worker._overrides_seen is not None, timeout=10, what="the worker to read the new choice")
+        thread.join(2)  # several status cycles (0.5 s each here)
+        assert thread.is_alive(), f"explicit --mode was undone: {worker.summary.stopped_by}"
+    finally:
+        worker.stop("test done")
+        thread.join(60)
+    assert worker.summary.stopped_by == "test done"
