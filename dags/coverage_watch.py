@@ -15,6 +15,9 @@ from datetime import datetime, timedelta
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import dag, task
 
+from wildfire.airflow.callbacks import FAILURE_ARGS
+from wildfire.airflow.pools import PRIORITY_BATCH
+
 
 @dag(
     dag_id="coverage_watch",
@@ -23,7 +26,8 @@ from airflow.sdk import dag, task
     catchup=False,
     max_active_runs=1,
     tags=["wildfire", "maintenance", "coverage"],
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "priority_weight": PRIORITY_BATCH,
+                  "weight_rule": "absolute", **FAILURE_ARGS},
     doc_md=__doc__,
 )
 def coverage_watch():

@@ -6,7 +6,9 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param
 
+from wildfire.airflow.callbacks import FAILURE_ARGS
 from wildfire.airflow.operators.dlq import DlqReplayOperator
+from wildfire.airflow.pools import PRIORITY_BATCH
 
 with DAG(
     dag_id="dlq_replay",
@@ -15,7 +17,8 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     tags=["wildfire", "operations"],
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "priority_weight": PRIORITY_BATCH,
+                  "weight_rule": "absolute", **FAILURE_ARGS},
     doc_md=__doc__,
     # Params reach the operator as the trigger form's values (dry_run=False a bool, limit an int).
     render_template_as_native_obj=True,

@@ -6,7 +6,9 @@ from datetime import date, datetime, timedelta
 
 from airflow.sdk import DAG, Param, task
 
+from wildfire.airflow.callbacks import FAILURE_ARGS
 from wildfire.airflow.operators.era5 import Era5DayToSpoolOperator
+from wildfire.airflow.pools import BACKFILL_POOL, PRIORITY_BACKFILL
 
 with DAG(
     dag_id="era5_backfill",
@@ -15,7 +17,8 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     tags=["wildfire", "backfill", "era5"],
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "priority_weight": PRIORITY_BACKFILL,
+                  "weight_rule": "absolute", **FAILURE_ARGS},
     doc_md=__doc__,
     # Params reach the operator as the values the trigger form gave (download=False stays a bool, not "False").
     render_template_as_native_obj=True,
@@ -39,5 +42,5 @@ with DAG(
 
     Era5DayToSpoolOperator.partial(
         task_id="load_day", data_dir="{{ params.data_dir }}", download="{{ params.download }}",
-        max_active_tis_per_dag=2,
+        max_active_tis_per_dag=2, pool=BACKFILL_POOL,
     ).expand(day=days())

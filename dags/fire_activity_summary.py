@@ -1,4 +1,8 @@
-"""Fire-activity summary, run when new fire detections land (Asset-scheduled).
+"""Fire-activity summary: daily at 06:00 UTC, and again whenever new fire detections land.
+
+Schedule: ``AssetOrTimeSchedule``: a daily run (cron ``0 6 * * *``, UTC), so the day's summary exists even
+on a day without detections, or, during a fire, each time the ``fire_detections`` Asset is updated by the
+storage consumer (one run at a time; updates that arrive while a run is going are served by the next one).
 
 Reports (``wildfire.reports.fire_activity_summary``): detections in California over the last ``hours``
 (count, total FRP, by satellite, hottest), the NWS alerts in force now (cancelled and expired ones left
@@ -11,17 +15,24 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param, task
+from airflow.timetables.assets import AssetOrTimeSchedule
+from airflow.timetables.trigger import CronTriggerTimetable
 
 from wildfire.airflow.assets import FIRE_DETECTIONS
+from wildfire.airflow.callbacks import FAILURE_ARGS
+from wildfire.airflow.pools import PRIORITY_BATCH
+
+DAILY_AT = "0 6 * * *"
 
 with DAG(
     dag_id="fire_activity_summary",
-    schedule=[FIRE_DETECTIONS],
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(DAILY_AT, timezone="UTC"), assets=[FIRE_DETECTIONS]),
     start_date=datetime(2025, 1, 1),
     catchup=False,
     max_active_runs=1,
     tags=["wildfire", "reporting"],
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "priority_weight": PRIORITY_BATCH,
+                  "weight_rule": "absolute", **FAILURE_ARGS},
     doc_md=__doc__,
     params={"hours": Param(24, type="integer", minimum=1, maximum=24 * 366 * 20, title="Window (hours)")},
 ) as dag:

@@ -13,6 +13,9 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param, task
 
+from wildfire.airflow.callbacks import FAILURE_ARGS
+from wildfire.airflow.pools import BACKFILL_POOL, PRIORITY_BACKFILL
+
 with DAG(
     dag_id="firms_archive_backfill",
     schedule=None,
@@ -20,7 +23,8 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     tags=["wildfire", "backfill", "nasa_firms"],
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=5)},
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=5), "priority_weight": PRIORITY_BACKFILL,
+                  "weight_rule": "absolute", **FAILURE_ARGS},
     doc_md=__doc__,
     # Params reach the tasks as the trigger form's values (sources a list, not its text).
     render_template_as_native_obj=True,
@@ -41,7 +45,7 @@ with DAG(
 
         return day_range(params["start_date"], params["end_date"])
 
-    @task(retries=2, max_active_tis_per_dag=2)
+    @task(retries=2, max_active_tis_per_dag=2, pool=BACKFILL_POOL)
     def backfill_day(day: str, params: dict | None = None) -> dict:
         import asyncio
         from datetime import date

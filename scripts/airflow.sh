@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Local Airflow: `airflow standalone` (api-server, scheduler, dag-processor, triggerer) on SQLite with
-# LocalExecutor, the project's dags/ and plugins/, Connections seeded into the metastore (seed_connections).
+# LocalExecutor, the project's dags/ and plugins/, Connections seeded into the metastore (seed_connections),
+# the pools wildfire_streaming and wildfire_backfill created (seed_pools).
 #   scripts/airflow.sh start   # idempotent; waits for the UI, prints address and admin password
 #   scripts/airflow.sh stop    # ends the whole process group (the scheduler ignores SIGTERM at times)
 #   scripts/airflow.sh seed    # migrate the metadata database and seed the Connections only (start does both)
@@ -23,6 +24,7 @@ start() {
   log "migrating the metadata database (SQLite in $AIRFLOW_HOME)"
   "$AIRFLOW" db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/db-migrate.log"; exit 1; }
   seed_connections
+  seed_pools
   # Nothing of this home runs now, so task instances still 'running' are orphans of a stopped Airflow.
   PYTHONPATH="$ROOT/plugins" "$ROOT/.venv/bin/python" -m wildfire.airflow.orphans
   log "starting airflow standalone (log: $LOG)"
@@ -63,6 +65,14 @@ seed_connections() {
   rm -f "$file"  # it holds the keys; the metastore has them now
 }
 
+# Pools of wildfire.airflow.pools, idempotently: importing an existing pool sets its slots and description again.
+seed_pools() {
+  local file="$AIRFLOW_HOME/pools.seed.json" out="$AIRFLOW_HOME/pools-import.log"
+  PYTHONPATH="$ROOT/plugins" "$ROOT/.venv/bin/python" -m wildfire.airflow.pools write "$file" >"$out"
+  "$AIRFLOW" pools import "$file" >>"$out" 2>&1 || { tail -20 "$out"; exit 1; }
+  log "pools: wildfire_streaming, wildfire_backfill (Admin -> Pools)"
+}
+
 stop() {
   if [ -f "$PIDFILE" ]; then
     pid="$(cat "$PIDFILE")"
@@ -83,7 +93,8 @@ case "${1:-start}" in
   seed)
     mkdir -p "$AIRFLOW_HOME"
     "$AIRFLOW" db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/db-migrate.log"; exit 1; }
-    seed_connections ;;
+    seed_connections
+    seed_pools ;;
   stop) stop ;;
   status) if running; then echo "airflow: running at $URL"; else echo "airflow: stopped"; exit 1; fi ;;
   *) echo "usage: $0 start|stop|status|seed" >&2; exit 2 ;;

@@ -227,7 +227,6 @@ class QueueConfig(_Model):
 
 
 class IngestionConfig(_Model):
-    mode: IngestionMode = "batch"
     polling_interval_seconds: float = Field(300, gt=0)
     buffer_size: int = Field(100, ge=1)
 
@@ -309,6 +308,13 @@ class WorkerConfig(_Model):
     status_statement_timeout_s: float = Field(5.0, gt=0, le=300, description="statement timeout of the status DB")
     status_retention_s: float = Field(86_400, ge=60, description="worker_status rows older than this are pruned "
                                                                   "and not shown by /status")
+    # The stream worker's mode and sources when nothing else chose them. The choice in force is this layered
+    # like every key (file < environment < runtime overrides): the trigger form (wildfire_stream params) and the
+    # operations page store a choice as the runtime override ``worker.mode`` / ``worker.sources``, so it sticks
+    # for every following run (see wildfire.stream_settings).
+    mode: IngestionMode = Field("continuous_streaming", description="batch | real_time | continuous_streaming")
+    sources: list[str] = Field(default_factory=list, description="sources the stream worker runs; [] = every "
+                                                                 "enabled source")
 
 
 def _default_sources() -> dict[str, SourceConfig]:
@@ -318,34 +324,34 @@ def _default_sources() -> dict[str, SourceConfig]:
     return {
         "nasa_firms": src(
             source_type="nasa_firms", topic="wildfire-satellite", priority=10, record_priority=Priority.HIGH,
-            ingestion=IngestionConfig(mode="continuous_streaming", polling_interval_seconds=30), capacity=100_000,
+            ingestion=IngestionConfig(polling_interval_seconds=30), capacity=100_000,
             rate_limit_per_minute=120, cache_ttl_seconds=60,
             options={"sources": ["VIIRS_SNPP_NRT", "VIIRS_NOAA20_NRT", "VIIRS_NOAA21_NRT", "MODIS_NRT"],
                      "bbox": [-124.48, 32.53, -114.13, 42.01], "day_range": 1},
         ),
         "nws_alerts": src(
             source_type="nws_alerts", topic="wildfire-alerts", priority=10, record_priority=Priority.NORMAL,
-            ingestion=IngestionConfig(mode="real_time", polling_interval_seconds=60),
+            ingestion=IngestionConfig(polling_interval_seconds=60),
             overflow_strategy="block", options={"area": "CA"},
         ),
         "nws_observations": src(
             source_type="nws_observations", topic="wildfire-weather", priority=7,
-            ingestion=IngestionConfig(mode="real_time", polling_interval_seconds=300),
+            ingestion=IngestionConfig(polling_interval_seconds=300),
             concurrency=20, options={"state": "CA"},
         ),
         "purpleair": src(
             source_type="purpleair", topic="wildfire-air-quality", priority=5,
-            ingestion=IngestionConfig(mode="batch", polling_interval_seconds=600),
+            ingestion=IngestionConfig(polling_interval_seconds=600),
             options={"bbox": [-124.48, 32.53, -114.13, 42.01]},
         ),
         "era5": src(
             source_type="era5", topic="wildfire-reanalysis", priority=1, record_priority=Priority.LOW,
-            ingestion=IngestionConfig(mode="batch", polling_interval_seconds=86_400), timeout_seconds=3600,
+            ingestion=IngestionConfig(polling_interval_seconds=86_400), timeout_seconds=3600,
             capacity=200_000, overflow_strategy="block",
         ),
         "iot_mqtt": src(
             source_type="iot_mqtt", topic="wildfire-iot", priority=6,
-            ingestion=IngestionConfig(mode="continuous_streaming", polling_interval_seconds=1),
+            ingestion=IngestionConfig(polling_interval_seconds=1),
             options={"topic_filter": "wildfire/sensors/#", "qos": 1},
         ),
     }
@@ -383,6 +389,9 @@ class StreamConfig(_Model):
                 raise ValueError(f"sources.{name}.topic: topic {src.topic!r} is not declared under topics")
         if self.kafka.enable_dlq and self.kafka.dlq_topic not in self.topics:
             raise ValueError(f"kafka.dlq_topic: topic {self.kafka.dlq_topic!r} is not declared under topics")
+        unknown = [s for s in self.worker.sources if s not in self.sources]
+        if unknown:
+            raise ValueError(f"worker.sources: unknown sources {unknown}; configured: {', '.join(sorted(self.sources))}")
         return self
 
     def source(self, name: str) -> SourceConfig:
@@ -543,6 +552,10 @@ LIVE_OVERRIDES: tuple[str, ...] = (
     "worker.config_reload_s",    # read by the loop on every reload
     "worker.shutdown_flush_s",   # read at shutdown
     "worker.status_retention_s",  # read by the status thread on every prune
+    # The stream worker's mode and sources: a running worker that sees them change ends its window (its
+    # records stay in the spool) so that the next continuous run starts with the new choice.
+    "worker.mode",
+    "worker.sources",
 )
 # Sections no runtime override may touch, with the reason given to the caller.
 FIXED_SECTIONS: dict[str, str] = {

@@ -31,6 +31,7 @@ DLQ_REPLAY = "dlq.replay"
 STATE_FIELDS = (
     "mode",            # batch | real_time | continuous_streaming
     "sources",         # sources this run handles
+    "polling",         # sources this worker polls right now (batch DAGs skip them: see stream_pollers)
     "queue",           # {"depth": {priority: n}, "max_size": n, "fill": 0..1}
     "spool",           # {"depth": {priority: n}, "by_source": {...}, "bytes": n, "oldest_age_s": s}
     "backpressure",    # {"state": name, "fill": 0..1, "fire_season": bool}
@@ -127,6 +128,32 @@ def is_stale(heartbeat: datetime | None, *, max_age: timedelta, now: datetime | 
     if heartbeat is None:
         return True
     return (now or datetime.now(UTC)) - heartbeat > max_age
+
+
+LIVE_HEARTBEAT = timedelta(minutes=2)
+"""A worker whose heartbeat is older than this is stale: it no longer counts as polling anything."""
+
+
+def stream_pollers(engine: sa.Engine, source: str, *, max_age: timedelta = LIVE_HEARTBEAT,
+                   now: datetime | None = None) -> list[dict[str, Any]]:
+    """Live stream workers (heartbeat within ``max_age``) whose status says they poll ``source`` now.
+
+    Only the ``polling`` field counts (set while the worker's poll loop for that source runs), so a worker in
+    ``batch`` mode, one whose connector could not start, or one written before the field existed never makes
+    a batch DAG skip its source.
+    """
+    now = now or datetime.now(UTC)
+    out = []
+    for w in read_worker_status(engine, "stream_worker", since=now - max_age):
+        polling = (w["state"] or {}).get("polling") or []
+        if isinstance(polling, list) and source in polling:
+            out.append(w)
+    return out
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
 
 
 def engine_for(config: Any, *, connect_timeout_s: float | None = None,

@@ -5,7 +5,8 @@
     spool --peek--> priority queue (orders each drain batch, LOW share) --> throttle (consumer lag)
           --> circuit breaker --> producer (acks=all, idempotent) --delivery callback--> spool.ack
 
-Modes (the ``mode`` DAG param):
+Modes (``worker.mode``; the ``wildfire_stream`` trigger form and the operations page store a choice that every
+following run applies, see ``wildfire.stream_settings``):
 
 - ``batch``: drain what the batch DAGs spooled, stop when the spool is empty (or the window ends).
 - ``real_time``: also poll the HTTP sources (FIRMS, NWS, PurpleAir) at their ``polling_interval_seconds``.
@@ -31,7 +32,16 @@ way, by its own ``coverage-recorder`` thread (failures: ``wildfire_coverage_reco
 unreachable, hanging or unmigrated status database shows as a ``/health`` warning (``degraded``), ``wildfire_worker_status_write_failures_total`` and an ERROR log,
 while records keep flowing to Kafka. The worker never migrates the schema (``make db-upgrade`` does).
 
-Run outside Airflow: ``python -m wildfire.worker --mode continuous_streaming --minutes 55``.
+Mode and sources stick (``wildfire.stream_settings``): without ``mode``/``sources`` the worker uses
+``worker.mode``/``worker.sources`` of its config (file < environment < stored runtime override). When a later
+override read changes them, the worker ends its window (``stopped_by: settings changed``; unacknowledged
+records stay in the spool) so the next continuous run starts with the new choice. ``yield_check`` (the
+Airflow operator's: a queued ``wildfire_stream`` run from the trigger form) is asked on every status cycle and
+ends the window the same way. The sources a worker polls right now are published as ``polling`` in its
+status; the batch DAGs skip those (``ops_state.stream_pollers``).
+
+Run outside Airflow: ``python -m wildfire.worker --mode continuous_streaming --minutes 55`` (without
+``--mode``/``--sources``: the stored choice, and the process exits when it changes; with them: those, kept).
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -100,12 +111,16 @@ def _config_version(cfg: StreamConfig) -> str:
 
 
 class StreamWorker:
-    def __init__(self, config: StreamConfig, *, mode: str = "continuous_streaming", sources: list[str] | None = None,
+    def __init__(self, config: StreamConfig, *, mode: str | None = None, sources: list[str] | None = None,
                  run_minutes: float | None = None, fire_season: str | None = None,
                  endpoints: Endpoints | None = None, config_path: str | os.PathLike[str] | None = None,
                  clock: Clock = SYSTEM_CLOCK, worker_id: str | None = None, status_db: bool = True,
                  metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
-                 lag_source: Any = None, spool_path: str | None = None) -> None:
+                 lag_source: Any = None, spool_path: str | None = None,
+                 yield_check: Callable[[], str | None] | None = None,
+                 settings_seen: tuple[str, list[str]] | None = None, follow_settings: bool = True) -> None:
+        mode = mode or config.worker.mode
+        sources = sources or list(config.worker.sources) or None
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
         if fire_season not in (None, "auto", "on", "off"):
@@ -192,6 +207,13 @@ class StreamWorker:
         self._recent_drops: deque[dict[str, Any]] = deque(maxlen=20)
         self._fetch_errors: dict[str, str] = {}
         self.summary = WorkerSummary(mode=mode, sources=list(self.sources))
+        self._yield_check = yield_check
+        self._yield_error: str | None = None
+        # (mode, sources) of the stored choice this run started from; unknown (None): the first override read.
+        self._settings_seen: tuple[str, tuple[str, ...]] | None = (
+            (settings_seen[0], tuple(settings_seen[1])) if settings_seen else None)
+        self._polling: set[str] = set()
+        self._follow_settings = follow_settings  # False: explicit mode/sources (CLI flags) that a change must not undo
 
     # ------------------------------------------------------------ ordering and throttling
 
@@ -259,6 +281,13 @@ class StreamWorker:
             self._fetch_errors[name] = f"{type(exc).__name__}: {exc}"
             log.error("source %s cannot start: %s", name, exc)
             return
+        self._polling.add(name)
+        try:
+            await self._poll_forever(name, src, connector)
+        finally:
+            self._polling.discard(name)
+
+    async def _poll_forever(self, name: str, src: Any, connector: Any) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
@@ -327,6 +356,7 @@ class StreamWorker:
         return {
             "mode": self.mode,
             "sources": self.sources,
+            "polling": sorted(self._polling),
             "queue": {"depth": {p.name: self.queue.depth(p) for p in Priority}, "max_size": self.queue.max_size,
                       "fill": round(self.queue.fill_ratio(), 4), "dequeued": getattr(q, "dequeued", None)},
             "spool": {"depth": depth_by_prio, "by_source": stats.depth, "bytes": bytes_total,
@@ -396,6 +426,7 @@ class StreamWorker:
         the final status once. Each call is bounded by the engine's timeouts; the publish loop never waits."""
         while not self._status_final.is_set():
             self._status_cycle()
+            self._ask_yield()  # not a database call: asked even when the status database is down
             self._status_final.wait(min(5.0, self.config.worker.config_reload_s))
         self._status_cycle(final=True)
 
@@ -433,6 +464,38 @@ class StreamWorker:
             self._status_up_metric.set(1)
         finally:
             self._status_busy_since = None
+
+    def _ask_yield(self) -> None:
+        """Ask ``yield_check`` whether to give the window up (a queued run with a new choice waits for it)."""
+        if self._yield_check is None or self._stop.is_set():
+            return
+        try:
+            reason = self._yield_check()
+        except Exception as exc:  # noqa: BLE001 - advisory: the window runs to its end without it
+            text = f"{type(exc).__name__}: {exc}"
+            if text != self._yield_error:
+                log.warning("cannot check for a waiting run (%s); this window runs to its end", text)
+            self._yield_error = text
+            return
+        self._yield_error = None
+        if reason:
+            log.info("ending this window early: %s", reason)
+            self.stop(reason)
+
+    def _check_settings(self, cfg: StreamConfig) -> None:
+        """End the window when the stored mode/sources change after this worker first read them."""
+        chosen = (cfg.worker.mode, tuple(cfg.worker.sources))
+        if not self._follow_settings:
+            return
+        if self._settings_seen is None:
+            self._settings_seen = chosen
+            return
+        if chosen != self._settings_seen:
+            was, self._settings_seen = self._settings_seen, chosen
+            reason = (f"settings changed: mode {was[0]} -> {chosen[0]}, sources {list(was[1]) or 'all'} -> "
+                      f"{list(chosen[1]) or 'all'}")
+            log.info("ending this window so the next run starts with the new stream settings (%s)", reason)
+            self.stop(reason)
 
     def _snapshot_for_status(self) -> dict[str, Any]:
         # Other threads update the counters this reads; a dict changing size mid-copy is simply read again.
@@ -505,6 +568,8 @@ class StreamWorker:
 
             layered = deep_merge(self._overrides, self._param_overrides)
             new = load_config(self.config_path, overrides=layered)
+            if overrides is not None:
+                self._check_settings(new)
         except ConfigError as exc:
             self._config_error = f"kept the running config: {exc}"
             self.summary.config_errors.append(str(exc))
@@ -558,7 +623,8 @@ class StreamWorker:
     # ------------------------------------------------------------ the run
 
     def stop(self, reason: str = "stop requested") -> None:
-        self.summary.stopped_by = reason
+        if not self._stop.is_set():  # the first reason is the one that stopped it
+            self.summary.stopped_by = reason
         self._stop.set()
 
     def run(self) -> WorkerSummary:
@@ -659,8 +725,9 @@ def _apply(config: StreamConfig, overrides: dict[str, Any]) -> StreamConfig:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wildfire.worker", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=None)
-    parser.add_argument("--mode", choices=MODES, default="continuous_streaming")
-    parser.add_argument("--sources", default="", help="comma-separated; default: every enabled source")
+    parser.add_argument("--mode", choices=MODES, default=None, help="default: the stored choice (worker.mode)")
+    parser.add_argument("--sources", default="", help="comma-separated; default: the stored choice "
+                                                      "(worker.sources; [] = every enabled source)")
     parser.add_argument("--minutes", type=float, default=None, help="run window (default: worker.run_minutes)")
     parser.add_argument("--fire-season", choices=("auto", "on", "off"), default=None)
     parser.add_argument("--metrics-port", type=int, default=None)
@@ -677,7 +744,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}")
         return 2
     path = args.config or os.environ.get("WILDFIRE_CONFIG") or None
-    worker = StreamWorker(cfg, mode=args.mode, sources=[s for s in args.sources.split(",") if s] or None,
+    mode, sources = args.mode, [s for s in args.sources.split(",") if s] or None
+    seen, follow = None, mode is None and sources is None
+    if mode is None and sources is None and not args.no_status_db:
+        # The stored choice (stream_settings); an unreachable status database leaves the file's.
+        from wildfire import ops_state, stream_settings
+
+        try:
+            engine = ops_state.engine_for(cfg, connect_timeout_s=cfg.worker.status_connect_timeout_s,
+                                          statement_timeout_s=cfg.worker.status_statement_timeout_s)
+            choice = stream_settings.current_choice(engine, config_path=path)
+            mode, sources, seen = choice.mode, choice.sources or None, (choice.mode, choice.sources)
+        except Exception as exc:  # noqa: BLE001 - the status database is not on the data path
+            log.error("stored stream settings unreadable (%s); using worker.mode/worker.sources of the config",
+                      ops_state.first_line(exc))
+    worker = StreamWorker(cfg, mode=mode, sources=sources, settings_seen=seen, follow_settings=follow,
                           run_minutes=args.minutes, fire_season=args.fire_season,
                           config_path=path or resolve_path("config/stream_config.yaml"),
                           metrics_port=args.metrics_port, metrics_host=args.metrics_host,

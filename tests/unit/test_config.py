@@ -52,7 +52,10 @@ def test_shipped_config_is_valid_and_equals_code_defaults():
         ("sources:\n  nasa_firms:\n    record_priority: URGENT\n", "sources.nasa_firms.record_priority", "unknown priority 'URGENT'"),
         ("sources:\n  nasa_firms:\n    priority: 11\n", "sources.nasa_firms.priority", "less than or equal to 10"),
         ("sources:\n  nasa_firms:\n    topic: nowhere\n", "sources.nasa_firms.topic", "not declared under topics"),
-        ("sources:\n  nasa_firms:\n    ingestion: {mode: sometimes}\n", "sources.nasa_firms.ingestion.mode", "'batch', 'real_time' or 'continuous_streaming'"),
+        ("worker:\n  mode: sometimes\n", "worker.mode", "'batch', 'real_time' or 'continuous_streaming'"),
+        ("worker:\n  sources: [nasa_firms, nowhere]\n", "worker.sources", "unknown sources ['nowhere']"),
+        # A source-level mode was never read: it is an unknown key now, not silently ignored config.
+        ("sources:\n  nasa_firms:\n    ingestion: {mode: batch}\n", "sources.nasa_firms.ingestion.mode", "Extra inputs"),
     ],
 )
 def test_invalid_values_name_the_field_and_the_problem(tmp_path, yaml_text, field, fragment):

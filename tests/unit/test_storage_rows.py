@@ -175,7 +175,7 @@ def test_migration_is_idempotent_and_writer_refuses_unmigrated_db(tmp_path):
         SqliteWriter(tmp_path / "m.db")
     upgrade(url)
     upgrade(url)
-    assert current(url) == "0004"
+    assert current(url) == "0005"
 
 
 def test_literal_backslash_u0000_text_is_a_record_not_a_nul():

@@ -14,7 +14,10 @@ UI's ``_token`` cookie; anything else gets 401/403)::
     GET   /status    JSON for the page: recent worker states, recent audit, dead-letter counts, NWS alerts
                      in force (``alerts``: not cancelled, not expired at the request time; at most
                      ``MAX_ALERTS``, CRITICAL first); ``coverage``: the ledger's ranges, gaps (each
-                     ``within`` / ``alarm`` / ``lost``) and backfill runs (``wildfire.coverage.summarize``)
+                     ``within`` / ``alarm`` / ``lost``) and backfill runs (``wildfire.coverage.summarize``);
+                     ``stream_settings``: the stream worker's stored mode and sources, who set them and when
+                     (``wildfire.stream_settings``); ``failures``: the newest failed task tries
+                     (``task_failures``, at most ``MAX_FAILURES``)
     GET   /ops       the operations page (self-contained HTML + JS, polls /status every 2 s)
 
 Guarantees:
@@ -82,6 +85,7 @@ log = logging.getLogger(__name__)
 
 MAX_WORKERS = 100  # most worker rows /status and /metrics return (newest first)
 MAX_ALERTS = 100  # most alerts in force /status lists (most urgent first)
+MAX_FAILURES = 20  # most recent task failures /status lists (newest first)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 # Module-level on purpose: they are dependency *callables* (no state), and tests replace them through
@@ -546,6 +550,20 @@ def create_app(
         except Exception as exc:  # noqa: BLE001 - the page shows the reason instead of going blank
             body["database"] = _first_line(exc)
         body["alerts"], body["alerts_error"] = alert_listing(engine, ctx.now())
+        body["stream_settings"], body["stream_settings_error"] = None, None
+        try:
+            from wildfire.stream_settings import current_choice
+
+            body["stream_settings"] = current_choice(engine, config_path=ctx.path(), environ=ctx.env()).as_dict()
+        except Exception as exc:  # noqa: BLE001 - shown on the page
+            body["stream_settings_error"] = _first_line(exc)
+        body["failures"], body["failures_error"] = [], None
+        try:
+            from wildfire.airflow.callbacks import recent_failures
+
+            body["failures"] = recent_failures(engine, MAX_FAILURES)
+        except Exception as exc:  # noqa: BLE001 - e.g. migration 0005 not applied: shown on the page
+            body["failures_error"] = _first_line(exc)
         body["coverage"], body["coverage_error"] = None, None
         try:
             from wildfire import coverage

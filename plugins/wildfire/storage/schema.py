@@ -159,6 +159,21 @@ worker_status = sa.Table(
     sa.Column("state", JSONType, nullable=False),
 )
 
+# One row per failed Airflow task try (wildfire.airflow.callbacks; migration 0005), listed on the ops page.
+task_failures = sa.Table(
+    "task_failures",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("ts", TS, nullable=False),
+    sa.Column("dag_id", sa.Text, nullable=False),
+    sa.Column("task_id", sa.Text, nullable=False),
+    sa.Column("run_id", sa.Text, nullable=False),
+    sa.Column("map_index", sa.Integer, nullable=False, server_default="-1"),
+    sa.Column("try_number", sa.Integer, nullable=True),
+    sa.Column("exception", sa.Text, nullable=False),
+    sa.Index("ix_task_failures_ts", "ts"),
+)
+
 # ---------------------------------------------------------------- alert lifecycle (wildfire.storage.alerts)
 
 alert_links = sa.Table(

@@ -21,6 +21,13 @@ Not guaranteed: with a shared spool and no stream worker, two batch tasks publis
 may leave the later one's rows to the earlier one's drain, which can finish just before they are written;
 they then wait in the spool for the next drainer (the next batch task or the stream worker).
 
+No double polling: :class:`FetchToSpoolOperator` first asks the status database which live stream workers poll
+its source right now (:func:`stream_poller`, ``ops_state.stream_pollers``: heartbeat within
+``ops_state.LIVE_HEARTBEAT``, the source in the worker's ``polling`` list) and raises ``AirflowSkipException``
+naming the worker and its heartbeat when one does. A stale heartbeat does not count. An unreachable (or
+unmigrated) status database does not stop the task: it polls, accepting a possible double quota, and logs a
+warning saying so (a dependency outside the data path never stops the data path).
+
 After a successful publish, every batch task records the time range it fetched in the coverage ledger
 (``wildfire.coverage.record_safely``: a ledger failure is logged, never the task's).
 """
@@ -92,6 +99,29 @@ def publish_spool(spool: Any, config: Any, *, timeout_s: float = DEFAULT_PUBLISH
             "seconds": seconds}
 
 
+def stream_poller(config: Any, source: str, *, engine: Any = None, now: Any = None) -> str | None:
+    """Why the batch task for ``source`` must not poll (a live stream worker does), or None.
+
+    ``None`` too when the status database cannot be read: the task polls (logged as a warning).
+    """
+    from wildfire import ops_state
+
+    try:
+        engine = engine or ops_state.engine_for(config, connect_timeout_s=config.worker.status_connect_timeout_s,
+                                                statement_timeout_s=config.worker.status_statement_timeout_s)
+        live = ops_state.stream_pollers(engine, source, now=now)
+    except Exception as exc:  # noqa: BLE001 - outside the data path: poll rather than stop
+        log.warning("cannot read worker_status to check whether a stream worker polls %s (%s): polling anyway "
+                    "(if a stream worker does poll it, this run costs its API quota twice)", source,
+                    ops_state.first_line(exc))
+        return None
+    if not live:
+        return None
+    w = live[0]
+    return (f"stream worker {w['worker_id']} polls {source} (heartbeat {w['heartbeat'].isoformat()}, mode "
+            f"{(w['state'] or {}).get('mode')}): skipping this batch poll so the source's quota is not spent twice")
+
+
 def open_pipeline(config: Any) -> tuple[Any, Any]:
     """(spool, ingestor) for this process, with fire season as configured."""
     import random
@@ -132,6 +162,12 @@ class FetchToSpoolOperator(BaseOperator):
         if not src.enabled:
             self.log.info("source %s is disabled in the config; nothing to do", self.source)
             return {"source": self.source, "skipped": "disabled"}
+        reason = stream_poller(config, self.source)
+        if reason:
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            self.log.info("%s", reason)
+            raise AirflowSkipException(reason)
         cursors = CursorStore.for_config(config)
         previous = cursors.load(self.source)
         result = asyncio.run(fetch_once(self.source, config, Endpoints.from_airflow(), cursor=previous))

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator
+
+DEFAULT_SECONDS = 300
+"""Default run window of ``storage_consumer`` (its ``seconds`` param and the timeout derive from it)."""
+FLUSH_MARGIN = timedelta(minutes=5)
+"""Time after the window for the last batch's commit and offset commit and the consumer's close."""
+
+
+def consumer_timeout(seconds: float = DEFAULT_SECONDS) -> timedelta:
+    """``execution_timeout`` of the consumer task: the run window plus :data:`FLUSH_MARGIN`."""
+    return timedelta(seconds=seconds) + FLUSH_MARGIN
 
 
 class StorageConsumerOperator(BaseOperator):
@@ -17,7 +28,7 @@ class StorageConsumerOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("seconds",)
 
-    def __init__(self, *, seconds: Any = 300, db_conn_id: str = "wildfire_db", **kwargs: Any) -> None:
+    def __init__(self, *, seconds: Any = DEFAULT_SECONDS, db_conn_id: str = "wildfire_db", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.seconds = seconds
         self.db_conn_id = db_conn_id
@@ -27,12 +38,14 @@ class StorageConsumerOperator(BaseOperator):
         import threading
 
         from wildfire.airflow.hooks.database import WildfireDbHook
+        from wildfire.airflow.operators.stream import fit_window
         from wildfire.airflow.params import param_float
         from wildfire.config import load_config
         from wildfire.storage.consumer import StorageConsumer
         from wildfire.storage.migrate import upgrade
 
-        seconds = param_float(self.seconds, "seconds", minimum=1)
+        seconds = fit_window(param_float(self.seconds, "seconds", minimum=1), self.execution_timeout, FLUSH_MARGIN,
+                             self.log, "run window")
         config = load_config()
         url = WildfireDbHook(self.db_conn_id).database_url()
         upgrade(url)
