@@ -168,6 +168,50 @@ class ChunkMixin:
                     masks[cid] |= _range_mask(a, b)
         return masks, asked
 
+    def _remove_ids(self, conn: sqlite3.Connection, ids: Iterable[int]) -> tuple[int, int]:
+        """Remove the records ``ids`` (an ack); returns (records removed, distinct ids asked for).
+
+        Per run of consecutive ids, the chunks wholly inside it and with no record gone go in one range
+        delete, their counts from one aggregate (no Python per chunk or record: a drain of chunks of one
+        record, as single ``put`` calls write them, stays a range delete). Only the chunk holding the run's
+        first id, the one holding its last and chunks with marks take the record-level path (``_remove``).
+        """
+        masks: dict[int, int] = defaultdict(int)
+        removed: Counts = defaultdict(lambda: [0, 0])
+        found = asked = 0
+        for lo, hi in id_runs(ids):
+            asked += hi - lo + 1
+            edge = [conn.execute("SELECT id, n FROM chunks WHERE id < ? ORDER BY id DESC LIMIT 1", (lo,)).fetchone(),
+                    conn.execute("SELECT id, n FROM chunks WHERE id >= ? AND id <= ? ORDER BY id DESC LIMIT 1",
+                                 (lo, hi)).fetchone()]
+            special = [r for r in edge if r is not None and (r[0] < lo or r[0] + r[1] - 1 > hi)]
+            marked = [r[0] for r in conn.execute("SELECT id FROM chunk_marks WHERE id >= ? AND id <= ?", (lo, hi))]
+            if marked:
+                special += conn.execute("SELECT id, n FROM chunks WHERE id IN (SELECT value FROM json_each(?))",
+                                        (orjson.dumps(marked),)).fetchall()
+            for cid, n in special:
+                a, b = max(lo, cid) - cid, min(hi, cid + n - 1) - cid
+                if a <= b:
+                    masks[cid] |= _range_mask(a, b)
+            where, params = "id >= ? AND id <= ?", [lo, hi]
+            if special:
+                where += " AND id NOT IN (SELECT value FROM json_each(?))"
+                params.append(orjson.dumps([r[0] for r in special]))
+            agg = conn.execute(f"SELECT source, priority, sum(n), sum(bytes) FROM chunks WHERE {where}"
+                               " GROUP BY source, priority", params).fetchall()
+            if agg:
+                conn.execute(f"DELETE FROM chunks WHERE {where}", params)
+                for source, prio, n, b in agg:
+                    r = removed[(source, prio)]
+                    r[0] += n
+                    r[1] += b
+                    found += n
+        if removed:
+            self._adjust_depth(conn, ((s, p, -n_, -b_) for (s, p), (n_, b_) in removed.items()))
+        if masks:
+            found += self._remove(conn, masks)[0]
+        return found, asked
+
     def _remove(self, conn: sqlite3.Connection, masks: Mapping[int, int], *, detail: bool = False,
                 values: bool = False) -> tuple[int, list[Removed]]:
         """Remove the records ``masks`` names ({chunk id: bitmask}) and keep ``depth`` exact. Records already

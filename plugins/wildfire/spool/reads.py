@@ -35,6 +35,10 @@ _new_tuple = tuple.__new__
 _PEEK = ("SELECT c.id, c.source, c.source_priority, c.priority, c.topic, c.ingest_time, c.schema_version, c.n,"
          " c.keys, c.lens, c.vals, m.gone, m.attempts FROM chunks c LEFT JOIN chunk_marks m ON m.id = c.id"
          " WHERE c.id > ? AND c.id <= ? ORDER BY c.id")
+# The same for a range with no chunk_marks row (the usual case): no lookup in chunk_marks per chunk.
+_PEEK_UNMARKED = ("SELECT id, source, source_priority, priority, topic, ingest_time, schema_version, n, keys, lens,"
+                  " vals, NULL, NULL FROM chunks WHERE id > ? AND id <= ? ORDER BY id")
+_loads = orjson.loads
 
 
 def _expand(chunk: tuple, after: int, limit: int) -> list[SpoolRow]:
@@ -111,10 +115,18 @@ class ReadsMixin(ChunkMixin):
             if holder is not None and holder[0] + holder[1] - 1 > start:
                 begin = holder[0] - 1
         out: list[SpoolRow] = []
-        cur = conn.execute(_PEEK, (begin, lo | _SEQ_MASK))
+        marked = conn.execute("SELECT 1 FROM chunk_marks WHERE id > ? AND id <= ? LIMIT 1",
+                              (begin, lo | _SEQ_MASK)).fetchone()
+        cur = conn.execute(_PEEK if marked else _PEEK_UNMARKED, (begin, lo | _SEQ_MASK))
+        append = out.append
         try:
             for chunk in cur:  # stepped one chunk at a time: only the chunks needed are read
-                out += _expand(chunk, start, limit - len(out))
+                if chunk[7] == 1 and chunk[12] is None and chunk[0] > start:
+                    # A chunk of one record (a single ``put``): its whole value blob is the value.
+                    append(_new_tuple(SpoolRow, (chunk[0], chunk[1], chunk[2], chunk[3], chunk[4], _loads(chunk[8])[0],
+                                                 chunk[10], chunk[5], chunk[6], 0)))
+                else:
+                    out += _expand(chunk, start, limit - len(out))
                 if len(out) >= limit:
                     break
         finally:
@@ -151,8 +163,7 @@ class ReadsMixin(ChunkMixin):
             conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_CHECKPOINT_BYTES // self._local.page}")
             self._local.checkpointer = True
         with self._write(conn, sync=False):
-            masks, asked = self._chunk_masks(conn, ids)
-            found, _ = self._remove(conn, masks)
+            found, asked = self._remove_ids(conn, ids)
             if found < asked:
                 # Some delivered records were gone: evicted or expired while in flight (counted as dropped,
                 # yet Kafka has them), or acked twice. Rare, so only then is dropped_ids looked at.
