@@ -11,7 +11,8 @@ deleted only on a delivery acknowledgement); the rest is counted. The damaged fi
 copy), never changed, so salvage can be run again (Kafka may then hold duplicates: at least once).
 
 How rows are read from a damaged file: pages of rows in id order; where SQLite reports corruption, one row at
-a time; a row whose id is readable but whose columns are not is counted as an *unreadable row*; where even the
+a time; a row whose id is readable but whose columns are not is counted as an *unreadable row* (for a chunk row,
+each of its records); where even the
 seek to the next id fails (a damaged b-tree page), the reader probes ahead (doubling steps, then bisecting)
 for the next readable id and counts a *damaged region*. The rows lost inside damaged regions cannot be
 counted one by one; when the file's ``depth`` table is still readable, the number of rows it recorded minus
@@ -48,8 +49,9 @@ from wildfire.spool.chunks import is_gone, offsets, restore_records
 log = logging.getLogger(__name__)
 
 _COLUMNS = "id, source, source_priority, priority, topic, key, value, ingest_time, schema_version, attempts"
-_CHUNK_COLUMNS = ("c.id, c.source, c.source_priority, c.priority, c.topic, c.ingest_time, c.schema_version, c.n,"
-                  " c.keys, c.lens, c.vals, m.gone, m.attempts")
+_CHUNK_ONLY = ("c.id, c.source, c.source_priority, c.priority, c.topic, c.ingest_time, c.schema_version, c.n,"
+               " c.keys, c.lens, c.vals")
+_CHUNK_COLUMNS = _CHUNK_ONLY + ", m.gone, m.attempts"
 _TOP_ID = (10 * 8 + 3 + 1) << 40  # above every possible row id (source priority 10, LOW)
 _PAGE = 500
 # After a page read hits corruption, this many rows are read one at a time before trying whole pages again.
@@ -233,7 +235,7 @@ class _Reader:
     def _one(self, rid: int) -> tuple | None:
         if not self.chunked:
             return self.conn.execute(f"SELECT {_COLUMNS} FROM spool WHERE id = ?", (rid,)).fetchone()
-        row = self.conn.execute(f"SELECT {_CHUNK_COLUMNS.split(', m.')[0]} FROM chunks c WHERE c.id = ?",
+        row = self.conn.execute(f"SELECT {_CHUNK_ONLY} FROM chunks c WHERE c.id = ?",
                                 (rid,)).fetchone()
         if row is None:
             return None

@@ -19,7 +19,8 @@ from typing import Any
 
 import orjson
 
-from wildfire.spool.layout import _DROPPED_IDS_KEEP_S, _SEQ_MASK, CHUNK_RECORDS, Clock, log
+from wildfire.clock import Clock
+from wildfire.spool.layout import _DROPPED_IDS_KEEP_S, _SEQ_MASK, CHUNK_RECORDS, log
 
 _BIG_ENDIAN = sys.byteorder == "big"
 

@@ -279,14 +279,14 @@ def _errorname(exc: BaseException) -> str:
 class SpoolRow(NamedTuple):
     """One spooled record, as the publisher sees it.
 
-    A NamedTuple, not a dataclass: ``peek_batch`` builds one per row straight from SQLite's tuple
-    (``SpoolRow._make``, no Python ``__init__``), which matters at tens of thousands of rows/s.
-    Immutable and hashable like the frozen dataclass it replaced; compare rows by ``id``.
+    A NamedTuple, not a dataclass: ``peek_batch`` builds one per record of a chunk with ``tuple.__new__``
+    (no Python ``__init__``), which matters at tens of thousands of records/s. Immutable and hashable;
+    compare rows by ``id``.
     """
 
     id: int
-    """Row id: ``(source_priority * 8 + priority) << 40 | sequence``, so ascending ids are FIFO within a
-    level (not across levels); what ``ack`` takes."""
+    """Record id: ``(source_priority * 8 + priority) << 40 | sequence``, so ascending ids are FIFO within a
+    level (not across levels); what ``ack`` takes. The same whichever chunk holds the record."""
     source: str
     """Configured source name."""
     source_priority: int

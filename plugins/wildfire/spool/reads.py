@@ -12,6 +12,7 @@ import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable
 from itertools import accumulate, repeat
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -27,6 +28,7 @@ from wildfire.spool.layout import (
     SpoolRow,
     SpoolStats,
     _level_id,
+    log,
 )
 
 # tuple.__new__(SpoolRow, row) is SpoolRow._make without its Python frame: C speed per peeked record.
@@ -54,6 +56,9 @@ def _expand(chunk: tuple, after: int, limit: int) -> list[SpoolRow]:
         return []
     keys = orjson.loads(keys_b)
     offs = list(accumulate(decode_lens(lens_b), initial=0))
+    if not isinstance(keys, list) or len(keys) != n or len(offs) != n + 1 or offs[-1] != len(vals):
+        raise ValueError(f"chunk {cid}: {n} records, but {len(keys)} keys, {len(offs) - 1} value lengths summing to"
+                         f" {offs[-1]} for {len(vals)} value bytes")
     if isinstance(idx, range):
         # The usual case, no Python code per record: slices of the key list and of the value blob.
         lo, hi = idx.start, idx.stop
@@ -78,6 +83,8 @@ class ReadsMixin(ChunkMixin):
 
     config: SpoolConfig
     sources: dict[str, SourceConfig]
+    path: Path
+    read_only: bool
     _oldest_from: dict[tuple[str, int, int], int]
 
     # ------------------------------------------------------------ draining
@@ -102,8 +109,7 @@ class ReadsMixin(ChunkMixin):
             out += self._peek_level(conn, sp, prio, after.get((sp, prio), 0), limit - len(out))
         return out
 
-    @staticmethod
-    def _peek_level(conn: sqlite3.Connection, sp: int, prio: int, after: int, limit: int) -> list[SpoolRow]:
+    def _peek_level(self, conn: sqlite3.Connection, sp: int, prio: int, after: int, limit: int) -> list[SpoolRow]:
         # A level's chunks are one rowid range in arrival order: one range scan of the table, no index. The
         # chunk holding the record after the cursor may start below it: one backwards seek finds it.
         lo = _level_id(sp, prio)
@@ -119,19 +125,49 @@ class ReadsMixin(ChunkMixin):
                               (begin, lo | _SEQ_MASK)).fetchone()
         cur = conn.execute(_PEEK if marked else _PEEK_UNMARKED, (begin, lo | _SEQ_MASK))
         append = out.append
+        bad: list[tuple[tuple, str]] = []
         try:
             for chunk in cur:  # stepped one chunk at a time: only the chunks needed are read
-                if chunk[7] == 1 and chunk[12] is None and chunk[0] > start:
-                    # A chunk of one record (a single ``put``): its whole value blob is the value.
-                    append(_new_tuple(SpoolRow, (chunk[0], chunk[1], chunk[2], chunk[3], chunk[4], _loads(chunk[8])[0],
-                                                 chunk[10], chunk[5], chunk[6], 0)))
-                else:
-                    out += _expand(chunk, start, limit - len(out))
+                try:
+                    if chunk[7] == 1 and chunk[12] is None and chunk[0] > start:
+                        # A chunk of one record (a single ``put``): its whole value blob is the value.
+                        key = _loads(chunk[8])[0]
+                        if not isinstance(key, str):
+                            raise ValueError(f"chunk {chunk[0]}: key {key!r} is not a string")
+                        append(_new_tuple(SpoolRow, (chunk[0], chunk[1], chunk[2], chunk[3], chunk[4], key, chunk[10],
+                                                     chunk[5], chunk[6], 0)))
+                    else:
+                        out += _expand(chunk, start, limit - len(out))
+                except (orjson.JSONDecodeError, ValueError, TypeError, IndexError, AttributeError) as exc:
+                    bad.append((chunk, f"{type(exc).__name__}: {exc}"))
                 if len(out) >= limit:
                     break
         finally:
             cur.close()
+        for chunk, error in bad:  # after the cursor is closed: no write while the table is being stepped
+            self._dead_letter_chunk(conn, chunk, error)
         return out
+
+    def _dead_letter_chunk(self, conn: sqlite3.Connection, chunk: tuple, error: str) -> None:
+        """A chunk row SQLite reads but whose payload does not decode (damaged in a way ``quick_check`` does not
+        see): its live records are dead-lettered as one ``dead_letters`` row holding the raw values (key
+        ``<undecodable chunk ID>``), counted per record (reason ``dead_letter``), so the drain goes on with
+        the other chunks. A read-only view only logs it."""
+        cid, source, _sp, prio, topic, n = chunk[0], chunk[1], chunk[2], chunk[3], chunk[4], chunk[7]
+        log.error("spool %s: chunk %d (%s, %d records) cannot be decoded (%s); its records are dead-lettered",
+                  self.path, cid, source, n, error)
+        if self.read_only:
+            return
+        raw = chunk[10] if isinstance(chunk[10], bytes) else repr(chunk[10]).encode()
+        with self._write(conn, sync=True):
+            total, _ = self._remove(conn, {cid: (1 << n) - 1})
+            if total:
+                conn.execute(
+                    "INSERT INTO dead_letters (source, priority, topic, key, value, error, attempts, failed_at,"
+                    " spool_id) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                    (source, prio, topic, f"<undecodable chunk {cid}>", raw,
+                     f"undecodable spool chunk of {total} records: {error}", self.clock.time(), cid))
+                self._count_drops(conn, {(source, prio): total}, REASON_DEAD_LETTER)
 
     def max_id(self) -> int:
         """The last sequence number handed out (the low bits of a record id; 0 for a new store).
