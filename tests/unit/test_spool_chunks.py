@@ -116,6 +116,17 @@ def test_a_partly_acked_chunk_keeps_its_unacked_records_and_exact_depth(tmp_path
     assert table_rows(tmp_path / "s.db", "chunks") == table_rows(tmp_path / "s.db", "chunk_marks") == 0
 
 
+def test_an_ack_run_across_chunks_counts_each_record_once(tmp_path):
+    spool = make(tmp_path / "s.db")
+    spool.put_batch(batch("iot", [f"k{i}" for i in range(1_500)]))  # chunks 0-499, 500-999, 1000-1499
+    rows = spool.peek_batch(2_000)
+    assert spool.ack(r.id for r in rows[100:200]) == 100            # chunk 0 partly acked (marked)
+    assert spool.ack(r.id for r in rows[50:1_200]) == 1_050         # marked, whole and partial chunks in one run
+    assert [r.key for r in spool.peek_batch(2_000)] == [f"k{i}" for i in (*range(50), *range(1_200, 1_500))]
+    assert spool.depth() == 350 and table_rows(tmp_path / "s.db", "chunks") == 2
+    assert spool.ack(r.id for r in rows) == 350 and spool.depth() == 0
+
+
 def test_attempts_are_kept_per_record(tmp_path):
     spool = make(tmp_path / "s.db")
     spool.put_batch(batch("iot", [f"k{i}" for i in range(10)]))

@@ -42,7 +42,9 @@ single ``put`` is a chunk of one), never one per record. Every guarantee above h
 keeps its own id from put to ack, a partly acked, evicted or dead-lettered chunk keeps its other records (its
 gone records are marked in a small side row; the chunk's payload stays on disk until its last record goes),
 every drop is counted per record and remembered with its key, and ``depth()``/``stats()`` count records.
-A store of the earlier record-per-row layout is migrated on its first writable open, in one transaction.
+A chunk whose payload does not decode (damage SQLite does not see) is dead-lettered as one row and counted
+per record; the drain goes on. A store of the earlier record-per-row layout is migrated on its first writable
+open, in one transaction (a crash midway leaves the old layout).
 
 Modules: ``layout`` (schema, migration, connections, opening, quarantine, drain lock, errors and row types),
 ``chunks`` (the chunk codec and record-level primitives), ``writes`` (``put``/``put_batch``, capacity,

@@ -185,7 +185,9 @@ class ChunkMixin:
             edge = [conn.execute("SELECT id, n FROM chunks WHERE id < ? ORDER BY id DESC LIMIT 1", (lo,)).fetchone(),
                     conn.execute("SELECT id, n FROM chunks WHERE id >= ? AND id <= ? ORDER BY id DESC LIMIT 1",
                                  (lo, hi)).fetchone()]
-            special = [r for r in edge if r is not None and (r[0] < lo or r[0] + r[1] - 1 > hi)]
+            # The chunk holding ``lo`` but starting below it, and the last chunk starting in the run if it
+            # reaches past ``hi``: only some of their records are acked.
+            special = [r for r in edge if r is not None and (r[0] < lo < r[0] + r[1] or r[0] + r[1] - 1 > hi >= r[0])]
             marked = [r[0] for r in conn.execute("SELECT id FROM chunk_marks WHERE id >= ? AND id <= ?", (lo, hi))]
             if marked:
                 special += conn.execute("SELECT id, n FROM chunks WHERE id IN (SELECT value FROM json_each(?))",
