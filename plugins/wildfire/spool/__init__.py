@@ -46,7 +46,7 @@ A chunk whose payload does not decode (damage SQLite does not see) is dead-lette
 per record; the drain goes on. A store of the earlier record-per-row layout is migrated on its first writable
 open, in one transaction (a crash midway leaves the old layout).
 
-Modules: ``layout`` (schema, migration, connections, opening, quarantine, drain lock, errors and row types),
+Modules: ``layout`` (schema, migration, connections, opening, quarantine, drain lock), ``model`` (errors, row types),
 ``chunks`` (the chunk codec and record-level primitives), ``writes`` (``put``/``put_batch``, capacity,
 overflow), ``reads`` (peek, ack, attempts, dead letters, depth, stats), ``maintenance`` (TTL, archive,
 retention), ``__main__`` (``python -m wildfire.spool salvage FILE``, see ``wildfire.spool_salvage``).
@@ -80,14 +80,19 @@ from wildfire.spool.layout import (
     _WAL_CHECKPOINT_BYTES,
     _WRITER_CHECKPOINT_BYTES,
     CHUNK_RECORDS,
-    MIN_SQLITE,
     REASON_DEAD_LETTER,
     REASON_EXPIRED,
     REASON_INVALID,
     REASON_OVERFLOW,
+    LayoutMixin,
+    _connect,
+    _level_id,
+)
+from wildfire.spool.maintenance import MaintenanceMixin
+from wildfire.spool.model import (
+    MIN_SQLITE,
     DrainCursor,
     DrainLockedError,
-    LayoutMixin,
     PutOutcome,
     SpoolCorruptError,
     SpoolError,
@@ -97,12 +102,9 @@ from wildfire.spool.layout import (
     SpoolStats,
     SpoolUnavailableError,
     UnknownSourceError,
-    _connect,
-    _level_id,
     check_sqlite_version,
     sqlite_error_kind,
 )
-from wildfire.spool.maintenance import MaintenanceMixin
 from wildfire.spool.reads import ReadsMixin
 from wildfire.spool.writes import WritesMixin
 

@@ -24,11 +24,13 @@ from wildfire.spool.layout import (
     _SEQ_MASK,
     _WAL_CHECKPOINT_BYTES,
     REASON_DEAD_LETTER,
+    _level_id,
+    log,
+)
+from wildfire.spool.model import (
     DrainCursor,
     SpoolRow,
     SpoolStats,
-    _level_id,
-    log,
 )
 
 # tuple.__new__(SpoolRow, row) is SpoolRow._make without its Python frame: C speed per peeked record.

@@ -23,12 +23,14 @@ from wildfire.spool.layout import (
     CHUNK_RECORDS,
     REASON_INVALID,
     REASON_OVERFLOW,
+    _level_id,
+    log,
+)
+from wildfire.spool.model import (
     PutOutcome,
     SpoolFullError,
     SpoolUnavailableError,
     UnknownSourceError,
-    _level_id,
-    log,
 )
 
 _first, _second, _third = itemgetter(0), itemgetter(1), itemgetter(2)
