@@ -4,13 +4,15 @@
 
     python -m wildfire.spool salvage FILE [--config stream_config.yaml] [--timeout-s 300] [--keep-work-dir]
 
-Every spool row that can still be read is published to Kafka exactly as a normal drain would (same topic,
+Reads both layouts of the spool: one row per chunk of records (table ``chunks``) and the earlier one row per
+record (table ``spool``); a chunk is expanded into its live records. Every record that can still be read is published to Kafka exactly as a normal drain would (same topic,
 key, value and headers: the rows go through a fresh work spool and :class:`wildfire.publish.SpoolPublisher`,
 deleted only on a delivery acknowledgement); the rest is counted. The damaged file is only read (from a
 copy), never changed, so salvage can be run again (Kafka may then hold duplicates: at least once).
 
 How rows are read from a damaged file: pages of rows in id order; where SQLite reports corruption, one row at
-a time; a row whose id is readable but whose columns are not is counted as an *unreadable row*; where even the
+a time; a row whose id is readable but whose columns are not is counted as an *unreadable row* (for a chunk row,
+each of its records); where even the
 seek to the next id fails (a damaged b-tree page), the reader probes ahead (doubling steps, then bisecting)
 for the next readable id and counts a *damaged region*. The rows lost inside damaged regions cannot be
 counted one by one; when the file's ``depth`` table is still readable, the number of rows it recorded minus
@@ -38,12 +40,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from wildfire.config import StreamConfig, load_config
-from wildfire.spool import _SEQ_MASK, BufferManager, sqlite_error_kind
+from wildfire.spool import BufferManager, sqlite_error_kind
+from wildfire.spool.chunks import is_gone, offsets, restore_records
 
 log = logging.getLogger(__name__)
 
 _COLUMNS = "id, source, source_priority, priority, topic, key, value, ingest_time, schema_version, attempts"
+_CHUNK_ONLY = ("c.id, c.source, c.source_priority, c.priority, c.topic, c.ingest_time, c.schema_version, c.n,"
+               " c.keys, c.lens, c.vals")
+_CHUNK_COLUMNS = _CHUNK_ONLY + ", m.gone, m.attempts"
 _TOP_ID = (10 * 8 + 3 + 1) << 40  # above every possible row id (source priority 10, LOW)
 _PAGE = 500
 # After a page read hits corruption, this many rows are read one at a time before trying whole pages again.
@@ -115,10 +123,27 @@ class SalvageReport:
 
 
 class _Reader:
-    """Reads spool rows from a possibly damaged SQLite file, counting what it cannot read."""
+    """Reads spool records from a possibly damaged SQLite file, counting what it cannot read.
+
+    Both layouts: one row per record (table ``spool``, stores before chunks) and one row per chunk (table
+    ``chunks``, expanded into its live records; a chunk that cannot be read or decoded counts all its records
+    as unreadable). Yields (id, source, source_priority, priority, topic, key, value, ingest_time,
+    schema_version, attempts) per record, in id order.
+    """
 
     def __init__(self, conn: sqlite3.Connection, report: SalvageReport) -> None:
         self.conn, self.report = conn, report
+        try:
+            self.chunked = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chunks'"
+                                        ).fetchone() is not None
+        except sqlite3.DatabaseError as exc:
+            if sqlite_error_kind(exc) == "transient":
+                raise
+            self._error(exc)
+            self.chunked = False  # the schema itself is damaged: the reads below fail and are counted
+        self.table = "chunks" if self.chunked else "spool"
+        # A chunk row is up to CHUNK_RECORDS records: fewer per page keeps memory at a few MB.
+        self.page = _PAGE // 64 if self.chunked else _PAGE
 
     def _error(self, exc: BaseException) -> None:
         if len(self.report.errors) < 5:
@@ -127,7 +152,8 @@ class _Reader:
     def _next_id(self, after: int) -> int | None | bool:
         """The first row id above ``after``; None at the end; False when the seek itself hits damage."""
         try:
-            row = self.conn.execute("SELECT id FROM spool WHERE id > ? ORDER BY id LIMIT 1", (after,)).fetchone()
+            row = self.conn.execute(f"SELECT id FROM {self.table} WHERE id > ? ORDER BY id LIMIT 1",
+                                    (after,)).fetchone()
         except sqlite3.DatabaseError as exc:
             if sqlite_error_kind(exc) == "transient":
                 raise
@@ -171,14 +197,75 @@ class _Reader:
                 and isinstance(ingest_time, int | float) and isinstance(schema_version, int)
                 and isinstance(attempts, int))
 
+    def _records(self, row: tuple) -> list[tuple] | None:
+        """The records of one table row (a record, or a chunk's live records); None when it is damaged."""
+        if not self.chunked:
+            return [row] if self._valid(row) else None
+        rid, source, sp, prio, topic, ingest_time, schema_version, n, keys_b, lens_b, vals, gone, attempts_b = row
+        try:
+            if not (isinstance(n, int) and 0 < n <= 1 << 20 and isinstance(keys_b, bytes)
+                    and isinstance(lens_b, bytes) and isinstance(vals, bytes) and len(lens_b) == 4 * n
+                    and (gone is None or (isinstance(gone, bytes) and len(gone) == (n + 7) // 8))):
+                return None
+            keys = orjson.loads(keys_b)
+            offs = offsets(lens_b)
+            attempts = orjson.loads(attempts_b) if attempts_b is not None else {}
+            if not (isinstance(keys, list) and len(keys) == n and offs[-1] == len(vals) and isinstance(attempts, dict)):
+                return None
+        except (orjson.JSONDecodeError, ValueError, TypeError):
+            return None
+        out = []
+        for i in range(n):
+            if is_gone(gone, i):
+                continue
+            record = (rid + i, source, sp, prio, topic, keys[i], vals[offs[i]:offs[i + 1]], ingest_time,
+                      schema_version, attempts.get(str(i), 0))
+            if not self._valid(record):
+                return None
+            out.append(record)
+        return out
+
+    def _page(self, pos: int) -> list[tuple]:
+        if self.chunked:
+            return self.conn.execute(f"SELECT {_CHUNK_COLUMNS} FROM chunks c LEFT JOIN chunk_marks m ON m.id = c.id"
+                                     " WHERE c.id > ? ORDER BY c.id LIMIT ?", (pos, self.page)).fetchall()
+        return self.conn.execute(f"SELECT {_COLUMNS} FROM spool WHERE id > ? ORDER BY id LIMIT ?",
+                                 (pos, self.page)).fetchall()
+
+    def _one(self, rid: int) -> tuple | None:
+        if not self.chunked:
+            return self.conn.execute(f"SELECT {_COLUMNS} FROM spool WHERE id = ?", (rid,)).fetchone()
+        row = self.conn.execute(f"SELECT {_CHUNK_ONLY} FROM chunks c WHERE c.id = ?",
+                                (rid,)).fetchone()
+        if row is None:
+            return None
+        try:
+            marks = self.conn.execute("SELECT gone, attempts FROM chunk_marks WHERE id = ?", (rid,)).fetchone()
+        except sqlite3.DatabaseError as exc:
+            if sqlite_error_kind(exc) == "transient":
+                raise
+            # The marks are lost: every record of the chunk is taken as live (some may be published twice).
+            self._error(exc)
+            marks = None
+        return (*row, *(marks or (None, None)))
+
+    def _unreadable(self, rid: int) -> int:
+        """How many records a row that cannot be read held: 1, or a chunk's record count if that is readable."""
+        if not self.chunked:
+            return 1
+        try:
+            n = self.conn.execute("SELECT n FROM chunks WHERE id = ?", (rid,)).fetchone()
+        except sqlite3.DatabaseError:
+            return 1
+        return n[0] if n is not None and isinstance(n[0], int) and 0 < n[0] <= 1 << 20 else 1
+
     def rows(self) -> Iterator[tuple]:
         pos = 0
         slow = 0
         while pos < _TOP_ID:
             if slow == 0:
                 try:
-                    page = self.conn.execute(f"SELECT {_COLUMNS} FROM spool WHERE id > ? ORDER BY id LIMIT ?",
-                                             (pos, _PAGE)).fetchall()
+                    page = self._page(pos)
                 except sqlite3.DatabaseError as exc:
                     if sqlite_error_kind(exc) == "transient":
                         raise
@@ -188,12 +275,13 @@ class _Reader:
                     if not page:
                         return
                     for row in page:
-                        if not self._valid(row) or row[0] <= pos:
+                        records = self._records(row) if isinstance(row[0], int) and row[0] > pos else None
+                        if records is None:
                             # Garbage from a damaged page: from here on one row at a time (that path counts it).
                             slow = _SLOW_STEPS
                             break
-                        self.report.read += 1
-                        yield row
+                        self.report.read += len(records)
+                        yield from records
                         pos = row[0]
                     if not slow:
                         continue
@@ -207,17 +295,18 @@ class _Reader:
                 continue
             assert isinstance(rid, int)
             try:
-                row = self.conn.execute(f"SELECT {_COLUMNS} FROM spool WHERE id = ?", (rid,)).fetchone()
+                row = self._one(rid)
             except sqlite3.DatabaseError as exc:
                 if sqlite_error_kind(exc) == "transient":
                     raise
                 self._error(exc)
                 row = None
-            if row is not None and self._valid(row):
-                self.report.read += 1
-                yield row
+            records = self._records(row) if row is not None else None
+            if records is not None:
+                self.report.read += len(records)
+                yield from records
             else:
-                self.report.unreadable_rows += 1
+                self.report.unreadable_rows += self._unreadable(rid)
             pos = rid
 
 
@@ -291,30 +380,22 @@ def salvage(file: str | Path, config: StreamConfig, *, timeout_s: float = 300.0,
 
 
 def _copy_rows(rows: Iterator[tuple], out: BufferManager) -> None:
-    """Insert salvaged rows into the work spool with their ids (so the drain order is the original one)."""
+    """Write salvaged records into the work spool with their ids (so the drain order is the original one)."""
     conn = out._conn()
-    top = 0
-
-    def flush(chunk: list[tuple]) -> None:
-        with out._write(conn, sync=False):
-            conn.executemany(f"INSERT OR IGNORE INTO spool ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", chunk)
-            added: dict[tuple[str, int], list[int]] = {}
-            for r in chunk:
-                a = added.setdefault((r[1], r[3]), [0, 0])
-                a[0] += 1
-                a[1] += len(r[6])
-            out._adjust_depth(conn, ((s, p, n, b) for (s, p), (n, b) in added.items()))
-            conn.execute("UPDATE spool_seq SET seq = max(seq, ?)", (top,))
-
     chunk: list[tuple] = []
+
+    def flush() -> None:
+        with out._write(conn, sync=False):
+            added = restore_records(conn, chunk)
+            out._adjust_depth(conn, ((s, p, n, b) for (s, p), (n, b) in added.items()))
+        chunk.clear()
+
     for row in rows:
         chunk.append(row)
-        top = max(top, row[0] & _SEQ_MASK)
         if len(chunk) >= 5_000:
-            flush(chunk)
-            chunk = []
+            flush()
     if chunk:
-        flush(chunk)
+        flush()
 
 
 def main(argv: list[str] | None = None) -> int:

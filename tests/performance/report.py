@@ -34,7 +34,7 @@ KNOWN: tuple[tuple[str, str, str, str], ...] = (
     ("connectors", "connectors: FIRMS CSV (one core), ERA5 California day, NWS 100 stations",
      "tests/performance/bench_connectors.py", "docs/connectors.md"),
     ("storage", "Kafka -> PostgreSQL, FIRMS-shaped records", "tests/performance/bench_storage.py", "docs/storage.md"),
-    ("spool_layout", "spool row layouts in SQLite alone (per record, drain index, chunked)",
+    ("spool_layout", "spool layout: chunked BufferManager vs row-per-record (put_batch, drain, TTL, single put)",
      "tests/performance/bench_spool_layout.py", "docs/spool-and-publishing.md"),
     ("scaleout", "scale-out: 1/2/4 storage consumers, 1/2 IoT workers (shared subscription), per process",
      "tests/performance/bench_scaleout.py", "docs/scaling.md"),

@@ -103,12 +103,13 @@ def _batch(source: str, prio: Priority, n: int, tag: str) -> EncodedBatch:
     return EncodedBatch(source, keys, [prio] * n, [b'{"k": %d}' % i for i in range(n)])
 
 
-def _spooled_keys(path: str) -> set[str]:
-    con = sqlite3.connect(path)
+def _spooled_keys(cfg: StreamConfig) -> set[str]:
+    # Read through a read-only spool (records live in chunks, several per SQLite row).
+    spool = BufferManager.open_read_only(cfg.spool, cfg.sources)
     try:
-        return {k for (k,) in con.execute("SELECT key FROM spool")}
+        return {r.key for r in spool.peek_batch(10**7)}
     finally:
-        con.close()
+        spool.close()
 
 
 @pytest.mark.parametrize(("held", "state", "expect"), [
@@ -142,13 +143,13 @@ def test_spool_fill_drives_shedding_by_key(tmp_path: Path, held: int, state: Bac
         frac = len(shed) / offered[Priority.NORMAL]
         assert abs(frac - expect) <= 0.05, (held, frac)  # 2,000 draws: sd <= 0.012 at p = 0.5
         # By key: every offered key is either shed or in the spool, never both, never neither.
-        in_spool = _spooled_keys(cfg.spool.path) & set(keys)
+        in_spool = _spooled_keys(cfg) & set(keys)
         assert in_spool.isdisjoint(shed)
         # Overflow at 10,000 evicts the lowest (pre-filled LOW rows), not the offered ones.
         assert in_spool | shed == set(keys)
         assert rep.shed.get("NORMAL", 0) == len(shed)
         # The pre-filled LOW rows the overflow evicted are named, with their reason, in dropped_ids.
-        gone_pre = {f"pre-{i}" for i in range(held)} - _spooled_keys(cfg.spool.path)
+        gone_pre = {f"pre-{i}" for i in range(held)} - _spooled_keys(cfg)
         assert _dropped_keys(cfg.spool.path) == {k: "overflow" for k in gone_pre}
         assert len(gone_pre) == max(0, held + len(keys) - len(shed) - 10_000)
     finally:
