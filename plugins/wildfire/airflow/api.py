@@ -14,7 +14,9 @@ UI's ``_token`` cookie; anything else gets 401/403)::
     GET   /status    JSON for the page: recent worker states, recent audit, dead-letter counts, NWS alerts
                      in force (``alerts``: not cancelled, not expired at the request time; at most
                      ``MAX_ALERTS``, CRITICAL first); ``coverage``: the ledger's ranges, gaps (each
-                     ``within`` / ``alarm`` / ``lost``) and backfill runs (``wildfire.coverage.summarize``)
+                     ``within`` / ``alarm`` / ``lost``) and backfill runs (``wildfire.coverage.summarize``);
+                     ``source_endpoints``: where each configured source fetches from (its Connection and the endpoint's
+                     ``scheme://host:port`` only, see :func:`source_listing`)
     GET   /ops       the operations page (self-contained HTML + JS, polls /status every 2 s)
 
 Guarantees:
@@ -382,6 +384,49 @@ def dead_letter_counts(engine: sa.Engine, now: datetime) -> dict[str, Any]:
     return {"total": total, "last_hour": last_hour, "by_reason": by_reason}
 
 
+SOURCE_CONNECTIONS = {
+    # source_type -> the Airflow Connection its endpoint comes from inside Airflow (wildfire.settings.endpoints)
+    "nasa_firms": "firms_default",
+    "nws_alerts": "nws_default",
+    "nws_observations": "nws_default",
+    "purpleair": "purpleair_default",
+    "era5": "cds_default",
+    "iot_mqtt": "mqtt_default",
+}
+
+
+def _origin(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``: no user, password, path or query (a key may hide in any of them)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.hostname:
+        return "(not a URL)"
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+
+
+def source_listing(cfg: StreamConfig, environ: Mapping[str, str]) -> tuple[list[dict[str, Any]], str | None]:
+    """Where each configured source fetches from, read per request: inside Airflow from its Connection (an edit
+    in Admin -> Connections shows at the next poll), outside from ``WILDFIRE_*_URL``. Only the endpoint's origin
+    is shown, never a key; (listing, error) so an unreadable Connection names itself instead of blanking /status."""
+    from wildfire.settings import endpoints
+
+    try:
+        ep = endpoints(environ=environ)
+    except Exception as exc:  # noqa: BLE001 - e.g. a malformed Connection: the page says which
+        return [], f"source endpoints unavailable: {_first_line(exc)}"
+    urls = {"nasa_firms": ep.firms_url, "nws_alerts": ep.nws_url, "nws_observations": ep.nws_url,
+            "purpleair": ep.purpleair_url, "era5": ep.cds_url,
+            "iot_mqtt": f"{'mqtts' if ep.mqtt_tls else 'mqtt'}://{ep.mqtt_host}:{ep.mqtt_port}"}
+    out = []
+    for name, src in cfg.sources.items():
+        url = urls.get(src.source_type)
+        out.append({"source": name, "enabled": src.enabled, "connection": SOURCE_CONNECTIONS.get(src.source_type),
+                    "endpoint": _origin(url) if url else None})
+    return out, None
+
+
 def alert_listing(engine: sa.Engine, now: datetime) -> tuple[list[dict[str, Any]], str | None]:
     """The page's alert table: alerts in force at ``now`` (cancelled and expired ones left out), or why not."""
     try:
@@ -546,6 +591,7 @@ def create_app(
         except Exception as exc:  # noqa: BLE001 - the page shows the reason instead of going blank
             body["database"] = _first_line(exc)
         body["alerts"], body["alerts_error"] = alert_listing(engine, ctx.now())
+        body["source_endpoints"], body["source_endpoints_error"] = source_listing(cfg, ctx.env())
         body["coverage"], body["coverage_error"] = None, None
         try:
             from wildfire import coverage
