@@ -50,10 +50,12 @@ def test_endpoint_shows_no_user_password_path_or_query(url: str) -> None:
         assert secret not in text
 
 
-def test_a_value_that_is_not_a_url_is_named_not_shown() -> None:
-    listing, error = source_listing(load_config(environ={}), {"WILDFIRE_FIRMS_URL": "firms-without-scheme"})
+@pytest.mark.parametrize("url", ["firms-without-scheme", "http://firms.example:KEY-AS-PORT/", "http://[::1/"])
+def test_a_value_that_is_not_a_url_is_named_not_shown(url: str) -> None:
+    listing, error = source_listing(load_config(environ={}), {"WILDFIRE_FIRMS_URL": url})
     assert error is None
     assert next(e for e in listing if e["source"] == "nasa_firms")["endpoint"] == "(not a URL)"
+    assert "KEY-AS-PORT" not in json.dumps(listing)
 
 
 def test_unreadable_endpoints_give_an_error_naming_the_setting_not_a_failed_status() -> None:

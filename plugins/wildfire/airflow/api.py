@@ -399,11 +399,15 @@ def _origin(url: str) -> str:
     """``scheme://host[:port]`` of ``url``: no user, password, path or query (a key may hide in any of them)."""
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # a port that is not a number raises here
+    except ValueError:
+        return "(not a URL)"
     if not parts.scheme or not parts.hostname:
         return "(not a URL)"
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+    return f"{parts.scheme}://{host}" + (f":{port}" if port else "")
 
 
 def source_listing(cfg: StreamConfig, environ: Mapping[str, str]) -> tuple[list[dict[str, Any]], str | None]:
