@@ -107,9 +107,10 @@ bench: services $(NATIVE_STAMP)  ## every micro-benchmark (results in docs/resul
 report: $(STAMP)  ## regenerate docs/benchmarks.md's table and docs/loadtest/report.md from the results files
 	$(PY) tests/performance/report.py
 
-screenshot: services  ## refresh docs/img/ops-page.png (the operations page, captured by its browser test)
+screenshot: services  ## refresh docs/img/: ops-page.png, connections.png and trigger-form.png (captured by the browser tests)
 	bash scripts/ensure_chromium.sh
 	WILDFIRE_SCREENSHOT=$(CURDIR)/docs/img/ops-page.png $(PY) -m pytest tests/plugin/test_ops_page_browser.py -k live_numbers
+	WILDFIRE_SCREENSHOT_DIR=$(CURDIR)/docs/img $(PY) -m pytest tests/ui/test_airflow_ui_browser.py
 
 constraints: $(STAMP)  ## regenerate constraints.txt from the installed venv
 	{ echo "# Resolved constraints for Python 3.11 (pip freeze of a clean install of requirements*.txt)."; \

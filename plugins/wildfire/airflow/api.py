@@ -17,7 +17,9 @@ UI's ``_token`` cookie; anything else gets 401/403)::
                      ``within`` / ``alarm`` / ``lost``) and backfill runs (``wildfire.coverage.summarize``);
                      ``stream_settings``: the stream worker's stored mode and sources, who set them and when
                      (``wildfire.stream_settings``); ``failures``: the newest failed task tries
-                     (``task_failures``, at most ``MAX_FAILURES``)
+                     (``task_failures``, at most ``MAX_FAILURES``);
+                     ``source_endpoints``: where each configured source fetches from (its Connection and the endpoint's
+                     ``scheme://host:port`` only, see :func:`source_listing`)
     GET   /ops       the operations page (self-contained HTML + JS, polls /status every 2 s)
 
 Guarantees:
@@ -386,6 +388,53 @@ def dead_letter_counts(engine: sa.Engine, now: datetime) -> dict[str, Any]:
     return {"total": total, "last_hour": last_hour, "by_reason": by_reason}
 
 
+SOURCE_CONNECTIONS = {
+    # source_type -> the Airflow Connection its endpoint comes from inside Airflow (wildfire.settings.endpoints)
+    "nasa_firms": "firms_default",
+    "nws_alerts": "nws_default",
+    "nws_observations": "nws_default",
+    "purpleair": "purpleair_default",
+    "era5": "cds_default",
+    "iot_mqtt": "mqtt_default",
+}
+
+
+def _origin(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``: no user, password, path or query (a key may hide in any of them)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # a port that is not a number raises here
+    except ValueError:
+        return "(not a URL)"
+    if not parts.scheme or not parts.hostname:
+        return "(not a URL)"
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{port}" if port else "")
+
+
+def source_listing(cfg: StreamConfig, environ: Mapping[str, str]) -> tuple[list[dict[str, Any]], str | None]:
+    """Where each configured source fetches from, read per request: inside Airflow from its Connection (an edit
+    in Admin -> Connections shows at the next poll), outside from ``WILDFIRE_*_URL``. Only the endpoint's origin
+    is shown, never a key; (listing, error) so an unreadable Connection names itself instead of blanking /status."""
+    from wildfire.settings import endpoints
+
+    try:
+        ep = endpoints(environ=environ)
+    except Exception as exc:  # noqa: BLE001 - e.g. a malformed Connection: the page says which
+        return [], f"source endpoints unavailable: {_first_line(exc)}"
+    urls = {"nasa_firms": ep.firms_url, "nws_alerts": ep.nws_url, "nws_observations": ep.nws_url,
+            "purpleair": ep.purpleair_url, "era5": ep.cds_url,
+            "iot_mqtt": f"{'mqtts' if ep.mqtt_tls else 'mqtt'}://{ep.mqtt_host}:{ep.mqtt_port}"}
+    out = []
+    for name, src in cfg.sources.items():
+        url = urls.get(src.source_type)
+        out.append({"source": name, "enabled": src.enabled, "connection": SOURCE_CONNECTIONS.get(src.source_type),
+                    "endpoint": _origin(url) if url else None})
+    return out, None
+
+
 def alert_listing(engine: sa.Engine, now: datetime) -> tuple[list[dict[str, Any]], str | None]:
     """The page's alert table: alerts in force at ``now`` (cancelled and expired ones left out), or why not."""
     try:
@@ -564,6 +613,7 @@ def create_app(
             body["failures"] = recent_failures(engine, MAX_FAILURES)
         except Exception as exc:  # noqa: BLE001 - e.g. migration 0005 not applied: shown on the page
             body["failures_error"] = _first_line(exc)
+        body["source_endpoints"], body["source_endpoints_error"] = source_listing(cfg, ctx.env())
         body["coverage"], body["coverage_error"] = None, None
         try:
             from wildfire import coverage
