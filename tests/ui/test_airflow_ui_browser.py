@@ -191,8 +191,8 @@ def test_connections_edited_in_the_ui_drive_the_dags(browser: Any, airflow_stack
 
     # 4. wildfire_stream from its trigger form with another mode and a short window; the run carries them. The form
     # unpauses the DAG ("Unpause wildfire_stream on trigger", checked by default), so the continuous schedule starts
-    # its own run too: that the manual run gets its turn and that the following runs keep the mode is
-    # assert_stream_keeps_mode's part (it needs the chosen mode to persist).
+    # its own run too: that the manual run gets its turn (the running worker yields its window to a queued run) and
+    # that the following runs keep the mode is assert_stream_keeps_mode's part.
     page.set_viewport_size({"width": 1440, "height": 1700})
     before = {r["dag_run_id"] for r in stack.runs("wildfire_stream")}
     dialog = open_trigger_form(page, stack, "wildfire_stream")
@@ -209,6 +209,7 @@ def test_connections_edited_in_the_ui_drive_the_dags(browser: Any, airflow_stack
     # The run's page shows the same conf to the user.
     page.goto(f"{stack.url}/dags/wildfire_stream/runs/{quote(run['dag_run_id'], safe='')}/details")
     expect(page.get_by_text('"mode": "batch"').first).to_be_visible()
+    assert_stream_keeps_mode(page, stack, run, mode="batch")
     page.close()
 
 
@@ -229,7 +230,7 @@ def stream_worker_state(stack: AirflowStack, since: str) -> dict[str, Any] | Non
 
 def assert_stream_keeps_mode(page: Any, stack: AirflowStack, manual_run: dict[str, Any], *, mode: str,
                              timeout_s: float = RUN_TIMEOUT_S) -> dict[str, Any]:
-    """Step 5's second half: depends on mode persistence (issue 14, "Modes that stick"), so it is not called yet.
+    """Step 5's second half: the mode chosen in the trigger form sticks (``wildfire.stream_settings``).
 
     After a manual ``wildfire_stream`` run with ``mode`` from the trigger form (``manual_run``, as
     :func:`new_manual_run` returns it; the form left the DAG unpaused):
