@@ -58,7 +58,8 @@ def ensure_topics(config: StreamConfig, *, admin=None, timeout: float = 30.0, ch
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import NewPartitions, NewTopic
 
-    admin = admin or admin_client(config, airflow=airflow)
+    if admin is None:  # not `admin or ...`: a confluent client has __len__ (its queue), so an idle one is falsy
+        admin = admin_client(config, airflow=airflow)
     metadata = admin.list_topics(timeout=timeout)
     created, existing, grown, mismatched = [], [], [], []
     to_create = []
