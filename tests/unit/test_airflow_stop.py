@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -76,6 +77,8 @@ def test_stop_waits_for_tasks_to_flush_then_kills_what_ignores_sigterm(tmp_path:
     script = tmp_path / "fake_standalone.py"
     script.write_text(FAKE)
     leader = subprocess.Popen([sys.executable, str(script), str(out)], start_new_session=True)
+    # Reaped the moment it exits, as a detached `setsid nohup` leader is by init: no zombie keeps it "alive".
+    threading.Thread(target=leader.wait, daemon=True).start()
     roles = ("leader", "task", "component", "stuck")
     try:
         deadline = time.monotonic() + 30
