@@ -41,10 +41,10 @@ def admin_client(config: StreamConfig, *, conn_id: str = "kafka_default", airflo
     from wildfire.settings import _not_found, _use_airflow, kafka_config, log
 
     if _use_airflow(airflow):
-        from airflow.providers.apache.kafka.hooks.client import KafkaAdminClientHook
+        from wildfire.airflow.hooks.kafka import provider_admin_client
 
         try:
-            return KafkaAdminClientHook(kafka_config_id=conn_id).get_conn
+            return provider_admin_client(conn_id)
         except Exception as exc:
             if not _not_found(exc):
                 raise
