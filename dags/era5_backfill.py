@@ -1,4 +1,8 @@
-"""ERA5 backfill: one mapped task per day of the chosen range, LOW priority (shed first under load)."""
+"""ERA5 backfill: one mapped task per day of the chosen range, LOW priority (shed first under load).
+
+The days start once the storage consumer group's lag is under ``throttling.target_consumer_lag``
+(``wait_for_consumer_lag``, a deferrable ConsumerLagSensor on the ``kafka_default`` Connection).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from airflow.sdk import DAG, Param, task
 from wildfire.airflow.callbacks import FAILURE_ARGS
 from wildfire.airflow.operators.era5 import Era5DayToSpoolOperator
 from wildfire.airflow.pools import BACKFILL_POOL, PRIORITY_BACKFILL
+from wildfire.airflow.sensors.lag import ConsumerLagSensor
 
 with DAG(
     dag_id="era5_backfill",
@@ -40,7 +45,10 @@ with DAG(
             raise ValueError(f"{(end - start).days + 1} days requested; split backfills into at most a year")
         return [(start + timedelta(days=i)).isoformat() for i in range((end - start).days + 1)]
 
-    Era5DayToSpoolOperator.partial(
+    # Deferrable (the slot is freed while it waits): no day starts while the storage consumer is behind.
+    wait_for_lag = ConsumerLagSensor(task_id="wait_for_consumer_lag", poll_interval_s=30, timeout=6 * 3600)
+
+    wait_for_lag >> Era5DayToSpoolOperator.partial(
         task_id="load_day", data_dir="{{ params.data_dir }}", download="{{ params.download }}",
         max_active_tis_per_dag=2, pool=BACKFILL_POOL,
     ).expand(day=days())

@@ -4,7 +4,10 @@ every record of it, and the day is then recorded in the coverage ledger (``wildf
 or by ``coverage_watch`` for a gap in FIRMS coverage.
 
 A failed day is retried (and can be cleared) on its own; at most two days run at once, so a long backfill
-never takes every task slot, and each day's admission report is its task's return value.
+never takes every task slot, and each day's admission report is its task's return value. The days start only
+once the storage consumer group's lag is under ``throttling.target_consumer_lag`` (``wait_for_consumer_lag``, a
+deferrable ConsumerLagSensor on the ``kafka_default`` Connection), so a backfill does not flood a pipeline that
+is already behind.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from airflow.sdk import DAG, Param, task
 
 from wildfire.airflow.callbacks import FAILURE_ARGS
 from wildfire.airflow.pools import BACKFILL_POOL, PRIORITY_BACKFILL
+from wildfire.airflow.sensors.lag import ConsumerLagSensor
 
 with DAG(
     dag_id="firms_archive_backfill",
@@ -90,4 +94,6 @@ with DAG(
         return {"day": day, "summary": result.summary.as_dict(), "admission": report.as_dict(), "publish": published,
                 "coverage_recorded": covered}
 
-    backfill_day.expand(day=days())
+    # Deferrable (the slot is freed while it waits): no day starts while the storage consumer is behind.
+    wait_for_lag = ConsumerLagSensor(task_id="wait_for_consumer_lag", poll_interval_s=30, timeout=6 * 3600)
+    wait_for_lag >> backfill_day.expand(day=days())

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Local Airflow: `airflow standalone` (api-server, scheduler, dag-processor, triggerer) on SQLite with
-# LocalExecutor, the project's dags/ and plugins/, Connections seeded into the metastore (seed_connections),
-# the pools wildfire_streaming and wildfire_backfill created (seed_pools).
+# Local Airflow: `airflow standalone` (api-server, scheduler, dag-processor, triggerer) with LocalExecutor, its
+# metadata in its own PostgreSQL database `airflow` (role `airflow`, created on start), the project's dags/ and
+# plugins/, Connections seeded into the metastore (seed_connections), the pools
+# wildfire_streaming and wildfire_backfill created (seed_pools).
 #   scripts/airflow.sh start   # idempotent; waits for the UI, prints address and admin password
-#   scripts/airflow.sh stop    # ends the whole process group (the scheduler ignores SIGTERM at times)
+#   scripts/airflow.sh stop    # SIGTERM, up to WILDFIRE_AIRFLOW_STOP_TIMEOUT (60) s for running tasks to end
+#                              # (on_kill: the stream worker and the storage consumer flush), then SIGKILL
 #   scripts/airflow.sh seed    # migrate the metadata database and seed the Connections only (start does both)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,7 +23,8 @@ start() {
   mkdir -p "$AIRFLOW_HOME"
   if running; then log "already running (pid $(cat "$PIDFILE")) at $URL"; return 0; fi
   [ -x "$AIRFLOW" ] || { log "no .venv: run 'make venv' first"; exit 1; }
-  log "migrating the metadata database (SQLite in $AIRFLOW_HOME)"
+  ensure_metadata_db
+  log "migrating the metadata database"
   "$AIRFLOW" db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/db-migrate.log"; exit 1; }
   seed_connections
   seed_pools
@@ -43,6 +46,13 @@ start() {
   done
   tail -40 "$LOG" >&2
   log "the UI did not answer within 180 s; stopping what started"; stop; exit 1
+}
+
+# Airflow's own database and role on the local PostgreSQL, idempotently (as scripts/services.sh does for
+# `wildfire`); nothing to do for a SQLite URL.
+ensure_metadata_db() {
+  PYTHONPATH="$ROOT/plugins" "$ROOT/.venv/bin/python" -m wildfire.airflow.metadb ensure \
+    || { log "cannot provision the metadata database: is PostgreSQL up (make services)?"; exit 1; }
 }
 
 # The project's Connections into the metastore, idempotently: one that exists (a user's edit in the UI) is kept.
@@ -73,25 +83,58 @@ seed_pools() {
   log "pools: wildfire_streaming, wildfire_backfill (Admin -> Pools)"
 }
 
+STOP_TIMEOUT="${WILDFIRE_AIRFLOW_STOP_TIMEOUT:-60}"
+
+# Live (not zombie) processes of the standalone: its process group $1, the pids in $2 (what was there when the
+# stop began) and every descendant of those. Task processes run in process groups of their own (the task
+# supervisor puts them there), so the group alone would miss them.
+live_pids() {
+  ps -e -o pid=,ppid=,pgid=,stat= | awk -v g="$1" -v known=" $2 " '
+    { pid[NR] = $1; ppid[$1] = $2; pgid[$1] = $3; st[$1] = $4 }
+    END {
+      for (i = 1; i <= NR; i++) { p = pid[i]; if (pgid[p] == g || index(known, " " p " ")) keep[p] = 1 }
+      do { grown = 0; for (i = 1; i <= NR; i++) { p = pid[i]; if (!(p in keep) && (ppid[p] in keep)) { keep[p] = 1; grown = 1 } } } while (grown)
+      for (p in keep) if (st[p] !~ /^Z/) print p
+    }'
+}
+
+# Graceful: SIGTERM to the standalone's process group (api-server, scheduler, dag-processor, triggerer and the
+# executor's task supervisors, which pass it on to their task: on_kill, so the stream worker and the storage
+# consumer flush), wait up to STOP_TIMEOUT s for every process, task ones included, to end; SIGKILL the rest.
 stop() {
-  if [ -f "$PIDFILE" ]; then
-    pid="$(cat "$PIDFILE")"
-    log "stopping airflow (process group $pid)"
-    kill -TERM -- "-$pid" 2>/dev/null || true
-    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-    # The scheduler and its task runners do not always exit on SIGTERM: end the whole group.
-    kill -KILL -- "-$pid" 2>/dev/null || true
-    rm -f "$PIDFILE"
-  fi
-  # Anything left that runs from this project's venv with this AIRFLOW_HOME.
-  pkill -KILL -f "$ROOT/.venv/bin/airflow" 2>/dev/null || true
-  log "stopped"
+  if [ ! -f "$PIDFILE" ]; then log "not running (no $PIDFILE)"; return 0; fi
+  local pid pids n left waited=0
+  pid="$(cat "$PIDFILE")"
+  pids="$(live_pids "$pid" "$pid" | tr '\n' ' ')"
+  if [ -z "${pids// /}" ]; then log "not running (stale pid file)"; rm -f "$PIDFILE"; return 0; fi
+  n="$(wc -w <<<"$pids")"
+  log "stopping airflow: SIGTERM to process group $pid ($n processes); running tasks get up to ${STOP_TIMEOUT} s to end"
+  kill -TERM -- "-$pid" 2>/dev/null || true
+  while :; do
+    left="$(live_pids "$pid" "$pids" | tr '\n' ' ')"
+    [ -z "${left// /}" ] && break
+    pids="$left"  # only live ones: a pid that ended may be reused by an unrelated process
+    if [ "$waited" -ge $((STOP_TIMEOUT * 2)) ]; then
+      log "still running after ${STOP_TIMEOUT} s, killed (SIGKILL):"
+      ps -o pid=,args= -p "$(echo $left | tr ' ' ',')" 2>/dev/null | cut -c1-160 | sed 's/^/[airflow]   /' >&2 || true
+      kill -KILL $left 2>/dev/null || true
+      kill -KILL -- "-$pid" 2>/dev/null || true
+      rm -f "$PIDFILE"
+      log "stopped ($(wc -w <<<"$left") of $n processes killed; task instances they ran are failed at the next start)"
+      return 0
+    fi
+    sleep 0.5
+    waited=$((waited + 1))
+  done
+  rm -f "$PIDFILE"
+  log "stopped: all $n processes ended on SIGTERM within $(( (waited + 1) / 2 )) s"
 }
 
 case "${1:-start}" in
   start) start ;;
   seed)
     mkdir -p "$AIRFLOW_HOME"
+    ensure_metadata_db
     "$AIRFLOW" db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/db-migrate.log"; exit 1; }
     seed_connections
     seed_pools ;;

@@ -317,6 +317,19 @@ class WorkerConfig(_Model):
                                                                  "enabled source")
 
 
+class AlertWatchConfig(_Model):
+    """The event-driven CRITICAL path: the triggerer watches ``topic`` and runs the ``evacuation_alert`` DAG."""
+
+    topic: str = Field("wildfire-alerts", description="topic the CRITICAL alerts are published to (nws_alerts)")
+    consumer_group: str = Field("wildfire-alert-watch", description="the watcher's own group: its committed "
+                                                                    "offset is where a restarted triggerer resumes")
+    max_age_s: float = Field(6 * 3600, gt=0, description="a CRITICAL record whose event_time is older than this "
+                                                         "(a first start reading retained history) runs nothing")
+    area_radius_km: float = Field(50.0, gt=0, le=2000, description="fire activity is summarised within this "
+                                                                   "distance of the alert's location")
+    poll_timeout_s: float = Field(1.0, gt=0, le=60)
+
+
 def _default_sources() -> dict[str, SourceConfig]:
     def src(**kw: Any) -> SourceConfig:
         return SourceConfig(**kw)
@@ -379,6 +392,7 @@ class StreamConfig(_Model):
     storage: StorageConfig = StorageConfig()
     http: HttpConfig = HttpConfig()
     worker: WorkerConfig = WorkerConfig()
+    alert_watch: AlertWatchConfig = AlertWatchConfig()
     sources: dict[str, SourceConfig] = Field(default_factory=_default_sources)
     topics: dict[str, TopicConfig] = Field(default_factory=_default_topics)
 

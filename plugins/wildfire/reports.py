@@ -30,12 +30,14 @@ def _at_or_after(column: sa.Column[Any], since: datetime, dialect: str) -> sa.Co
     return column >= since
 
 
-def california_fire_activity(engine: sa.Engine, *, now: datetime | None = None, hours: int = 24) -> dict[str, Any]:
-    """Detections in the California bbox over the last ``hours``: count, total FRP, by satellite, hottest."""
+def california_fire_activity(engine: sa.Engine, *, now: datetime | None = None, hours: int = 24,
+                             bbox: tuple[float, float, float, float] = CALIFORNIA) -> dict[str, Any]:
+    """Detections in ``bbox`` (west, south, east, north; default California) over the last ``hours``: count, total
+    FRP, by satellite, hottest."""
     t = RECORD_TABLES["fire_detection"]
     now = now or datetime.now(UTC)
     since = now - timedelta(hours=hours)
-    west, south, east, north = CALIFORNIA
+    west, south, east, north = bbox
     where = sa.and_(_at_or_after(t.c.event_time, since, engine.dialect.name), t.c.lat.between(south, north),
                     t.c.lon.between(west, east))
     with engine.connect() as conn:

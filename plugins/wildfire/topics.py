@@ -5,6 +5,11 @@
 
 An existing topic with fewer partitions than configured is grown (Kafka cannot shrink a topic);
 one with more is reported and left alone.
+
+The admin client: inside Airflow (the ``wildfire_maintenance`` DAG) the Kafka provider's
+``KafkaAdminClientHook`` on the ``kafka_default`` Connection (its whole extra: SASL/SSL included); outside
+Airflow an ``AdminClient`` from :func:`wildfire.settings.kafka_config` (``kafka.bootstrap_servers`` and
+``kafka.client_options``). Both go through the same :func:`ensure_topics`; a test injects its own ``admin``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from wildfire.config import StreamConfig, load_config
 
@@ -24,13 +30,36 @@ class TopicReport:
     mismatched: tuple[str, ...]
 
 
-def ensure_topics(config: StreamConfig, *, admin=None, timeout: float = 30.0, check_only: bool = False) -> TopicReport:
+def admin_client(config: StreamConfig, *, conn_id: str = "kafka_default", airflow: bool | None = None) -> Any:
+    """The confluent ``AdminClient`` topic creation uses: the provider's hook inside Airflow, else from the config.
+
+    A Connection that is not defined falls back to the config (with the WARNING of
+    :func:`wildfire.settings.kafka_config`); one that is defined but malformed is an error.
+    """
+    from confluent_kafka.admin import AdminClient
+
+    from wildfire.settings import _not_found, _use_airflow, kafka_config, log
+
+    if _use_airflow(airflow):
+        from wildfire.airflow.hooks.kafka import provider_admin_client
+
+        try:
+            return provider_admin_client(conn_id)
+        except Exception as exc:
+            if not _not_found(exc):
+                raise
+            log.warning("Airflow Connection %r is not defined: topic creation uses kafka.bootstrap_servers=%s from "
+                        "the config", conn_id, config.kafka.bootstrap_servers)
+    return AdminClient(kafka_config(config.kafka, airflow=False))
+
+
+def ensure_topics(config: StreamConfig, *, admin=None, timeout: float = 30.0, check_only: bool = False,
+                  airflow: bool | None = None) -> TopicReport:
     from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
+    from confluent_kafka.admin import NewPartitions, NewTopic
 
-    from wildfire.settings import kafka_config
-
-    admin = admin or AdminClient(kafka_config(config.kafka))
+    if admin is None:  # not `admin or ...`: a confluent client has __len__ (its queue), so an idle one is falsy
+        admin = admin_client(config, airflow=airflow)
     metadata = admin.list_topics(timeout=timeout)
     created, existing, grown, mismatched = [], [], [], []
     to_create = []

@@ -104,6 +104,8 @@ def test_era5_backfill_maps_one_task_per_day(pipeline):
     shutil.copy(ROOT / "include/samples/era5/era5-single-level-scalar-time.grib", data / "era5_2017-01-02.grib")
     dr, _ = run("era5_backfill", start_date="2017-01-01", end_date="2017-01-02", data_dir=str(data), download=False)
     tis = [ti for ti in dr.get_task_instances() if ti.task_id == "load_day"]
+    # The days started after the deferrable lag sensor found the storage consumer within its target.
+    assert [ti.state for ti in dr.get_task_instances() if ti.task_id == "wait_for_consumer_lag"] == ["success"]
     assert sorted(ti.map_index for ti in tis) == [0, 1]
     assert {ti.state for ti in tis} == {"success"}
     assert spool_depth(pipeline) == 0

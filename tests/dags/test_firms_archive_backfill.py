@@ -23,6 +23,10 @@ def test_firms_archive_backfill_maps_one_task_per_day_at_low_priority(pipeline):
     dr = bag.dags["firms_archive_backfill"].test(run_conf={
         "start_date": "2024-08-01", "end_date": "2024-08-03", "sources": ["VIIRS_SNPP_SP"]})
     tis = [ti for ti in dr.get_task_instances() if ti.task_id == "backfill_day"]
+    # The days started after the deferrable lag sensor found the storage consumer within its target.
+    waited = [ti for ti in dr.get_task_instances() if ti.task_id == "wait_for_consumer_lag"]
+    assert [ti.state for ti in waited] == ["success"]
+    assert bag.dags["firms_archive_backfill"].get_task("backfill_day").upstream_task_ids >= {"wait_for_consumer_lag"}
     assert sorted(ti.map_index for ti in tis) == [0, 1, 2]
     assert {ti.state for ti in tis} == {"success"}
     # Each day's task publishes what it spooled before it succeeds: the spool is empty, the records are on

@@ -248,3 +248,51 @@ def test_client_options_reach_every_client_from_the_environment():
         assert c["security.protocol"] == "SASL_SSL" and c["sasl.password"] == conf["sasl.password"]
         assert c["enable.idempotence"] is True and c["acks"] == "all"
     assert "s3cret-" not in str(redact(cfg.model_dump(mode="json")))
+
+
+@pytest.mark.airflow
+def test_airflow_side_clients_use_the_whole_kafka_connection(secure, monkeypatch):
+    """Inside Airflow, topic creation (the provider's KafkaAdminClientHook), the consumer-lag trigger and the
+    CRITICAL alert watcher build their clients from ``kafka_default``'s whole extra, SASL_SSL here: with
+    ``bootstrap.servers`` alone none of them could talk to this listener. The triggers' serialized kwargs hold
+    the Connection id, not the password."""
+    import asyncio
+    import json
+
+    from confluent_kafka import Producer
+
+    from wildfire.airflow.triggers.alerts import CriticalAlertTrigger
+    from wildfire.airflow.triggers.lag import ConsumerLagTrigger
+    from wildfire.topics import admin_client
+
+    extra = {"bootstrap.servers": secure.broker.sasl_ssl_bootstrap, **secure.options("admin")}
+    monkeypatch.setenv("AIRFLOW_CONN_KAFKA_SASL", json.dumps({"conn_type": "kafka", "extra": extra}))
+    alerts_topic = f"secure-alerts-{uuid.uuid4().hex[:6]}"
+    # The config names an unreachable broker: only the Connection can make this work.
+    cfg = build_config({"kafka": {"bootstrap_servers": "127.0.0.1:1", "enable_dlq": False}, "sources": {},
+                        "topics": {alerts_topic: {"partitions": 1}}})
+    report = ensure_topics(cfg, admin=admin_client(cfg, conn_id="kafka_sasl", airflow=True), timeout=30)
+    assert report.created == (alerts_topic,)
+
+    lag = ConsumerLagTrigger(kafka_config_id="kafka_sasl", group=GROUP, topics=[SOURCE_TOPIC], target_lag=10**9,
+                             poll_interval_s=0.2, timeout_s=20)
+    watcher = CriticalAlertTrigger(topic=alerts_topic, group=f"watch-{uuid.uuid4().hex[:6]}",
+                                   kafka_config_id="kafka_sasl", poll_timeout_s=0.2, error_backoff_s=0.2)
+    for trigger in (lag, watcher):
+        assert secure.passwords["admin"] not in repr(trigger.serialize())
+
+    async def first(trigger):
+        agen = trigger.run()
+        try:
+            return (await asyncio.wait_for(agen.__anext__(), 60)).payload
+        finally:
+            await agen.aclose()
+            await trigger.cleanup()
+
+    assert asyncio.run(first(lag))["status"] == "ok"
+    producer = Producer(extra)
+    producer.produce(alerts_topic, value=Record(
+        source="nws_alerts", kind="alert", key="urn:oid:secure.watch", priority=Priority.CRITICAL,
+        event_time=datetime.now(UTC), payload={"event": "Evacuation Immediate"}).to_json())
+    assert producer.flush(30) == 0
+    assert asyncio.run(first(watcher))["key"] == "urn:oid:secure.watch"

@@ -98,6 +98,11 @@ def _airflow_env(home: Path, port: int, config_file: Path) -> dict[str, str]:
     env.update({
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__API__PORT": str(port),
+        # airflow_env.sh points at the shared local `airflow` PostgreSQL database; this api-server-only instance
+        # (no scheduler, so no concurrent writers) keeps its metadata in SQLite inside its own tmp home: nothing
+        # to create or drop, and no test touches the developer's Airflow.
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
         "WILDFIRE_CONFIG": str(config_file),

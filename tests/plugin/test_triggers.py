@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from wildfire.airflow.triggers.alerts import CriticalAlertTrigger
 from wildfire.airflow.triggers.firms import FirmsNewDetectionsTrigger, count_new_detections
 from wildfire.airflow.triggers.lag import ConsumerLagTrigger
 
@@ -60,12 +61,40 @@ def test_firms_sensor_defers_with_a_trigger_that_holds_no_key(monkeypatch):
     assert SECRET_KEY not in repr((classpath, kwargs))
 
 
-def test_lag_trigger_serialize_exact_tuple():
-    t = ConsumerLagTrigger(bootstrap_servers="127.0.0.1:9092", group="g", topics=["a", "b"], target_lag=1000)
+def test_lag_trigger_serialize_exact_tuple_carries_the_conn_id_not_the_config(monkeypatch):
+    # The Kafka client config (SASL password included) is built in the triggerer from the Connection.
+    monkeypatch.setenv("AIRFLOW_CONN_KAFKA_LAG_TEST", json.dumps({"conn_type": "kafka", "extra": {
+        "bootstrap.servers": "broker:9093", "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "u", "sasl.password": SECRET_KEY}}))
+    t = ConsumerLagTrigger(kafka_config_id="kafka_lag_test", group="g", topics=["a", "b"], target_lag=1000)
     assert roundtrip(t) == (
         "wildfire.airflow.triggers.lag.ConsumerLagTrigger",
-        {"bootstrap_servers": "127.0.0.1:9092", "group": "g", "topics": ["a", "b"], "target_lag": 1000,
+        {"kafka_config_id": "kafka_lag_test", "group": "g", "topics": ["a", "b"], "target_lag": 1000,
          "poll_interval_s": 10.0, "timeout_s": 3600.0},
+    )
+    assert SECRET_KEY not in repr(t.serialize())
+    assert t.client_config() == {"bootstrap.servers": "broker:9093", "security.protocol": "SASL_SSL",
+                                 "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "u", "sasl.password": SECRET_KEY}
+
+
+def test_lag_sensor_defers_with_the_conn_id(monkeypatch):
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from wildfire.airflow.sensors.lag import ConsumerLagSensor
+
+    sensor = ConsumerLagSensor(task_id="wait", kafka_config_id="kafka_other", topics=["a"], target_lag=5)
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor.execute({})
+    _, kwargs = deferred.value.trigger.serialize()
+    assert kwargs["kafka_config_id"] == "kafka_other" and kwargs["topics"] == ["a"] and kwargs["target_lag"] == 5
+
+
+def test_alert_trigger_serialize_exact_tuple():
+    t = CriticalAlertTrigger(topic="wildfire-alerts", group="watch", kafka_config_id="kafka_default")
+    assert roundtrip(t) == (
+        "wildfire.airflow.triggers.alerts.CriticalAlertTrigger",
+        {"topic": "wildfire-alerts", "group": "watch", "kafka_config_id": "kafka_default", "max_age_s": 21600.0,
+         "poll_timeout_s": 1.0, "error_backoff_s": 5.0},
     )
 
 
@@ -141,7 +170,7 @@ def test_firms_trigger_errors_never_show_the_key(firms_server, monkeypatch, capl
 
 
 @pytest.mark.kafka
-def test_lag_trigger_reads_real_consumer_group_lag(kafka_bootstrap, kafka_topic):
+def test_lag_trigger_reads_real_consumer_group_lag(kafka_bootstrap, kafka_topic, monkeypatch):
     from confluent_kafka import Producer
 
     p = Producer({"bootstrap.servers": kafka_bootstrap})
@@ -149,10 +178,61 @@ def test_lag_trigger_reads_real_consumer_group_lag(kafka_bootstrap, kafka_topic)
         p.produce(kafka_topic, key=str(i), value=b"x")
     assert p.flush(30) == 0
     group = f"lag-{uuid.uuid4().hex[:8]}"
-    high = ConsumerLagTrigger(bootstrap_servers=kafka_bootstrap, group=group, topics=[kafka_topic],
+    monkeypatch.setenv("AIRFLOW_CONN_KAFKA_LAG_REAL", json.dumps({"conn_type": "kafka", "extra": {
+        "bootstrap.servers": kafka_bootstrap}}))
+    high = ConsumerLagTrigger(kafka_config_id="kafka_lag_real", group=group, topics=[kafka_topic],
                               target_lag=100, poll_interval_s=0.1, timeout_s=20)
     event = asyncio.run(_first_event(high))
     assert event == {"status": "ok", "lag": 25}
-    low = ConsumerLagTrigger(bootstrap_servers=kafka_bootstrap, group=group, topics=[kafka_topic],
+    low = ConsumerLagTrigger(kafka_config_id="kafka_lag_real", group=group, topics=[kafka_topic],
                              target_lag=10, poll_interval_s=0.1, timeout_s=0.5)
     assert asyncio.run(_first_event(low)) == {"status": "timeout", "lag": 25}
+
+
+async def _events(trigger, n: int, *, timeout_s: float = 60) -> list[dict]:
+    """The first ``n`` events, then one more step (the trigger commits what it fired) until idle; then cleanup."""
+    agen = trigger.run()
+    got = []
+    try:
+        while len(got) < n:
+            got.append((await asyncio.wait_for(agen.__anext__(), timeout_s)).payload)
+        with pytest.raises(TimeoutError):  # nothing else fires: the poison and the NORMAL record were skipped
+            await asyncio.wait_for(agen.__anext__(), 3)
+    finally:
+        await agen.aclose()
+        await trigger.cleanup()
+    return got
+
+
+@pytest.mark.kafka
+def test_alert_trigger_fires_on_critical_records_only_and_resumes_after_its_commit(kafka_bootstrap, kafka_topic,
+                                                                                   monkeypatch):
+    from confluent_kafka import Producer
+
+    from wildfire.priority import Priority
+    from wildfire.records import Record
+
+    def rec(key: str, priority: Priority) -> bytes:
+        return Record(source="nws_alerts", kind="alert", key=key, priority=priority, event_time=datetime.now(UTC),
+                      payload={"event": "Evacuation Immediate"}).to_json()
+
+    monkeypatch.setenv("AIRFLOW_CONN_KAFKA_ALERT_TEST", json.dumps({"conn_type": "kafka", "extra": {
+        "bootstrap.servers": kafka_bootstrap}}))
+    p = Producer({"bootstrap.servers": kafka_bootstrap})
+    # One partition's order: poison, NORMAL, CRITICAL; the bad ones never cost the alert behind them.
+    for value in (b"\x00garbage", rec("normal-1", Priority.NORMAL), rec("critical-1", Priority.CRITICAL)):
+        p.produce(kafka_topic, value=value, key=b"k")
+    p.produce(kafka_topic, value=None, key=b"k")  # a tombstone
+    assert p.flush(30) == 0
+    group = f"watch-{uuid.uuid4().hex[:8]}"
+
+    def trigger():
+        return CriticalAlertTrigger(topic=kafka_topic, group=group, kafka_config_id="kafka_alert_test",
+                                    poll_timeout_s=0.2, error_backoff_s=0.2)
+
+    first = asyncio.run(_events(trigger(), 1))
+    assert [e["key"] for e in first] == ["critical-1"] and first[0]["topic"] == kafka_topic
+    # A restarted watcher (same group) resumes after its commit: only the new alert fires.
+    p.produce(kafka_topic, value=rec("critical-2", Priority.CRITICAL), key=b"k")
+    assert p.flush(30) == 0
+    assert [e["key"] for e in asyncio.run(_events(trigger(), 1))] == ["critical-2"]

@@ -30,6 +30,16 @@ def test_no_connection_comes_from_the_environment():
     assert int(env["AIRFLOW__CORE__PARALLELISM"]) <= 8
 
 
+def test_metadata_is_airflows_own_postgresql_database_and_tasks_reach_the_api_on_its_port():
+    env = sourced({"AIRFLOW__API__PORT": "8099"})
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == "postgresql+psycopg2://airflow:airflow@127.0.0.1:5432/airflow"
+    assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+    assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://localhost:8099/execution/"
+    # A value already set (a test's own database, a deployment's) is kept.
+    assert sourced({"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "sqlite:////x.db"})[
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == "sqlite:////x.db"
+
+
 def write_seed(tmp_path: Path, env: dict[str, str], *args: str) -> dict:
     path = tmp_path / "seed.json"
     base = {k: v for k, v in os.environ.items() if not k.startswith(("WILDFIRE", "AIRFLOW_CONN"))}
@@ -59,7 +69,8 @@ def test_seed_file_holds_every_connection_from_the_settings(tmp_path):
 
 def airflow(home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-    env.update(WILDFIRE_AIRFLOW_HOME=str(home))
+    # Its own SQLite metadata in the throwaway home (airflow_env.sh keeps a value already set): `seed` migrates it.
+    env.update(WILDFIRE_AIRFLOW_HOME=str(home), AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home}/airflow.db")
     return subprocess.run(["bash", "-c", f'source {ROOT}/scripts/airflow_env.sh && "$@"', "_", *args], env=env,
                           capture_output=True, text=True, timeout=300)
 

@@ -1,11 +1,12 @@
 """Fail the task instances a stopped local Airflow left 'running': ``python -m wildfire.airflow.orphans``.
 
-``scripts/airflow.sh stop`` ends the whole process group (the scheduler does not always exit on
-SIGTERM), so task processes die without reporting; their rows stay 'running' until the scheduler's
-heartbeat timeout (5 min) finds them. Meanwhile a continuous DAG (one active run: the stream worker,
-the storage consumer) starts nothing. ``scripts/airflow.sh start`` runs this while no Airflow
+``scripts/airflow.sh stop`` is graceful (SIGTERM, then up to ``WILDFIRE_AIRFLOW_STOP_TIMEOUT`` s for tasks to
+end), but a task still alive after that is SIGKILLed, and a crash or a killed machine ends tasks without their
+reporting either; their rows stay 'running' in the metadata database (PostgreSQL, the ``airflow`` database)
+until the scheduler's heartbeat timeout (5 min) finds them. Meanwhile a continuous DAG (one active run: the
+stream worker, the storage consumer) starts nothing. ``scripts/airflow.sh start`` runs this while no Airflow
 process of this home is alive, so every 'running' row is an orphan; failing it ends its run and the
-scheduler starts the next one at once.
+scheduler starts the next one at once. Only run it for a metadata database no other Airflow is using.
 """
 
 from __future__ import annotations

@@ -32,10 +32,10 @@ AIRFLOW_HOME = PROJECT_ROOT / ".local" / "airflow"
 DEMO_DIR = PROJECT_ROOT / ".local" / "demo"
 
 
-# Answers worth another try: airflow standalone keeps its metadata in SQLite, and a request that meets
-# the scheduler's write lock fails with 500 ("database is locked") after 5 s; the transaction was
-# rolled back, so repeating it is safe.
-_TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
+# Answers worth another try: the api-server not up yet or restarting (refused connections, 502/503/504).
+# A 500 is an error of the request itself and is raised at once (the metadata database is PostgreSQL,
+# which has no whole-database write lock to wait out).
+_TRANSIENT_STATUS = frozenset({502, 503, 504})
 
 
 def _http(method: str, url: str, body: Any = None, token: str | None = None, timeout: float = 10,

@@ -45,3 +45,11 @@ def config_from_extra(extra: Any, conn_id: str) -> dict[str, Any]:
     if bad:
         raise ValueError(f"Connection {conn_id!r}: extra keys {bad} are not strings, numbers or booleans")
     return dict(extra)
+
+
+def provider_admin_client(conn_id: str = "kafka_default") -> Any:
+    """A confluent ``AdminClient`` from the Kafka provider's ``KafkaAdminClientHook`` on Connection ``conn_id``
+    (its extra verbatim, with the provider's allow-listed callbacks and managed-Kafka token support)."""
+    from airflow.providers.apache.kafka.hooks.client import KafkaAdminClientHook
+
+    return KafkaAdminClientHook(kafka_config_id=conn_id).get_conn

@@ -1,4 +1,8 @@
-"""Sensor: the storage consumer group's Kafka lag is back under target (deferrable)."""
+"""Sensor: the storage consumer group's Kafka lag is back under target (deferrable).
+
+Backfills wait on it before they flood the pipeline. The trigger carries the Connection id; the Kafka client
+config is built from the Connection in the triggerer (:mod:`wildfire.airflow.triggers.lag`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ from typing import Any
 
 from airflow.sdk import BaseSensorOperator
 
-from wildfire.airflow.hooks.kafka import WildfireKafkaHook
 from wildfire.airflow.triggers.lag import ConsumerLagTrigger
 
 
@@ -31,8 +34,7 @@ class ConsumerLagSensor(BaseSensorOperator):
         topics = self.topics or sorted({s.topic for s in cfg.sources.values()})
         self.defer(
             trigger=ConsumerLagTrigger(
-                bootstrap_servers=WildfireKafkaHook(self.kafka_config_id).bootstrap_servers(),
-                group=self.group or cfg.kafka.consumer_group, topics=topics,
+                kafka_config_id=self.kafka_config_id, group=self.group or cfg.kafka.consumer_group, topics=topics,
                 target_lag=cfg.throttling.target_consumer_lag if self.target_lag is None else self.target_lag,
                 poll_interval_s=self.poll_interval_s, timeout_s=float(self.timeout),
             ),
