@@ -26,7 +26,9 @@ Our own layers (admission + spool + worker, excluding the producer library) per 
 difference: ours' producer-process CPU minus the bare producer's CPU on the same records with the same settings
 (what is left is everything we add around ``Producer.produce``). The producer-side process also reports the CPU
 of the admission thread (``Ingestor.accept`` incl. spool writes) and of the worker thread (drain loop incl. its
-``produce()`` calls) with ``time.thread_time()``; the rest is librdkafka's threads.
+``produce()`` calls) with ``time.thread_time()``; the rest is librdkafka's threads. Both of ours' processes
+report CPU per step (``cpu_us_per_record_by_step``: the thread CPU time inside each wrapped call, all of them
+per-batch calls, so the wrappers cost nothing per record; nested steps count in both).
 
 Records enter ours at a steady producer's pace: the admission thread offers 1,000-record batches while the
 source's spool is below half its shipped capacity (a source that outran the drain would be shed by backpressure,
@@ -154,6 +156,25 @@ def child_bare_producer(cfg: Any, n: int, prefix: str) -> None:
     _finish({"go": go, "end": end, "records": n}, cpu0)
 
 
+def _step_timers(targets: list[tuple[str, Any, str]]) -> dict[str, float]:
+    """Wrap each ``obj.method`` (called per batch, never per record) to add its CPU time (``time.thread_time``
+    of the calling thread) to the returned dict under ``name``; nested steps count in both."""
+    spent: dict[str, float] = {}
+    for name, obj, method in targets:
+        real = getattr(obj, method)
+        spent[name] = 0.0
+
+        def timed(*a: Any, _real: Any = real, _name: str = name, **k: Any) -> Any:
+            t = time.thread_time()
+            try:
+                return _real(*a, **k)
+            finally:
+                spent[_name] += time.thread_time() - t
+
+        setattr(obj, method, timed)
+    return spent
+
+
 def child_ours_producer(cfg: Any, n: int, prefix: str) -> None:
     from wildfire.priority import Priority
     from wildfire.publish import freeze_startup_heap
@@ -171,6 +192,18 @@ def child_ours_producer(cfg: Any, n: int, prefix: str) -> None:
     # real_time with era5 only: the fetch thread runs but polls nothing (as the load test runs the worker).
     worker = StreamWorker(cfg, mode="real_time", sources=["era5"], run_minutes=TIMEOUT_S / 60, status_db=False,
                           metrics_port=-1, lag_source=NoLag())
+    # Where the producer side's CPU goes, per step (publisher, producer wrapper and spool calls, all per batch).
+    pub = worker.publisher
+    steps = _step_timers([
+        ("spool_put_batch (admission)", worker.spool, "put_batch"),
+        ("run_once (drain step, all below)", pub, "run_once"),
+        ("spool_peek_batch", worker.spool, "peek_batch"),
+        ("order (priority queue)", pub, "before_send"),
+        ("send_rows (produce() calls + callbacks set-up)", worker.producer, "send_rows"),
+        ("producer.poll (delivery callbacks)", worker.producer, "poll"),
+        ("settle (delivery bookkeeping)", pub, "_settle"),
+        ("spool_ack (acker thread)", worker.spool, "ack"),
+    ])
     freeze_startup_heap()
     ingestor, spool = worker.ingestor, worker.spool
     half = spool.capacity(FIRMS_SOURCE) // 2
@@ -209,7 +242,8 @@ def child_ours_producer(cfg: Any, n: int, prefix: str) -> None:
     end = admit.get("drained", time.time())
     _finish({"go": go, "end": end, "records": n, "accepted": admit.get("accepted"), "shed": admit.get("shed"),
              "published": summary.published, "left_in_spool": summary.left_in_spool,
-             "admission_thread_cpu_s": admit.get("cpu_s"), "worker_thread_cpu_s": worker_cpu}, cpu0)
+             "admission_thread_cpu_s": admit.get("cpu_s"), "worker_thread_cpu_s": worker_cpu,
+             "cpu_us_per_record_by_step": {k: round(v * 1e6 / n, 2) for k, v in steps.items()}}, cpu0)
 
 
 def _wait_assigned(poll: Any, assigned: Any) -> None:
@@ -293,6 +327,12 @@ def child_ours_consumer(cfg: Any, n: int, prefix: str) -> None:
     from wildfire.storage.consumer import StorageConsumer
 
     consumer = StorageConsumer(cfg, topics=[cfg.sources[FIRMS_SOURCE].topic], url=cfg.storage.database_url)
+    steps = _step_timers([
+        ("poll_once (main thread, all below but write)", consumer, "poll_once"),
+        ("decode (messages -> rows)", consumer, "_decode"),
+        ("write (writer thread: COPY + DB commit)", consumer.writer, "write"),
+        ("offset commit", consumer, "_commit_pending"),
+    ])
     freeze_startup_heap()  # as python -m wildfire.storage.consumer does at start
     _wait_assigned(lambda: consumer.poll_once(0.2), lambda: bool(consumer.assignment))
     go = _handshake()
@@ -307,7 +347,8 @@ def child_ours_consumer(cfg: Any, n: int, prefix: str) -> None:
     end = time.time()
     stats = consumer.stats.as_dict()
     consumer.close()
-    _finish({"go": go, "end": end, "records": stats["records"], "dead_letters": stats["dead_letters"]}, cpu0)
+    _finish({"go": go, "end": end, "records": stats["records"], "dead_letters": stats["dead_letters"],
+             "cpu_us_per_record_by_step": {k: round(v * 1e6 / n, 2) for k, v in steps.items()}}, cpu0)
 
 
 CHILDREN = {"bare-producer": child_bare_producer, "bare-consumer": child_bare_consumer,
@@ -486,6 +527,10 @@ def main() -> int:
                                    "peak_rss_mb": m(side, proc, "peak_rss_mb")}
     for k in ("admission_thread_cpu_us_per_record", "worker_thread_cpu_us_per_record"):
         summary["ours"]["producer"][k] = m("ours", "producer", k)
+    for proc in ("producer", "consumer"):
+        summary["ours"][proc]["cpu_us_per_record_by_step"] = {
+            step: m("ours", proc, "cpu_us_per_record_by_step", step)
+            for step in rounds[0]["ours"][proc]["cpu_us_per_record_by_step"]}
     summary["ours"]["producer"]["librdkafka_and_other_threads_cpu_us_per_record"] = round(
         summary["ours"]["producer"]["cpu_us_per_record"] - summary["ours"]["producer"]["admission_thread_cpu_us_per_record"]
         - summary["ours"]["producer"]["worker_thread_cpu_us_per_record"], 2)
