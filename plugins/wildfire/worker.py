@@ -12,7 +12,10 @@ Modes (the ``mode`` DAG param):
 - ``continuous_streaming``: also subscribe to the IoT sensors over MQTT.
 
 Guarantees: a record leaves the spool only when Kafka acknowledged it; CRITICAL records skip the
-throttle delay; an open breaker holds records in the spool. On stop (SIGTERM, ``on_kill``, the end of the
+throttle delay and the bulk gather window; an open breaker holds records in the spool. With little to do the
+send loop waits on events (its own admission's writes), looks for other processes' writes every 2 ms (20 ms
+after 10 s without one) and sends a trickle of bulk records at most every ``BULK_GATHER_S`` (see
+``_idle_wait``). On stop (SIGTERM, ``on_kill``, the end of the
 run window) fetching stops first, then in-flight deliveries get up to ``worker.shutdown_flush_s`` to
 settle; whatever is not acknowledged stays in the spool for the next run.
 
