@@ -10,7 +10,8 @@ emptied ``fire_detections`` table of one private, migrated database:
 (a) **bare**: a confluent-kafka producer with our producer settings (``ProducerWrapper.settings()``: acks=all,
     idempotent, zstd, linger, batch size) and our headers, pre-serialized values -> broker -> a confluent-kafka
     consumer with our consumer settings (no auto commit, cooperative-sticky, same batch size) -> ``orjson.loads``
-    per value, the row tuple -> ``COPY fire_detections FROM STDIN`` -> DB commit -> synchronous offset commit.
+    per value, the row tuple -> ``COPY fire_detections FROM STDIN`` -> DB commit -> synchronous offset commit,
+    the COPY of one batch on a writer thread while the next is consumed and decoded (as the storage consumer).
     The parts no design removes, and nothing else (no validation, no dead letters, no spool, no admission).
 (b) **ours**: one producer-side process as the stream worker runs (``Ingestor.accept`` -> SQLite spool ->
     ``StreamWorker`` loop: priority queue, breaker, ``SpoolPublisher``, delivery bookkeeping, spool acks) ->
@@ -52,6 +53,7 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -283,13 +285,40 @@ def child_bare_consumer(cfg: Any, n: int, prefix: str) -> None:
     cpu0 = time.process_time()
     stored = 0
     deadline = time.monotonic() + TIMEOUT_S
-    phases = {"consume": 0.0, "decode": 0.0, "copy_commit": 0.0, "offset_commit": 0.0}
+    # wait_for_write: the main thread waiting for the writer thread's COPY + commit of the previous batch.
+    phases = {"consume": 0.0, "decode": 0.0, "wait_for_write": 0.0, "offset_commit": 0.0}
     clock = time.perf_counter
+
+    def write(rows: list[tuple[Any, ...]]) -> None:
+        with conn.cursor() as cur, cur.copy(sql) as cp:
+            for r in rows:
+                cp.write_row(r)
+        conn.commit()
+
+    # Decode of batch N+1 overlaps the COPY of batch N on one writer thread, as the storage consumer does;
+    # batch N's offsets are committed after its DB commit. Without this overlap the bare side was the slower.
+    writer = ThreadPoolExecutor(max_workers=1)
+    flight: tuple[Any, dict[tuple[str, int], int], int] | None = None
+
+    def land() -> int:
+        nonlocal flight
+        if flight is None:
+            return 0
+        future, offsets, count = flight
+        flight = None
+        t = clock()
+        future.result()
+        t2 = clock()
+        consumer.commit(offsets=[TopicPartition(tp, p, o) for (tp, p), o in offsets.items()], asynchronous=False)
+        phases["wait_for_write"] += t2 - t
+        phases["offset_commit"] += clock() - t2
+        return count
+
     while stored < n:
         if time.monotonic() > deadline:
             raise SystemExit(f"bare consumer: {stored} of {n} after {TIMEOUT_S} s")
         t0 = clock()
-        msgs = consumer.consume(batch_size, timeout)
+        msgs = consumer.consume(batch_size, timeout if flight is None else 0.05)
         t1 = clock()
         nxt: dict[tuple[str, int], int] = {}
         rows = []
@@ -304,18 +333,12 @@ def child_bare_consumer(cfg: Any, n: int, prefix: str) -> None:
         t2 = clock()
         phases["consume"] += t1 - t0
         phases["decode"] += t2 - t1
-        if not rows:
-            continue
-        with conn.cursor() as cur, cur.copy(sql) as cp:
-            for r in rows:
-                cp.write_row(r)
-        conn.commit()
-        t3 = clock()
-        consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in nxt.items()], asynchronous=False)
-        phases["copy_commit"] += t3 - t2
-        phases["offset_commit"] += clock() - t3
-        stored += len(rows)
+        stored += land()
+        if rows:
+            flight = (writer.submit(write, rows), nxt, len(rows))
+    stored += land()
     end = time.time()
+    writer.shutdown()
     consumer.close()
     conn.close()
     _finish({"go": go, "end": end, "records": stored, "wall_s_by_step": {k: round(v, 3) for k, v in phases.items()}},
@@ -520,8 +543,15 @@ def main() -> int:
         "ratio_stored_per_s": round(med(r["ratio_stored_per_s"] for r in rounds), 3),
         "own_layers_cpu_us_per_record": round(med(r["own_layers_cpu_us_per_record"] for r in rounds), 2),
     }
+    # The producer side alone (go -> its last record acknowledged by the broker): how close ours' spool and
+    # worker come to a bare producer, whatever bounds the consumer side.
+    for r in rounds:
+        for side in ("bare", "ours"):
+            r[side]["producer_side_per_s"] = round(n / r[side]["producer_side_s"], 1)
+        r["ratio_producer_side_per_s"] = round(r["ours"]["producer_side_per_s"] / r["bare"]["producer_side_per_s"], 4)
+    summary["ratio_producer_side_per_s"] = round(med(r["ratio_producer_side_per_s"] for r in rounds), 3)
     for side in ("bare", "ours"):
-        summary[side] = {"stored_per_s": m(side, "stored_per_s")}
+        summary[side] = {"stored_per_s": m(side, "stored_per_s"), "producer_side_per_s": m(side, "producer_side_per_s")}
         for proc in ("producer", "consumer"):
             summary[side][proc] = {"cpu_us_per_record": m(side, proc, "cpu_us_per_record"),
                                    "peak_rss_mb": m(side, proc, "peak_rss_mb")}
@@ -545,7 +575,9 @@ def main() -> int:
         goals=[{"name": "ours >= 0.80 of the bare pipeline's stored/s (median of round ratios)",
                 "figure": f"{ratio:.2f}", "met": ratio >= 0.8},
                {"name": "own layers (admission + spool + worker, by difference) <= 15 CPU-µs per record",
-                "figure": f"{own:.1f} µs", "met": own <= 15}],
+                "figure": f"{own:.1f} µs", "met": own <= 15},
+               {"name": "producer side alone (to the broker's acks), ours / bare, median of round ratios, no goal",
+                "figure": f"{summary['ratio_producer_side_per_s']:.2f}", "met": None}],
         machine_before=before, out=Path(args.out) if args.out else None)
     print(f"result: {path}")
     return 0
