@@ -14,7 +14,7 @@ export WILDFIRE_TEST_DATABASE_URL ?= postgresql://wildfire:wildfire@127.0.0.1:54
 export PATH := $(if $(wildcard $(HOME)/.cargo/bin),$(HOME)/.cargo/bin:,)$(PATH)
 
 .PHONY: help venv native native-optional compose-env services services-down services-status topics db-upgrade run stop demo test test-unit lint loadtest \
-        constraints clean bench screenshot report
+        constraints clean bench bench-pipeline screenshot report
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -103,6 +103,12 @@ bench: services $(NATIVE_STAMP)  ## every micro-benchmark (results in docs/resul
 	$(PY) tests/performance/bench_spool_layout.py
 	$(PY) tests/performance/bench_storage.py
 	$(PY) tests/performance/bench_scaleout.py
+	$(PY) tests/performance/bench_pipeline.py --records 100000 --rounds 3
+	$(PY) tests/performance/bench_worker_idle.py --seconds 20
+	$(PY) tests/performance/bench_decode_steps.py
+
+bench-pipeline: services $(NATIVE_STAMP)  ## the limit: bare Kafka->COPY beside our whole pipeline, alternately (~2-3 min)
+	$(PY) tests/performance/bench_pipeline.py --records 100000 --rounds 3
 
 report: $(STAMP)  ## regenerate docs/benchmarks.md's table and docs/loadtest/report.md from the results files
 	$(PY) tests/performance/report.py

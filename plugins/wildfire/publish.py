@@ -430,6 +430,9 @@ class _Acker:
         self._jobs: queue.SimpleQueue[list[int] | None] = queue.SimpleQueue()
         self._results: deque[tuple[list[int], int | None]] = deque()  # appended by the thread, popped by the owner
         self._thread: threading.Thread | None = None
+        # Deletes tried so far (counted before each one commits): lets the worker tell its own acker's commits
+        # from another process's writes when the store's data version moves.
+        self.commits = 0
 
     def submit(self, ids: list[int]) -> None:
         if self._thread is None:
@@ -453,6 +456,7 @@ class _Acker:
     def _main(self) -> None:
         try:
             while (ids := self._jobs.get()) is not None:
+                self.commits += 1
                 try:
                     n: int | None = self.spool.ack(ids)
                 except Exception as exc:  # noqa: BLE001 - reported back and retried by the owner
@@ -516,6 +520,21 @@ class SpoolPublisher:
         self.authorization_errors: dict[str, tuple[str, float]] = {}
 
     # ------------------------------------------------------------ one step
+
+    @property
+    def in_flight(self) -> int:
+        """Records produced whose delivery report has not been applied yet."""
+        return len(self._in_flight)
+
+    @property
+    def ack_commits(self) -> int:
+        """Background deletes started so far (see ``_Acker.commits``); 0 without a background acker."""
+        return self._acker.commits if self._acker is not None else 0
+
+    @property
+    def caught_up(self) -> bool:
+        """The last peek read every row past the drain cursor (nothing written since is sent yet)."""
+        return self._read_all or self._top_read is not None
 
     def backoff_s(self, failed_rounds: int) -> float:
         """1 s, 2 s, 4 s, then 4 s again: the delay after the n-th failed round in a row (n >= 1)."""

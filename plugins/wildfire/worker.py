@@ -13,7 +13,10 @@ following run applies, see ``wildfire.stream_settings``):
 - ``continuous_streaming``: also subscribe to the IoT sensors over MQTT.
 
 Guarantees: a record leaves the spool only when Kafka acknowledged it; CRITICAL records skip the
-throttle delay; an open breaker holds records in the spool. On stop (SIGTERM, ``on_kill``, the end of the
+throttle delay and the bulk gather window; an open breaker holds records in the spool. With little to do the
+send loop waits on events (its own admission's writes), looks for other processes' writes every 2 ms (20 ms
+after 10 s without one) and sends a trickle of bulk records at most every ``BULK_GATHER_S`` (see
+``_idle_wait``). On stop (SIGTERM, ``on_kill``, the end of the
 run window) fetching stops first, then in-flight deliveries get up to ``worker.shutdown_flush_s`` to
 settle; whatever is not acknowledged stays in the spool for the next run.
 
@@ -84,8 +87,41 @@ log = logging.getLogger(__name__)
 
 MODES = ("batch", "real_time", "continuous_streaming")
 IDLE_WAIT_S = 0.05  # longest idle pause of the send loop when the spool has nothing to send
-IDLE_CHECK_S = 0.002  # how often an idle loop looks for newly committed records (PRAGMA data_version)
+IDLE_CHECK_S = 0.002  # how often an idle loop looks for records committed by another process (PRAGMA data_version)
+# With no write by another process for FOREIGN_WRITE_HOLD_S, the look is every IDLE_CHECK_SLOW_S instead: a
+# worker whose records all come from its own sources (admission wakes the loop through an event) then wakes 50
+# times a second when idle, not 500. The first record another process writes after such a quiet spell is seen
+# within IDLE_CHECK_SLOW_S; from then on within IDLE_CHECK_S.
+IDLE_CHECK_SLOW_S = 0.02
+FOREIGN_WRITE_HOLD_S = 10.0
+# A trickle of bulk records (not CRITICAL) is sent at most once per BULK_GATHER_S: at 1x a write lands every few
+# milliseconds, and a full drain step per write (a peek of every drain level, a produce, a settle) was most of
+# the worker's CPU. librdkafka holds bulk records for linger.ms (100 ms shipped) anyway, so gathering them for
+# 50 ms first costs at most 50 ms of latency; CRITICAL records never wait for it (their own lane, checked on
+# every wake-up). A full page (saturation) is never held back.
+BULK_GATHER_S = 0.05
 COMPONENT = "stream_worker"
+
+
+class _WakingIngestor(Ingestor):
+    """The worker's admission: after a batch is spooled, wake the send loop at once (no polling interval).
+
+    ``on_start()`` is called before the spool write (so a data-version change it causes is known to be this
+    process's), ``on_write(critical)`` after it returns, with whether the batch held a CRITICAL record, so the
+    loop sends that record without waiting for the bulk gather window.
+    """
+
+    def __init__(self, *args: Any, on_write: Any, on_start: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_write = on_write
+        self._on_start = on_start
+
+    def accept(self, source: str, records: Any, *, dead_letters: Any = ()) -> Any:
+        self._on_start()  # before the commit: a data version moved by it is known to be this process's
+        report = super().accept(source, records, dead_letters=dead_letters)
+        if report.accepted or report.dead_letters:
+            self._on_write("CRITICAL" in report.accepted or "ALL" in report.accepted)
+        return report
 
 
 @dataclass(slots=True)
@@ -153,8 +189,15 @@ class StreamWorker:
         self.throttle = ThrottlingManager(config.throttling, clock=clock, metrics=self.metrics)
         self.spool = BufferManager(config.spool, config.sources, path=spool_path, clock=clock,
                                    fire_season=self.backpressure.fire_season_active(), metrics=self.registry)
-        self.ingestor = Ingestor(self.spool, config, backpressure=self.backpressure, clock=clock, rng=self.rng,
-                                 metrics=self.metrics)
+        # Set by this process's own spool writes (admission); writes from other processes are seen through
+        # the store's data version. The send loop waits on it instead of polling the store.
+        self._wake = threading.Event()
+        self._critical_written = False
+        self.ingestor = _WakingIngestor(self.spool, config, backpressure=self.backpressure, clock=clock,
+                                        rng=self.rng, metrics=self.metrics, on_write=self._on_write,
+                                        on_start=self._on_write_start)
+        self._own_writes = 0  # admission calls started in this process (see _idle_wait)
+        self._foreign_write_at = -FOREIGN_WRITE_HOLD_S  # monotonic time another process's write was last seen
         self.producer = ProducerWrapper(config.kafka, breaker=self.breaker, clock=clock,
                                         metrics=PublishMetrics(self.registry))
         self.publisher = SpoolPublisher(self.spool, self.producer, clock=clock, before_send=self._order)
@@ -163,6 +206,7 @@ class StreamWorker:
         self._lag: int | None = None
         self._lag_error: str | None = None
         self._next_send_at = 0.0
+        self._next_bulk_at = 0.0  # a trickle of bulk rows waits until then (BULK_GATHER_S)
         self._stop = threading.Event()
         self._fetch_thread: threading.Thread | None = None
         self._mqtt: Any = None
@@ -234,6 +278,15 @@ class StreamWorker:
 
     def _send_allowed(self, now: float) -> bool:
         return not self.throttle.throttled or now >= self._next_send_at
+
+    def _on_write_start(self) -> None:
+        self._own_writes += 1
+
+    def _on_write(self, critical: bool) -> None:
+        """Admission in this process spooled records: wake the send loop (any thread may call this)."""
+        if critical:
+            self._critical_written = True
+        self._wake.set()
 
     # ------------------------------------------------------------ lag
 
@@ -655,16 +708,23 @@ class StreamWorker:
                 if now >= next_config:
                     self._check_config_file()
                     next_config = now + self.config.worker.config_reload_s
-                if not self._send_allowed(now):
-                    # Throttled: bulk rows wait for the send window; CRITICAL rows go at once, through their
-                    # own lane (a full page read and a cursor rewind per alert cost up to 150 ms at 5x).
+                if not self._send_allowed(now) or now < self._next_bulk_at:
+                    # Throttled, or gathering a trickle of bulk rows: bulk rows wait for the send window;
+                    # CRITICAL rows go at once, through their own lane (a full page read and a cursor rewind
+                    # per alert cost up to 150 ms at 5x).
+                    self._critical_written = False
                     stats = self.publisher.run_critical_once()
                     if not (stats.produced or stats.delivered):
-                        self._idle_wait(min(IDLE_WAIT_S, max(0.0, self._next_send_at - now)))
+                        until = self._next_bulk_at if self._send_allowed(now) else self._next_send_at
+                        self._idle_wait(min(IDLE_WAIT_S, max(0.0, until - now)))
                     continue
                 stats = self.publisher.run_once()
                 if stats.produced and self.throttle.throttled:
                     self._next_send_at = now + self.throttle.delay_s()
+                if stats.produced and self.publisher.caught_up:
+                    # Everything written so far is sent: let the next bulk rows gather (saturation never
+                    # gets here: its pages are full, so the publisher has not caught up).
+                    self._next_bulk_at = now + BULK_GATHER_S
                 if stats.produced or stats.delivered:
                     continue
                 if self.mode == "batch" and stats.in_flight == 0 and self.spool.depth() == 0:
@@ -676,19 +736,52 @@ class StreamWorker:
         return self.summary
 
     def _idle_wait(self, timeout_s: float) -> None:
-        """Nothing to send: serve delivery reports until one arrives, a writer commits, or ``timeout_s``.
+        """Nothing to send: wait until a writer commits, a delivery report arrives, or ``timeout_s``.
 
-        Waiting in one long ``poll`` would leave an evacuation alert written meanwhile unseen for up to
-        ``timeout_s`` (25 ms on average at 50 ms); checking the store's data version every
-        IDLE_CHECK_S costs a few microseconds per check.
+        Writes by this process (admission) set ``self._wake``; the wait blocks on that event, so it
+        wakes the moment they land. Writes by another process (a batch task sharing the spool) are seen
+        by the store's data version, checked every IDLE_CHECK_S (a few microseconds per check) while such
+        writes keep coming and every IDLE_CHECK_SLOW_S after FOREIGN_WRITE_HOLD_S without one: waiting
+        in one long call would leave an evacuation alert written meanwhile unseen for up to ``timeout_s``.
+        Delivery reports are served by ``poll`` while records are in flight and applied after the wait; with
+        none in flight there is nothing for librdkafka to report and the wait is on the event alone. Inside
+        the bulk gather window (``_next_bulk_at``) a bulk write by this process does not end the wait: only
+        a CRITICAL one does.
         """
+        own, acks = self._own_writes, self.publisher.ack_commits  # read before the version: see below
         version = self.spool.data_version()
-        deadline = self.clock.monotonic() + timeout_s
+        now = self.clock.monotonic()
+        deadline = now + timeout_s
+        gathering = now < self._next_bulk_at
+        step = IDLE_CHECK_S if now - self._foreign_write_at < FOREIGN_WRITE_HOLD_S else IDLE_CHECK_SLOW_S
         while not self._stop.is_set():
-            if self.producer.poll(IDLE_CHECK_S) or self.spool.data_version() != version:
+            # The event first: this process's own write also moves the data version (admission writes on its
+            # own connection), and it must not count as another process's write.
+            if self._wake.is_set():
+                self._wake.clear()
+                if not gathering or self._critical_written:
+                    return
+                # A bulk write inside the gather window: take its data version as seen. A write by another
+                # process in the same instant waits for the end of the window (<= BULK_GATHER_S) instead.
+                version = self.spool.data_version()
+            elif self.spool.data_version() != version:
+                # Another connection committed: another process's write (its priority unknown here, so the
+                # CRITICAL lane looks), or this process's acker deleting delivered rows or its admission
+                # writing. Both counters move before their commit, so an unchanged pair means another process
+                # (a write coinciding with our own is taken as ours: it is still looked at now, only the
+                # faster checking may not start).
+                if self._own_writes == own and self.publisher.ack_commits == acks:
+                    self._foreign_write_at = self.clock.monotonic()
                 return
             if self.clock.monotonic() >= deadline:
                 return
+            if self.publisher.in_flight:
+                # Serves delivery callbacks (they only record the outcome); the loop applies them after the
+                # wait, at most ``timeout_s`` later: acks are not urgent, and a wake-up per report was a full
+                # drain step per report.
+                self.producer.poll(step)
+            else:
+                self._wake.wait(step)
 
     def _shutdown(self, started: float) -> None:
         self._stop.set()

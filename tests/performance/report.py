@@ -38,6 +38,12 @@ KNOWN: tuple[tuple[str, str, str, str], ...] = (
      "tests/performance/bench_spool_layout.py", "docs/spool-and-publishing.md"),
     ("scaleout", "scale-out: 1/2/4 storage consumers, 1/2 IoT workers (shared subscription), per process",
      "tests/performance/bench_scaleout.py", "docs/scaling.md"),
+    ("pipeline", "the limit: bare Kafka -> COPY beside admission -> spool -> worker -> Kafka -> storage consumer",
+     "tests/performance/bench_pipeline.py", "docs/benchmarks.md"),
+    ("worker_idle", "stream worker CPU idle and at ~1x, beside a baseline commit",
+     "tests/performance/bench_worker_idle.py", "docs/streaming.md"),
+    ("decode_steps", "storage consumer decode per step, beside a baseline commit",
+     "tests/performance/bench_decode_steps.py", "docs/storage.md"),
 )
 # Benchmarks that print their figures but do not write a results file yet.
 NOT_YET: tuple[tuple[str, str, str], ...] = ()
