@@ -9,6 +9,7 @@ triggerer) in a temporary AIRFLOW_HOME on a free port, started the way ``scripts
   to use a given one; by default a private PostgreSQL database, dropped afterwards).
 - Storage: a private, migrated PostgreSQL database; Kafka: the real local broker with topics and a consumer
   group private to the session (created here, deleted afterwards), so nothing is shared with other runs.
+- Pools as ``scripts/airflow.sh`` seeds them (``python -m wildfire.airflow.pools write`` + ``airflow pools import``).
 - Connections: ``python -m wildfire.airflow.connections write`` + ``airflow connections import``, the source
   Connections pointing at :func:`replay_seeded` (a replay of ``include/samples``, ``wildfire.demo.upstream``).
 - DAGs are paused at creation here (the product unpauses them): the continuous DAGs would otherwise start
@@ -154,7 +155,7 @@ class AirflowStack:
         for ti in tis:
             tries = max(1, ti.get("try_number") or 1)
             log = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{ti['task_id']}/logs/{tries}",
-                           headers={"Accept": "text/plain"})
+                           headers={"Accept": "application/x-ndjson"})
             out.append(f"--- {ti['task_id']} ({ti['state']}, try {tries})\n{log.text[-4000:]}")
         return "\n".join(out) or "(no task instances)"
 
@@ -236,6 +237,10 @@ def airflow_stack(tmp_path_factory: pytest.TempPathFactory, airflow_metadata_url
         _run([str(PYTHON_BIN), "-m", "wildfire.airflow.connections", "write", str(seed)], seed_env, "connections write")
         _run([str(AIRFLOW_BIN), "connections", "import", str(seed)], env, "airflow connections import")
         seed.unlink()
+        # And the pools, as seed_pools does: a task in a pool that does not exist is never scheduled.
+        pools = home / "pools.seed.json"
+        _run([str(PYTHON_BIN), "-m", "wildfire.airflow.pools", "write", str(pools)], env, "pools write")
+        _run([str(AIRFLOW_BIN), "pools", "import", str(pools)], env, "airflow pools import")
         log = home / "standalone.log"
         with log.open("wb") as out:
             # Own session = own process group: every component and task runner ends with it.
