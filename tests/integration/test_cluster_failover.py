@@ -7,10 +7,52 @@ CRITICAL records wait in the spool while the ISR is short. The full, longer run 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.cluster_failover import run_failover
 from tests.kafka_cluster import PrivateKafkaCluster
+from wildfire.config import load_config
+from wildfire.topics import ensure_topics
+
+
+def _topic_settings(admin, names) -> dict[str, tuple[int, str]]:
+    """{topic: (replicas of its partitions, min.insync.replicas)} as the cluster reports them."""
+    from confluent_kafka.admin import ConfigResource
+
+    md = admin.list_topics(timeout=10)
+    out = {}
+    for name in names:
+        res = ConfigResource(ConfigResource.Type.TOPIC, name)
+        cfg = admin.describe_configs([res])[res].result(10)
+        out[name] = (min(len(p.replicas) for p in md.topics[name].partitions.values()),
+                     cfg["min.insync.replicas"].value)
+    return out
+
+
+def _configured_topics_on(cluster: PrivateKafkaCluster) -> None:
+    """The project's topics, chosen by the bootstrap servers alone: RF 3 and min ISR 2 on three brokers, and a
+    drifted min.insync.replicas is set back."""
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
+
+    cfg = load_config(environ={"WILDFIRE__KAFKA__BOOTSTRAP_SERVERS": cluster.bootstrap})
+    report = ensure_topics(cfg, timeout=30)
+    assert set(report.created) == set(cfg.topics)
+    admin = cluster.admin()
+    assert set(_topic_settings(admin, cfg.topics).values()) == {(3, "2")}
+    res = ConfigResource(ConfigResource.Type.TOPIC, "wildfire-alerts", incremental_configs=[
+        ConfigEntry("min.insync.replicas", "1", incremental_operation=AlterConfigOpType.SET)])
+    for fut in admin.incremental_alter_configs([res]).values():
+        fut.result(10)
+    drift = "wildfire-alerts: min.insync.replicas is not 2"
+    deadline = time.monotonic() + 20  # each broker applies the change from the metadata log, on a loaded host late
+    while drift not in ensure_topics(cfg, check_only=True).mismatched:
+        assert time.monotonic() < deadline, "the drifted min.insync.replicas was never reported"
+        time.sleep(0.5)
+    assert ensure_topics(cfg).min_isr_set == ("wildfire-alerts",)
+    assert _topic_settings(admin, ["wildfire-alerts"]) == {"wildfire-alerts": (3, "2")}
+    assert ensure_topics(cfg, check_only=True).mismatched == ()
 
 
 @pytest.mark.kafka
@@ -20,6 +62,7 @@ def test_leader_kill_and_isr_short_lose_no_acknowledged_record(tmp_path):
     cluster = PrivateKafkaCluster(tmp_path / "cluster")
     try:
         cluster.start()
+        _configured_topics_on(cluster)
         # Short delivery timeout and breaker recovery: the ISR-short phase then also walks the publisher's own
         # retry path (failed report -> row stays in the spool -> backoff -> breaker), not only librdkafka's.
         res = run_failover(cluster, tmp_path / "run", rate=300, phase_s=3, short_s=8, delivery_timeout_ms=5000,
