@@ -559,6 +559,10 @@ class SpoolPublisher:
         if not rows:
             return self._done(stats)
         if not self.breaker.allow():
+            # Nothing was sent: the rows just read must be read again when the breaker lets them go. Without
+            # this, the "nothing written since the last complete read" shortcut above held them until a new
+            # record arrived: a quiet spool stayed undelivered after an outage (or a short ISR) ended.
+            self._top_read = None
             stats.held = True
             return self._done(stats)
         # peek_batch returns each level's rows in ascending id order above the cursor, so the last row
