@@ -24,7 +24,8 @@ Kafka errors, by what we do with them::
     ├── authorization (TOPIC/GROUP/CLUSTER_AUTHORIZATION_FAILED, ...) -> retry forever, never dead-lettered,
     │       alarmed: ERROR log naming the topic, wildfire_publish_authorization_failures_total{topic},
     │       ``SpoolPublisher.authorization_errors`` (the stream worker's /health is degraded)
-    └── everything else (timeouts, transport, broker down)    -> retry forever, breaker failure
+    └── everything else (timeouts, transport, broker down,    -> retry forever, breaker failure
+            NOT_ENOUGH_REPLICAS: the ISR is below min.insync.replicas)
 
 An authorization failure is an operator's ACL mistake, not a property of the record: dead-lettering would
 empty the spool of every record bound for that topic. It does not count against the breaker (the broker
