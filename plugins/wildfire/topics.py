@@ -15,7 +15,9 @@ a three-broker cluster RF 3 / min ISR 2, so an ``acks=all`` write survives one b
 (``NOT_ENOUGH_REPLICAS``, the record stays in the spool) rather than accepted on a single copy. A replication
 factor above the number of brokers is an error naming the topic. An existing topic's ``min.insync.replicas``
 is set to the chosen value (an incremental config change); a smaller replication factor than chosen is
-reported, not changed (that needs a partition reassignment).
+reported, not changed (that needs a partition reassignment). Not guaranteed without a pinned
+``kafka.replication_factor``: the derived value counts the brokers that answer now, so a run while a broker is
+down creates topics with fewer replicas (``--check`` reports them once it is back).
 """
 
 from __future__ import annotations
