@@ -14,7 +14,7 @@ export WILDFIRE_TEST_DATABASE_URL ?= postgresql://wildfire:wildfire@127.0.0.1:54
 export PATH := $(if $(wildcard $(HOME)/.cargo/bin),$(HOME)/.cargo/bin:,)$(PATH)
 
 .PHONY: help venv native native-optional compose-env services services-down services-status topics db-upgrade run stop demo test test-unit lint loadtest \
-        constraints clean bench bench-pipeline screenshot report
+        constraints clean bench bench-pipeline screenshot report cluster cluster-down cluster-status
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -59,6 +59,23 @@ compose-env:  ## write .env for docker-compose.yaml: your uid and generated secr
 services: $(STAMP)  ## start Kafka (KRaft), PostgreSQL and Mosquitto on loopback; create topics
 	bash scripts/services.sh up
 	$(PY) -m wildfire.topics
+	@if [ -n "$(CLUSTER)" ]; then [ "$(CLUSTER)" = 3 ] || { echo "CLUSTER=$(CLUSTER): only 3 is supported"; exit 1; }; \
+	  $(MAKE) --no-print-directory cluster; fi
+
+# CLUSTER=3: also the local 3-node Kafka cluster (make cluster), beside the single broker.
+CLUSTER ?=
+CLUSTER_BOOTSTRAP := 127.0.0.1:19092,127.0.0.1:19093,127.0.0.1:19094
+
+cluster: $(STAMP)  ## a local 3-node KRaft cluster on 127.0.0.1:19092-19094 (RF 3, min ISR 2) with the project's topics
+	bash scripts/services.sh cluster-up
+	WILDFIRE__KAFKA__BOOTSTRAP_SERVERS=$(CLUSTER_BOOTSTRAP) $(PY) -m wildfire.topics
+	@echo "cluster up: WILDFIRE__KAFKA__BOOTSTRAP_SERVERS=$(CLUSTER_BOOTSTRAP) points the project at it"
+
+cluster-down:  ## stop the local 3-node cluster (its data stays in .local/kafka-cluster)
+	bash scripts/services.sh cluster-down
+
+cluster-status:  ## which nodes of the local cluster answer
+	bash scripts/services.sh cluster-status
 
 services-down:  ## stop the local services
 	bash scripts/services.sh down

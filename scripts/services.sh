@@ -10,10 +10,18 @@
 #      with KAFKA_SUPER_USERS, default User:ANONYMOUS, the principal of the plaintext and controller listeners.
 #      SCRAM users and ACLs are created through the AdminClient. The shared broker stays plaintext.)
 #   Mosquitto (Debian package) on 127.0.0.1:1883
+#   On request, a 3-node Kafka cluster (`make cluster`, action cluster-up): three KRaft processes, each broker AND
+#     controller (static quorum of three voters), brokers on 127.0.0.1:19092-19094, controllers on 19192-19194,
+#     data in .local/kafka-cluster/node1..3; internal topics RF 3 / min ISR 2, default.replication.factor 3,
+#     min.insync.replicas 2, unclean leader election off. CLUSTER_DIR, CLUSTER_PORTS and CLUSTER_CONTROLLER_PORTS
+#     (comma-separated, one per node) override this, so tests can run a private cluster on free ports. Each node
+#     has a small heap (CLUSTER_HEAP_OPTS, default -Xms128m -Xmx512m; the single broker: KAFKA_HEAP_OPTS).
+#     It runs beside the single broker on 9092, which it never touches.
 # Every action is idempotent. All data lives under .local/ (git-ignored).
 #
 #   scripts/services.sh up|down|status
 #   scripts/services.sh kafka-start|kafka-stop|pg-start|pg-stop|mqtt-start|mqtt-stop
+#   scripts/services.sh cluster-up|cluster-down|cluster-status|cluster-node-start N|cluster-node-stop N
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,6 +40,17 @@ KAFKA_SSL_KEYSTORE="${KAFKA_SSL_KEYSTORE:-}"
 KAFKA_SSL_KEYSTORE_PASSWORD="${KAFKA_SSL_KEYSTORE_PASSWORD:-}"
 KAFKA_AUTHORIZER="${KAFKA_AUTHORIZER:-}"
 KAFKA_SUPER_USERS="${KAFKA_SUPER_USERS:-User:ANONYMOUS}"
+KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx768m}"
+# Cluster membership of this node (set by the cluster-* actions; empty: a standalone single-node quorum).
+KAFKA_NODE_ID="${KAFKA_NODE_ID:-1}"
+KAFKA_VOTERS="${KAFKA_VOTERS:-}"          # static quorum, e.g. 1@127.0.0.1:19192,2@127.0.0.1:19193,...
+KAFKA_CLUSTER_ID="${KAFKA_CLUSTER_ID:-}"
+KAFKA_REPLICATION="${KAFKA_REPLICATION:-1}"   # internal topics' and new topics' default replication factor
+KAFKA_EXTRA_PROPS="${KAFKA_EXTRA_PROPS:-}"    # more server.properties lines (tests: shorter timeouts)
+CLUSTER_DIR="${CLUSTER_DIR:-$LOCAL/kafka-cluster}"
+CLUSTER_PORTS="${CLUSTER_PORTS:-19092,19093,19094}"
+CLUSTER_CONTROLLER_PORTS="${CLUSTER_CONTROLLER_PORTS:-19192,19193,19194}"
+CLUSTER_HEAP_OPTS="${CLUSTER_HEAP_OPTS:--Xms128m -Xmx512m}"
 PG_PORT=5432
 MQTT_PORT=1883
 
@@ -109,10 +128,14 @@ kafka_config() {
     advertised="$advertised,SASL_SSL://127.0.0.1:$KAFKA_SASL_SSL_PORT"
     protocols="$protocols,SASL_SSL:SASL_SSL"
   fi
+  local quorum="controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT"
+  [ -n "$KAFKA_VOTERS" ] && quorum="controller.quorum.voters=$KAFKA_VOTERS"
+  local rf="$KAFKA_REPLICATION" min_isr=1
+  [ "$rf" -ge 3 ] && min_isr=2
   cat >"$KAFKA_DIR/server.properties" <<PROPS
 process.roles=broker,controller
-node.id=1
-controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
+node.id=$KAFKA_NODE_ID
+$quorum
 listeners=$listeners
 advertised.listeners=$advertised
 controller.listener.names=CONTROLLER
@@ -122,15 +145,20 @@ log.dirs=$KAFKA_DIR/data
 num.partitions=1
 # Topics come from config/stream_config.yaml; a typo'd topic must fail, not appear.
 auto.create.topics.enable=false
-offsets.topic.replication.factor=1
+offsets.topic.replication.factor=$rf
 offsets.topic.num.partitions=4
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
+transaction.state.log.replication.factor=$rf
+transaction.state.log.min.isr=$min_isr
+share.coordinator.state.topic.replication.factor=$rf
+share.coordinator.state.topic.min.isr=$min_isr
+default.replication.factor=$rf
+min.insync.replicas=$min_isr
+# Never elect a replica that missed acknowledged writes: a partition without an in-sync replica stays offline.
+unclean.leader.election.enable=false
 group.initial.rebalance.delay.ms=0
 message.max.bytes=2097152
 PROPS
+  [ -n "$KAFKA_EXTRA_PROPS" ] && printf '%s\n' "$KAFKA_EXTRA_PROPS" | tr ';' '\n' >>"$KAFKA_DIR/server.properties"
   if [ -n "$KAFKA_SASL_SSL_PORT" ]; then
     cat >>"$KAFKA_DIR/server.properties" <<PROPS
 sasl.enabled.mechanisms=SCRAM-SHA-512
@@ -163,29 +191,44 @@ PROPS
 }
 
 kafka_java() {
-  java -Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true \
+  # shellcheck disable=SC2086  # KAFKA_HEAP_OPTS holds several options
+  java $KAFKA_HEAP_OPTS -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" \
     -cp "$KAFKA_LIBS/*" "$@"
 }
 
-kafka_start() {
-  if port_open "$KAFKA_PORT"; then log "kafka already up on 127.0.0.1:$KAFKA_PORT"; return 0; fi
+kafka_launch() {  # format (first start) and start the JVM; does not wait
   kafka_libs
   kafka_config
   if [ ! -f "$KAFKA_DIR/data/meta.properties" ]; then
-    local cid
-    cid="$(kafka_java kafka.tools.StorageTool random-uuid | tail -n1)"
-    log "formatting KRaft storage (cluster $cid)"
-    kafka_java kafka.tools.StorageTool format --standalone -t "$cid" \
-      -c "$KAFKA_DIR/server.properties" >/dev/null
+    if [ -n "$KAFKA_VOTERS" ]; then  # a member of a static quorum: the cluster's id, no --standalone
+      log "formatting KRaft storage of node $KAFKA_NODE_ID (cluster $KAFKA_CLUSTER_ID)"
+      kafka_java kafka.tools.StorageTool format -t "$KAFKA_CLUSTER_ID" -c "$KAFKA_DIR/server.properties" >/dev/null
+    else
+      local cid
+      cid="$(kafka_java kafka.tools.StorageTool random-uuid | tail -n1)"
+      log "formatting KRaft storage (cluster $cid)"
+      kafka_java kafka.tools.StorageTool format --standalone -t "$cid" \
+        -c "$KAFKA_DIR/server.properties" >/dev/null
+    fi
   fi
-  log "starting kafka on 127.0.0.1:$KAFKA_PORT"
+  log "starting kafka node $KAFKA_NODE_ID on 127.0.0.1:$KAFKA_PORT"
   # setsid: own process group, so stopping it never touches the caller.
-  setsid nohup java -Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true \
+  # shellcheck disable=SC2086  # KAFKA_HEAP_OPTS holds several options
+  setsid nohup java $KAFKA_HEAP_OPTS -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" \
     -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_DIR/server.properties" \
     >"$KAFKA_DIR/stdout.log" 2>&1 </dev/null &
   echo $! >"$KAFKA_DIR/kafka.pid"
+}
+
+kafka_start() {
+  if port_open "$KAFKA_PORT"; then log "kafka already up on 127.0.0.1:$KAFKA_PORT"; return 0; fi
+  kafka_launch
+  kafka_await
+}
+
+kafka_await() {
   wait_port "$KAFKA_PORT" 90 || { tail -30 "$KAFKA_DIR/stdout.log" "$KAFKA_DIR/kafka.log" >&2 || true; die "kafka did not open 127.0.0.1:$KAFKA_PORT within 90 s (see $KAFKA_DIR/kafka.log)"; }
   kafka_ready 90 || die "kafka opened its port but did not answer metadata requests within 90 s"
   log "kafka up"
@@ -220,6 +263,59 @@ kafka_stop() {
   fi
   pkill -f "kafka.Kafka $KAFKA_DIR/server.properties" 2>/dev/null || true
   for _ in $(seq 1 50); do port_open "$KAFKA_PORT" || break; sleep 0.2; done
+}
+
+# ---------------------------------------------------------------- Kafka cluster (3 nodes, static quorum)
+cluster_node() {  # N: set this shell's KAFKA_* to node N of the cluster
+  local n="$1" ports cports i voters=""
+  IFS=, read -r -a ports <<<"$CLUSTER_PORTS"
+  IFS=, read -r -a cports <<<"$CLUSTER_CONTROLLER_PORTS"
+  [ "${#ports[@]}" = "${#cports[@]}" ] || die "CLUSTER_PORTS and CLUSTER_CONTROLLER_PORTS differ in length"
+  { [ "$n" -ge 1 ] && [ "$n" -le "${#ports[@]}" ]; } || die "no node $n in a ${#ports[@]}-node cluster"
+  for ((i = 0; i < ${#cports[@]}; i++)); do voters="$voters${voters:+,}$((i + 1))@127.0.0.1:${cports[$i]}"; done
+  KAFKA_NODE_ID="$n"; KAFKA_DIR="$CLUSTER_DIR/node$n"
+  KAFKA_PORT="${ports[$((n - 1))]}"; KAFKA_CONTROLLER_PORT="${cports[$((n - 1))]}"; KAFKA_ADVERTISED_PORT="$KAFKA_PORT"
+  [ "$KAFKA_PORT" = 9092 ] && die "port 9092 is the shared single broker; the cluster needs its own ports"
+  KAFKA_VOTERS="$voters"; KAFKA_HEAP_OPTS="$CLUSTER_HEAP_OPTS"
+  KAFKA_REPLICATION=$(( ${#ports[@]} < 3 ? ${#ports[@]} : 3 ))
+  KAFKA_SASL_SSL_PORT=""; KAFKA_AUTHORIZER=""
+  mkdir -p "$CLUSTER_DIR"
+  [ -f "$CLUSTER_DIR/cluster.id" ] || { kafka_libs; kafka_java kafka.tools.StorageTool random-uuid | tail -n1 >"$CLUSTER_DIR/cluster.id"; }
+  KAFKA_CLUSTER_ID="$(cat "$CLUSTER_DIR/cluster.id")"
+  mkdir -p "$KAFKA_DIR"
+}
+
+cluster_size() { local p; IFS=, read -r -a p <<<"$CLUSTER_PORTS"; echo "${#p[@]}"; }
+
+cluster_up() {  # every node's JVM first (a node waits for the quorum), then wait for each to answer
+  local n size
+  size="$(cluster_size)"
+  for ((n = 1; n <= size; n++)); do
+    ( cluster_node "$n"; port_open "$KAFKA_PORT" && { log "node $n already up on 127.0.0.1:$KAFKA_PORT"; exit 0; }
+      kafka_launch )
+  done
+  for ((n = 1; n <= size; n++)); do ( cluster_node "$n"; kafka_await ); done
+  log "kafka cluster up: $(cluster_bootstrap)"
+}
+
+cluster_bootstrap() { local p; IFS=, read -r -a p <<<"$CLUSTER_PORTS"; local IFS=,; printf '127.0.0.1:%s' "${p[0]}"
+  for x in "${p[@]:1}"; do printf ',127.0.0.1:%s' "$x"; done; echo; }
+
+cluster_down() {
+  local n size
+  size="$(cluster_size)"
+  for ((n = 1; n <= size; n++)); do ( cluster_node "$n"; kafka_stop ) & done
+  wait
+}
+
+cluster_status() {
+  local n size rc=0
+  size="$(cluster_size)"
+  for ((n = 1; n <= size; n++)); do
+    ( cluster_node "$n"; if port_open "$KAFKA_PORT"; then echo "kafka node $n: up (127.0.0.1:$KAFKA_PORT)";
+      else echo "kafka node $n: down"; exit 1; fi ) || rc=1
+  done
+  return $rc
 }
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -379,5 +475,11 @@ case "${1:-up}" in
   pg-stop) pg_stop ;;
   mqtt-start) mqtt_start ;;
   mqtt-stop) mqtt_stop ;;
-  *) die "unknown action '$1' (up|down|status|kafka-start|kafka-stop|pg-start|pg-stop|mqtt-start|mqtt-stop)" ;;
+  cluster-up) cluster_up ;;
+  cluster-down) cluster_down ;;
+  cluster-status) cluster_status ;;
+  cluster-bootstrap) cluster_bootstrap ;;
+  cluster-node-start) cluster_node "${2:?node number}"; kafka_start ;;
+  cluster-node-stop) cluster_node "${2:?node number}"; kafka_stop ;;
+  *) die "unknown action '$1' (up|down|status|kafka-start|kafka-stop|pg-start|pg-stop|mqtt-start|mqtt-stop|cluster-up|cluster-down|cluster-status|cluster-bootstrap|cluster-node-start N|cluster-node-stop N)" ;;
 esac

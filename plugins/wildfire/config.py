@@ -90,6 +90,15 @@ class KafkaConfig(_Model):
     enable_dlq: bool = True
     dlq_topic: str = "wildfire-dlq"
     consumer_group: str = "wildfire-storage"
+    # Per deployment (WILDFIRE__KAFKA__REPLICATION_FACTOR=3): the replication of topics that do not set their own.
+    # None derives it from the cluster python -m wildfire.topics talks to, so the bootstrap servers alone choose:
+    # one broker -> RF 1 / min ISR 1; three or more -> RF 3 / min ISR 2.
+    replication_factor: int | None = Field(
+        None, ge=1, le=10, description="topics' replication factor unless a topic sets its own; None: "
+                                       "min(3, brokers in the cluster)")
+    min_insync_replicas: int | None = Field(
+        None, ge=1, le=10, description="topics' min.insync.replicas unless a topic sets its own; None: "
+                                       "replication factor - 1, at least 1, at most 2")
 
 
 class SpoolConfig(_Model):
@@ -281,7 +290,13 @@ class SourceConfig(_Model):
 
 class TopicConfig(_Model):
     partitions: int = Field(1, ge=1, le=10_000)
-    replication_factor: int = Field(1, ge=1, le=10)
+    replication_factor: int | None = Field(
+        None, ge=1, le=10,
+        description="None: kafka.replication_factor, else min(3, brokers in the cluster) when the topic is created")
+    min_insync_replicas: int | None = Field(
+        None, ge=1, le=10,
+        description="the topic's min.insync.replicas; None: kafka.min_insync_replicas, else replication factor - 1 "
+                    "(at least 1, at most 2): 1 on one broker, 2 with three replicas")
     retention_ms: int = Field(604_800_000, ge=-1)
     compression_type: Compression = "zstd"
 

@@ -24,7 +24,8 @@ Kafka errors, by what we do with them::
     ├── authorization (TOPIC/GROUP/CLUSTER_AUTHORIZATION_FAILED, ...) -> retry forever, never dead-lettered,
     │       alarmed: ERROR log naming the topic, wildfire_publish_authorization_failures_total{topic},
     │       ``SpoolPublisher.authorization_errors`` (the stream worker's /health is degraded)
-    └── everything else (timeouts, transport, broker down)    -> retry forever, breaker failure
+    └── everything else (timeouts, transport, broker down,    -> retry forever, breaker failure
+            NOT_ENOUGH_REPLICAS: the ISR is below min.insync.replicas)
 
 An authorization failure is an operator's ACL mistake, not a property of the record: dead-lettering would
 empty the spool of every record bound for that topic. It does not count against the breaker (the broker
@@ -578,6 +579,10 @@ class SpoolPublisher:
         if not rows:
             return self._done(stats)
         if not self.breaker.allow():
+            # Nothing was sent: the rows just read must be read again when the breaker lets them go. Without
+            # this, the "nothing written since the last complete read" shortcut above held them until a new
+            # record arrived: a quiet spool stayed undelivered after an outage (or a short ISR) ended.
+            self._top_read = None
             stats.held = True
             return self._done(stats)
         # peek_batch returns each level's rows in ascending id order above the cursor, so the last row

@@ -34,6 +34,13 @@ figures on a shared 2-core host; each run states its host load next to its numbe
 
     python tests/performance/loadtest.py --scenario all --out docs/loadtest
     python tests/performance/loadtest.py --scenario 10x --seconds 30      # shorter load phase
+    python tests/performance/loadtest.py --scenario broker_failover --seconds 20
+
+``broker_failover`` runs on a private 3-node KRaft cluster (RF 3, ``min.insync.replicas=2``) instead of one
+broker: at 5x, the leader of the busiest partitions is SIGKILLed, later a second node (the ISR cannot reach
+min ISR), then both return; the spool -> publisher -> cluster path is reconciled by key in the cluster and in
+PostgreSQL (the storage consumer runs against the cluster). The scenario is ``tests/cluster_failover.py``; its
+results are the acknowledgement pause at failover, duplicates, delivery errors per phase and the time to drain.
 """
 
 from __future__ import annotations
@@ -1307,6 +1314,88 @@ def run_scaling(counts: tuple[int, ...] = (1, 2, 4), records: int = 200_000, par
     return results
 
 
+# ---------------------------------------------------------------- broker failover on a 3-node cluster
+
+
+def run_broker_failover(seconds: float = 40.0, log: Any = print) -> dict[str, Any]:
+    """The 3-node cluster scenario (tests/cluster_failover.py) at 5x with PostgreSQL reconciliation.
+
+    Shipped delivery timeout (30 s) and breaker recovery (60 s); the ISR-short phase lasts 35 s, just past the
+    delivery timeout, so failed reports, retries and the breaker are part of what is measured."""
+    from tests.cluster_failover import run_failover
+    from tests.kafka_cluster import PrivateKafkaCluster
+
+    shipped = build_config(read_yaml(DEFAULT_CONFIG_PATH))
+    work = Path(tempfile.mkdtemp(prefix="wf-lt-failover-"))
+    cluster = PrivateKafkaCluster(work / "cluster")
+    db_name, url = create_database("wf_loadtest")
+    load_before = os.getloadavg()
+    try:
+        cluster.start()
+        res = run_failover(cluster, work / "run", rate=5 * BASELINE_RATE, phase_s=max(3.0, seconds / 4),
+                           short_s=35.0, partitions=shipped.topics["wildfire-iot"].partitions,
+                           delivery_timeout_ms=shipped.kafka.delivery_timeout_ms,
+                           breaker_recovery_s=shipped.circuit_breaker.recovery_timeout_s, drain_timeout_s=240,
+                           db_url=url, log=log)
+    finally:
+        cluster.close()
+        with contextlib.suppress(Exception):  # cleanup only
+            drop_database(db_name)
+        shutil.rmtree(work, ignore_errors=True)
+    led = res["ledger"]
+    res["load_avg_before_after"] = [round(x, 2) for x in (*load_before, *os.getloadavg())]
+    res["invariants"] = {
+        "lost_acknowledged": led["lost_acknowledged_count"],
+        "undelivered": led["undelivered_count"],
+        "acknowledged_not_stored": led.get("acknowledged_not_stored_count", 0),
+        "dead_letters": res["spool_dead_letters"],
+        "critical_acked_below_min_isr": res["isr_short"]["critical_offered"] - res["isr_short"]["critical_held_until_restart"],
+        "spool_not_drained": res["spool_depth_end"],
+    }
+    return res
+
+
+def failover_report(r: dict[str, Any]) -> list[str]:
+    st, led, short = r["settings"], r["ledger"], r["isr_short"]
+    pause, win, steady = r["ack_pause_at_failover_s"], r["ack_latency_failover_window_s"], r["ack_latency_steady_s"]
+    other = r.get("ack_pause_other_partitions_s") or {}
+    inv = r["invariants"]
+    lines = ["## broker_failover (3-node KRaft cluster, RF 3, min.insync.replicas 2)", "",
+             f"Run {r.get('run_at', '?')}: {st['rate_per_s']:,.0f} records/s into the spool (every "
+             f"{st['critical_every']}th CRITICAL), one {r['topic_partitions']}-partition topic, acks={st['acks']}, "
+             f"idempotence {st['enable_idempotence']}, delivery timeout {st['delivery_timeout_ms'] / 1000:g} s, breaker "
+             f"recovery {st['breaker_recovery_s']:g} s; the storage consumer stores into PostgreSQL. Host load "
+             f"before/after (1/5/15 min): {r.get('load_avg_before_after')}.", "",
+             f"Timeline: {'; '.join(f'{t:.0f}s {w}' for t, w in r['events'])}", "",
+             "| measure | value |", "|---|---|",
+             f"| records offered / acknowledged keys / read back from the cluster | {r['offered']:,} / "
+             f"{r['acked_keys']:,} / {r['read_back_keys']:,} |",
+             f"| acknowledgement pause on the killed leader's partitions (longest stretch without an ack from the "
+             f"last before the kill to the second kill), p50 / p99 / max over {pause['n']} partitions | "
+             f"{_fmt(pause['p50'])} / {_fmt(pause['p99'])} / {_fmt(pause['max'])} |",
+             f"| the same on the other partitions (baseline), p50 / p99 / max over {other.get('n', 0)} partitions | "
+             f"{_fmt(other.get('p50'))} / {_fmt(other.get('p99'))} / {_fmt(other.get('max'))} |",
+             f"| new leaders visible in metadata after the kill | {r['leader_moved_in_metadata_s']:.1f} s |",
+             f"| produce -> ack, records sent in the failover window, p50 / p99 / max | {_fmt(win['p50'])} / "
+             f"{_fmt(win['p99'])} / {_fmt(win['max'])} |",
+             f"| produce -> ack before the kill (steady), p50 / p99 / max | {_fmt(steady['p50'])} / "
+             f"{_fmt(steady['p99'])} / {_fmt(steady['max'])} |",
+             "| delivery errors by phase | " + "; ".join(f"{k}: {v or 'none'}" for k, v in r["delivery_errors"].items())
+             + " |",
+             f"| ISR short ({short['seconds']:.0f} s): spool depth at its end, CRITICAL in the spool | "
+             f"{short['spool_depth_at_end']:,}, {short['critical_in_spool_at_end']:,} |",
+             f"| CRITICAL offered while the ISR was short / held until the restart / dead letters | "
+             f"{short['critical_offered']:,} / {short['critical_held_until_restart']:,} / {short['dead_letters']} |",
+             f"| restart -> nodes listening; restart -> spool empty; writer stop -> spool empty | "
+             f"{r['restart_to_listening_s']:.1f} s; {r['restart_to_drained_s']:.1f} s; "
+             f"{r['drain_after_writer_stop_s']:.1f} s |",
+             f"| duplicates in Kafka (keys read more than once) | {r['kafka_duplicates']:,} |",
+             f"| PostgreSQL: keys stored, stored twice | {led.get('stored_keys', '-')}, {led.get('stored_twice', '-')} |",
+             "", f"Invariants (keys): {', '.join(f'{k} {v}' for k, v in inv.items())} -> "
+             f"**{'met' if not any(inv.values()) else 'NOT met'}**.", ""]
+    return lines
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -1480,6 +1569,8 @@ def write_report(out: Path) -> Path:
                   f"({r.get('admission_transition_count', 0)} transitions).", "",
                   f"Events: {'; '.join(f'{t:.0f}s {w}' for t, w in r['events'])}", "",
                   f"![{name}]({name}.png)", ""]
+    if "broker_failover" in results:
+        lines += failover_report(results["broker_failover"])
     sc = results.get("scaling")
     if sc:
         lines += ["## scaling (storage consumers in one group)", "",
@@ -1508,7 +1599,7 @@ def save_result(out: Path, res: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     names = ["1x", "5x", "10x", "broker-outage", "shedding", "worker-kill", "latency-proxy", "consumer-pause",
-             "scaling", "saturation"]
+             "scaling", "saturation", "broker_failover"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scenario", choices=["all", *names], default="all")
     parser.add_argument("--out", default=str(ROOT / "docs" / "loadtest"))
@@ -1525,7 +1616,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in todo:
             print(f"== {name}", flush=True)
             t = time.time()
-            res = run_scaling(records=args.scaling_records) if name == "scaling" else run_scenario(scenarios[name], work)
+            if name == "scaling":
+                res = run_scaling(records=args.scaling_records)
+            elif name == "broker_failover":
+                res = run_broker_failover(args.seconds)
+            else:
+                res = run_scenario(scenarios[name], work)
             save_result(out, res)
             inv = res.get("invariants")
             if inv and any(inv.values()):
