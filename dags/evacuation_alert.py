@@ -20,6 +20,8 @@ from typing import Any
 from airflow.sdk import DAG, task
 
 from wildfire.airflow.assets import critical_alerts_asset
+from wildfire.airflow.callbacks import FAILURE_ARGS
+from wildfire.airflow.pools import PRIORITY_ALERT
 from wildfire.config import load_config
 
 CRITICAL_ALERTS = critical_alerts_asset(load_config().alert_watch)
@@ -30,8 +32,8 @@ with DAG(
     start_date=datetime(2025, 1, 1),
     catchup=False,
     tags=["wildfire", "alerts"],
-    default_args={"retries": 3, "retry_delay": timedelta(seconds=10), "priority_weight": 100,
-                  "weight_rule": "absolute"},
+    default_args={"retries": 3, "retry_delay": timedelta(seconds=10), "priority_weight": PRIORITY_ALERT,
+                  "weight_rule": "absolute", **FAILURE_ARGS},
     doc_md=__doc__,
 ) as dag:
 

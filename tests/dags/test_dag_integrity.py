@@ -97,7 +97,8 @@ def test_alert_paths_weigh_most_and_backfills_least(dagbag):
     weights = {f"{d.dag_id}.{t.task_id}": t.priority_weight for d in dagbag.dags.values() for t in d.tasks}
     alert = weights["nws_alerts_batch.fetch_nws_alerts"]
     backfills = {k: w for k, w in weights.items() if k.split(".")[0] in ("era5_backfill", "firms_archive_backfill")}
-    others = {k: w for k, w in weights.items() if k not in backfills and not k.startswith("nws_alerts_batch.")}
+    alert_paths = ("nws_alerts_batch.", "evacuation_alert.")
+    others = {k: w for k, w in weights.items() if k not in backfills and not k.startswith(alert_paths)}
     assert alert > max(others.values()), (alert, others)
     assert max(backfills.values()) < min(others.values()), (backfills, others)
     for k, w in weights.items():
