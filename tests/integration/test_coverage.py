@@ -171,7 +171,7 @@ def test_migration_0004_on_sqlite(tmp_path):
     from wildfire.storage.migrate import current, upgrade
 
     url = f"sqlite:///{tmp_path / 'w.db'}"
-    upgrade(url)
+    upgrade(url, "0004")
     assert current(url) == "0004"
     eng = sa.create_engine(url)
     coverage.record(eng, "nasa_firms", T0, T0 + timedelta(hours=1))
