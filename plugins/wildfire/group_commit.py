@@ -28,7 +28,9 @@ Guarantees:
   exception is 0 for each); the spool takes CRITICAL rows first, then the rest in arrival order.
 - **Bounded.** At most ``queue_size`` requests wait; a put that finds the queue full waits up to
   ``enqueue_timeout_s`` and then raises :class:`GroupCommitBusy` (retriable). :meth:`close` writes what is
-  queued and stops the thread; a put after close raises :class:`GroupCommitClosed`.
+  queued and stops the background thread; a put after close raises :class:`GroupCommitClosed`.
+- **No hand-off for a lone writer.** A thread in :meth:`put` that finds no transaction running writes the
+  group itself (leader/follower); only :meth:`submit` requests are written by the background thread.
 
 Not guaranteed: order across sources; a record's spooled ``ingest_time`` is when its group was written
 (``put_batch``'s rule), not ``Record.ingest_time``. A kill of the process loses only requests whose
@@ -45,12 +47,12 @@ Usage::
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-from collections import defaultdict
+import time
+from collections import defaultdict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 from wildfire.priority import Priority
 from wildfire.records import EncodedBatch, Record, RecordError
@@ -87,6 +89,8 @@ class _Request:
     priority: int
     value: bytes
     future: Future[PutOutcome]
+    led: bool
+    """True: the caller's thread waits in put() and may lead; False: from submit(), led by the background thread."""
 
 
 @dataclass(slots=True)
@@ -100,11 +104,15 @@ class GroupCommitStats:
     largest_group: int = 0
 
 
-_STOP = object()
-
-
 class GroupCommitter:
-    """One writer thread in front of ``spool``; see the module docstring."""
+    """Group commit in front of ``spool``; see the module docstring.
+
+    Leader/follower, as in LevelDB's write path: requests wait in one bounded deque; whoever finds no
+    transaction running takes every waiting request (up to ``max_batch``), writes them, resolves their
+    futures and wakes the others. A thread calling :meth:`put` leads itself when it is alone, so a lone writer
+    pays no thread hand-off; requests from :meth:`submit` (which must not block, e.g. paho's network thread)
+    are led by a background thread that sleeps on a condition while there are none.
+    """
 
     def __init__(self, spool: SpoolLike, *, max_batch: int = 1000, max_wait_s: float = 0.0,
                  queue_size: int = 10_000, enqueue_timeout_s: float = 30.0, name: str = "spool-group-commit") -> None:
@@ -117,45 +125,61 @@ class GroupCommitter:
         # 0 (default): no linger. Requests that arrive while a transaction is being written share the next one,
         # which is where the gain comes from; a linger only adds latency for a lone writer.
         self.max_wait_s = max_wait_s
+        self.queue_size = queue_size
         self.enqueue_timeout_s = enqueue_timeout_s
         self.stats = GroupCommitStats()
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._waiting: deque[_Request] = deque()
+        self._async = 0  # requests from submit() not yet taken by a leader: the background thread's work
+        self._writing = False
         self._closed = False
-        self._close_lock = threading.Lock()
+        # One lock, two conditions: callers wait on _cond (their record written, room in the queue); the
+        # background thread waits on _work, woken only for submit() requests or close(), so a lone put() does
+        # not wake it (a context switch per record).
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)
+        self._work = threading.Condition(lock)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------ callers
 
     def submit(self, record: Record, *, topic: str | None = None) -> Future[PutOutcome]:
-        """Queue ``record``; the future resolves once it is durable (or with the spool's error).
+        """Queue ``record`` without writing in this thread; the future resolves once it is durable.
 
         Raises ``RecordError`` (bad record), :class:`GroupCommitBusy` (queue full) or :class:`GroupCommitClosed`.
         """
-        if not isinstance(record, Record):
-            raise RecordError(f"expected a Record, got {type(record).__name__}")
-        value = record.to_json()  # RecordError naming the key, in the caller's thread
-        req = _Request(record.source, topic, record.key, int(record.priority), value, Future())
-        if self._closed:
-            raise GroupCommitClosed("group commit is closed: record not accepted")
-        try:
-            self._queue.put(req, timeout=self.enqueue_timeout_s)
-        except queue.Full:
-            raise GroupCommitBusy(f"group commit queue full ({self._queue.maxsize} waiting) for "
-                                  f"{self.enqueue_timeout_s:g} s: record {record.key!r} not accepted") from None
+        req = self._request(record, topic, led=False)
+        self._enqueue(req)
         return req.future
 
     def put(self, record: Record, *, topic: str | None = None, timeout: float | None = None) -> PutOutcome:
-        """Spool one record through the group; returns once it is durable. Raises what the spool raised."""
-        return self.submit(record, topic=topic).result(timeout)
+        """Spool one record through the group; returns once it is durable. Raises what the spool raised.
+
+        ``timeout`` bounds the wait for another leader's transaction, not a transaction this thread writes.
+        """
+        req = self._request(record, topic, led=True)
+        self._enqueue(req)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not req.future.done():
+                if not self._writing:
+                    self._lead()  # releases the lock while writing
+                    continue
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"group commit: record {req.key!r} not written within {timeout:g} s "
+                                       "(it may still be written)")
+                self._cond.wait(left)
+        return req.future.result()
 
     def close(self) -> None:
-        """Write what is queued, then stop the writer thread."""
-        with self._close_lock:
+        """Write what is queued, then stop the background thread."""
+        with self._cond:
             if self._closed:
                 return
             self._closed = True
-        self._queue.put(_STOP)
+            self._cond.notify_all()
+            self._work.notify()
         self._thread.join()
 
     def __enter__(self) -> GroupCommitter:
@@ -164,34 +188,68 @@ class GroupCommitter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------ writer thread
+    # ------------------------------------------------------------ queue
+
+    def _request(self, record: Record, topic: str | None, *, led: bool) -> _Request:
+        if not isinstance(record, Record):
+            raise RecordError(f"expected a Record, got {type(record).__name__}")
+        value = record.to_json()  # RecordError naming the key, in the caller's thread
+        return _Request(record.source, topic, record.key, int(record.priority), value, Future(), led)
+
+    def _enqueue(self, req: _Request) -> None:
+        with self._cond:
+            if len(self._waiting) >= self.queue_size:
+                deadline = time.monotonic() + self.enqueue_timeout_s
+                while len(self._waiting) >= self.queue_size and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise GroupCommitBusy(
+                            f"group commit queue full ({self.queue_size} waiting) for {self.enqueue_timeout_s:g} s:"
+                            f" record {req.key!r} not accepted")
+                    self._cond.wait(left)
+            if self._closed:
+                raise GroupCommitClosed(f"group commit is closed: record {req.key!r} not accepted")
+            self._waiting.append(req)
+            if not req.led:
+                self._async += 1
+                self._work.notify()
+
+    def _lead(self) -> None:
+        """With the lock held and no transaction running: take a group, write it unlocked, wake everyone."""
+        if self.max_wait_s > 0 and len(self._waiting) < self.max_batch:
+            self._cond.wait(self.max_wait_s)  # linger for company; others may lead meanwhile
+            if self._writing or not self._waiting:
+                return
+        group = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
+        self._async -= sum(1 for r in group if not r.led)
+        self._writing = True
+        self._cond.release()
+        try:
+            self._write_group(group)
+        except BaseException as exc:  # a defect here must not leave callers waiting forever
+            for r in group:
+                if not r.future.done():
+                    r.future.set_exception(exc)
+            raise
+        finally:
+            self._cond.acquire()
+            self._writing = False
+            self._cond.notify_all()
+            if self._async or self._closed:
+                self._work.notify()
 
     def _run(self) -> None:
-        q = self._queue
-        stop = False
-        while not stop:
-            first = q.get()  # blocks: an idle committer costs nothing
-            if first is _STOP:
-                break
-            group = [first]
-            while len(group) < self.max_batch:
-                try:
-                    item = q.get(timeout=self.max_wait_s) if self.max_wait_s > 0 else q.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stop = True
-                    break
-                group.append(item)
-            self._write_group(group)
-        # Closed: fail whatever slipped in after the stop marker (submit checks _closed first, so rarely any).
-        while True:
-            try:
-                item = q.get_nowait()
-            except queue.Empty:
-                return
-            if item is not _STOP:
-                item.future.set_exception(GroupCommitClosed("group commit closed before the record was written"))
+        with self._cond:
+            while True:
+                while not (self._closed or (self._async and not self._writing)):
+                    self._work.wait()  # an idle committer costs nothing
+                if self._waiting and not self._writing:
+                    self._lead()
+                    continue
+                if self._closed and not self._waiting and not self._writing:
+                    return
+                if self._closed:
+                    self._work.wait(0.05)  # a leader is still writing; finish what remains after it
 
     def _write_group(self, group: list[_Request]) -> None:
         by_dest: dict[tuple[str, str | None], list[_Request]] = defaultdict(list)
