@@ -102,6 +102,8 @@ bench: services $(NATIVE_STAMP)  ## every micro-benchmark (results in docs/resul
 	$(PY) tests/performance/bench_publish.py --records 100000
 	$(PY) tests/performance/bench_spool_layout.py
 	$(PY) tests/performance/bench_storage.py
+	$(PY) tests/performance/bench_critical_lane.py
+	$(PY) tests/performance/bench_group_commit.py
 
 report: $(STAMP)  ## regenerate docs/benchmarks.md's table and docs/loadtest/report.md from the results files
 	$(PY) tests/performance/report.py

@@ -36,6 +36,10 @@ KNOWN: tuple[tuple[str, str, str, str], ...] = (
     ("storage", "Kafka -> PostgreSQL, FIRMS-shaped records", "tests/performance/bench_storage.py", "docs/storage.md"),
     ("spool_layout", "spool row layouts in SQLite alone (per record, drain index, chunked)",
      "tests/performance/bench_spool_layout.py", "docs/spool-and-publishing.md"),
+    ("critical_lane", "CRITICAL produced -> committed PostgreSQL row, storage consumer's CRITICAL lane vs none",
+     "tests/performance/bench_critical_lane.py", "docs/storage.md"),
+    ("group_commit", "single-record durable spool puts, 1/4/16 writers: group commit vs put",
+     "tests/performance/bench_group_commit.py", "docs/spool-and-publishing.md"),
 )
 # Benchmarks that print their figures but do not write a results file yet.
 NOT_YET: tuple[tuple[str, str, str], ...] = ()
