@@ -620,7 +620,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not bulk_topics:
             assert lane_thread is not None
-            lane_thread.join()
+            # --role critical: the probes watch the lane's poll loop.
+            probes = (_probes(lane_thread.consumer, cfg, args.metrics_host, args.metrics_port)
+                      if args.metrics_port >= 0 else None)
+            try:
+                lane_thread.join()
+            finally:
+                if probes is not None:
+                    probes.stop()
             stats = lane_thread.consumer.stats
         else:
             with StorageConsumer(cfg, topics=bulk_topics, url=url, group_id=args.group,
@@ -642,8 +649,9 @@ def main(argv: list[str] | None = None) -> int:
         ls = lane_thread.consumer.stats
         print(f"critical lane: {ls.changed} rows changed / {ls.records} records, {ls.dead_letters} dead letters, "
               f"{ls.messages} messages in {ls.batches} batches")
-    print(f"stored {stats.changed} rows changed / {stats.records} records, {stats.dead_letters} dead letters, "
-          f"{stats.messages} messages in {stats.batches} batches")
+    if bulk_topics:
+        print(f"stored {stats.changed} rows changed / {stats.records} records, {stats.dead_letters} dead letters, "
+              f"{stats.messages} messages in {stats.batches} batches")
     return 0
 
 
