@@ -214,3 +214,15 @@ def test_bounded_queue_refuses_with_a_retriable_error_and_bad_records_fail_in_th
     with pytest.raises(GroupCommitClosed):
         gc.put(record("after-close"))
     assert sorted(keys_in(gate.spool)) == ["first", "q1", "q2"]
+
+
+def test_an_unknown_source_fails_only_its_own_callers(tmp_path):
+    gate = Gate(make(tmp_path))
+    with GroupCommitter(gate) as gc:
+        group = [record("a"), record("x", source="nowhere"), record("b")]
+        f0, futures = queue_behind_gate(gc, gate, record("first"), group)
+        f0.result(30)
+        a, x, b = futures
+        assert a.result(30).accepted == 1 and b.result(30).accepted == 1
+        assert isinstance(x.exception(30), spool_mod.UnknownSourceError) and "nowhere" in str(x.exception())
+    assert sorted(keys_in(gate.spool)) == ["a", "b", "first"]
