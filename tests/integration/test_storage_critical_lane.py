@@ -20,7 +20,7 @@ from tests.integration.test_storage_contract import fire, make_config, produce, 
 from wildfire.config import build_config
 from wildfire.priority import Priority
 from wildfire.records import Record
-from wildfire.storage.consumer import StorageConsumer, critical_topics, split_topics
+from wildfire.storage.consumer import LaneThread, StorageConsumer, critical_topics, split_topics
 from wildfire.storage.rows import StorageBatch
 from wildfire.storage.writer import PostgresWriter, WriteResult
 
@@ -74,10 +74,24 @@ class GatedWriter:
 
 
 def committed(consumer: StorageConsumer, topic: str, partitions: int) -> list[int]:
-    from confluent_kafka import TopicPartition
+    """The group's committed offsets, read by a client of its own (the consumer may be polling in another thread)."""
+    from confluent_kafka import Consumer, TopicPartition
 
-    got = consumer._consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=30)
+    reader = Consumer({"bootstrap.servers": consumer.config.kafka.bootstrap_servers, "group.id": consumer.group_id})
+    try:
+        got = reader.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=30)
+    finally:
+        reader.close()
     return [tp.offset for tp in got]
+
+
+def wait_for(cond, what: str, limit: int = 1200) -> None:
+    """Poll ``cond`` (a bound on loops, not a timing assertion: another thread does the work)."""
+    for _ in range(limit):
+        if cond():
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError(f"gave up waiting for {what}")
 
 
 def test_critical_alert_is_committed_while_the_bulk_batch_is_held(kafka_bootstrap, topics, pg_db):
@@ -85,26 +99,28 @@ def test_critical_alert_is_committed_while_the_bulk_batch_is_held(kafka_bootstra
     cfg = make_config(kafka_bootstrap, batch_size=5000)
     produce_records(kafka_bootstrap, bulk_topic, [fire(i) for i in range(BACKLOG)])
     gate = GatedWriter(pg_db)
+    stop = threading.Event()
+    # The lane runs as in `--role all`: its own thread, polling all the time (so it also takes part in the
+    # group's rebalances while the bulk consumer joins).
+    lane = LaneThread(StorageConsumer(cfg, topics=[alert_topic], url=pg_db, lane=True), stop)
+    lane.start()
     bulk = StorageConsumer(cfg, topics=[bulk_topic], url=pg_db, writer=gate)
-    lane = StorageConsumer(cfg, topics=[alert_topic], url=pg_db, lane=True)
     try:
         # The bulk consumer takes its first batch and its writer blocks on the gate: the bulk path is paused
         # with a backlog of BACKLOG rows behind it.
         for _ in range(MAX_POLLS):
             bulk.poll_once()
-            if gate.entered.is_set():
+            if bulk._flight is not None:  # handed over: another poll_once would wait for it at the gate
                 break
-        assert gate.entered.is_set(), "the bulk consumer never handed a batch to its writer"
+        assert gate.entered.wait(60), "the bulk consumer never handed a batch to its writer"
         tag = uuid.uuid4().hex[:8]
         produce_records(kafka_bootstrap, alert_topic, [alert(tag)])
-        for _ in range(MAX_POLLS):
-            lane.poll_once(0.5)
-            if lane.stats.messages >= 1:
-                break
+        wait_for(lambda: lane.consumer.stats.messages >= 1 or lane.error is not None, "the lane to store the alert")
+        assert lane.error is None
         # The alert row is committed and its offset too, while no bulk row is stored yet.
         assert query(pg_db, f"SELECT count(*) FROM alerts WHERE key = 'evac-{tag}'")[0][0] == 1
         assert query(pg_db, "SELECT count(*) FROM fire_detections")[0][0] == 0
-        assert committed(lane, alert_topic, 1) == [1]
+        assert committed(lane.consumer, alert_topic, 1) == [1]
         # Release the bulk path: the backlog is stored exactly once and the lane still holds only its alert.
         gate.release.set()
         for _ in range(MAX_POLLS):
@@ -117,8 +133,9 @@ def test_critical_alert_is_committed_while_the_bulk_batch_is_held(kafka_bootstra
         assert sum(committed(bulk, bulk_topic, 2)) == BACKLOG
     finally:
         gate.release.set()
+        stop.set()
+        lane.join()
         bulk.close()
-        lane.close()
 
 
 def test_lane_keeps_exactly_once_and_poison_rules(kafka_bootstrap, topics, pg_db):
