@@ -123,6 +123,8 @@ bench: services $(NATIVE_STAMP)  ## every micro-benchmark (results in docs/resul
 	$(PY) tests/performance/bench_pipeline.py --records 100000 --rounds 3
 	$(PY) tests/performance/bench_worker_idle.py --seconds 20
 	$(PY) tests/performance/bench_decode_steps.py
+	$(PY) tests/performance/bench_critical_lane.py
+	$(PY) tests/performance/bench_group_commit.py
 
 bench-pipeline: services $(NATIVE_STAMP)  ## the limit: bare Kafka->COPY beside our whole pipeline, alternately (~2-3 min)
 	$(PY) tests/performance/bench_pipeline.py --records 100000 --rounds 3

@@ -306,6 +306,16 @@ class StorageConfig(_Model):
     sqlite_path: str = ".local/wildfire.db"
     batch_size: int = Field(5000, ge=1)
     poll_timeout_s: float = Field(1.0, gt=0)
+    # CRITICAL lane (wildfire.storage.consumer): the topics that carry CRITICAL records get their own consumer
+    # of the same group, which stores each message as soon as it arrives instead of waiting behind bulk batches.
+    critical_lane: bool = Field(True, description="store the CRITICAL topics through their own low-latency consumer")
+    critical_topics: list[str] | None = Field(
+        None, description="topics of the CRITICAL lane; None: topics of enabled sources that emit CRITICAL records "
+                          "(nws_alerts sources, and sources whose record_priority is CRITICAL)")
+    critical_batch_size: int = Field(500, ge=1, le=100_000, description="most messages per lane transaction")
+    idle_poll_s: float = Field(2.0, gt=0, le=30.0,
+                               description="how long a storage consumer with nothing to read blocks on the broker "
+                                           "before its loop turns (status heartbeat, stop check)")
 
 
 class HttpConfig(_Model):

@@ -44,6 +44,10 @@ KNOWN: tuple[tuple[str, str, str, str], ...] = (
      "tests/performance/bench_worker_idle.py", "docs/streaming.md"),
     ("decode_steps", "storage consumer decode per step, beside a baseline commit",
      "tests/performance/bench_decode_steps.py", "docs/storage.md"),
+    ("critical_lane", "CRITICAL produced -> committed PostgreSQL row, storage consumer's CRITICAL lane vs none",
+     "tests/performance/bench_critical_lane.py", "docs/storage.md"),
+    ("group_commit", "single-record durable spool puts, 1/4/16 writers: group commit vs put",
+     "tests/performance/bench_group_commit.py", "docs/spool-and-publishing.md"),
 )
 # Benchmarks that print their figures but do not write a results file yet.
 NOT_YET: tuple[tuple[str, str, str], ...] = ()

@@ -17,6 +17,11 @@ Guarantees:
   and the broker delivers it again when the session resumes (MQTT redelivers unacked QoS 1
   messages on reconnect); it is counted as ``sink_failed``. Delivery is therefore at-least-once:
   the natural key ``sensor_id|timestamp`` lets storage collapse a redelivery.
+- Group commit: with ``async_sink`` (e.g. :meth:`wildfire.group_commit.GroupCommitter.submit`) a
+  record is handed over without blocking paho's network thread and the message is PUBACKed from the
+  future's callback once the record is durable; a future that fails (or an ``async_sink`` that
+  raises) leaves the message unacknowledged and counts ``sink_failed``, as above. Messages that
+  arrive together (up to the broker's in-flight window) then share one spool transaction and fsync.
 - A payload that is not JSON or fails the :class:`IotReading` schema becomes a counted dead letter
   (handed to ``dead_letter_sink``) and is then acknowledged: retrying it cannot make it valid. So
   does any other failure to turn one payload into a record (reason ``bad_reading``): nothing a
@@ -42,10 +47,12 @@ Guarantees:
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -206,6 +213,7 @@ class MqttConnector:
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        async_sink: Callable[[Record], Future[Any]] | None = None,
     ) -> None:
         if not client_id:
             raise ValueError(f"{source_name}: a fixed client_id is required for a persistent session")
@@ -221,6 +229,7 @@ class MqttConnector:
         self.host, self.port = host, port
         self.config = config
         self.sink = sink
+        self.async_sink = async_sink
         self.dead_letters: list[DeadLetter] = []
         self.dead_letter_sink = dead_letter_sink or self.dead_letters.append
         self.clock = clock
@@ -362,13 +371,15 @@ class MqttConnector:
         try:
             if isinstance(item, DeadLetter):
                 self.dead_letter_sink(item)
+            elif self.async_sink is not None:
+                # Acked from the future's callback (the group commit's writer thread) once the record is durable.
+                self.async_sink(item).add_done_callback(
+                    functools.partial(self._stored, client, msg.mid, msg.qos))
+                return
             else:
                 self.sink([item])
         except Exception as exc:  # noqa: BLE001 - any sink failure means "not stored": do not ack
-            with self._lock:
-                self.summary.reject("sink_failed")
-                self.sink_failure_count += 1
-                self.sink_failures.append(f"{type(exc).__name__}: {exc}"[:1000])
+            self._sink_failed(exc)
             return
         with self._lock:
             if isinstance(item, DeadLetter):
@@ -376,6 +387,21 @@ class MqttConnector:
             else:
                 self.summary.accepted += 1
         client.ack(msg.mid, msg.qos)
+
+    def _sink_failed(self, exc: BaseException) -> None:
+        with self._lock:
+            self.summary.reject("sink_failed")
+            self.sink_failure_count += 1
+            self.sink_failures.append(f"{type(exc).__name__}: {exc}"[:1000])
+
+    def _stored(self, client: Any, mid: int, qos: int, future: Future[Any]) -> None:
+        exc = future.exception()
+        if exc is not None:  # not stored: no ack, the broker redelivers on the next session
+            self._sink_failed(exc)
+            return
+        with self._lock:
+            self.summary.accepted += 1
+        client.ack(mid, qos)
 
     # -- lifecycle
 

@@ -22,6 +22,20 @@ Guarantees:
   consumer seeks every partition of N and N+1 back to its first offset and drops N+1 undecoded-to-DB.
 - Messages on the publisher's dead-letter topic (``kafka.dlq_topic``; headers ``source``,
   ``priority``, ``error``, ``attempts``) are stored in ``dead_letters`` with reason ``publisher``.
+- **CRITICAL lane**: the topics that carry CRITICAL records (:func:`critical_topics`, by default the
+  ``nws_alerts`` sources' topic) are consumed by a second consumer of the same group
+  (``StorageConsumer(..., lane=True)``, started beside the bulk one by :func:`main`, or alone with
+  ``--role critical``). It blocks on the broker until a message arrives (``storage.idle_poll_s`` at
+  most), takes what has arrived (up to ``storage.critical_batch_size``), stores it in its own
+  transaction on its own connection and commits the offsets at once: a CRITICAL record never waits
+  behind a bulk batch, the bulk consumer's ``poll_timeout_s`` wait or a bulk database write.
+  The rules above hold for the lane unchanged (offsets after the DB commit, poison as dead letters,
+  rewind on a failed write); the bulk consumer does not read the lane's topics. Both are members of
+  one group, so committed offsets and lag stay where they were.
+- Where a CRITICAL record's time went without the lane: ``consume(batch_size, poll_timeout_s)``
+  returns only when ``batch_size`` (5,000) messages arrived or ``poll_timeout_s`` (1 s) passed, so
+  below ~5,000 messages/s every record waited up to 1 s before its batch was even decoded, then the
+  batch's write (tens to hundreds of ms at 5,000 rows); offsets followed one poll later.
 - Not guaranteed: ordering across partitions; a database outage pauses consumption (the batch is
   rewound and retried) rather than skipping data; the ``dead_letters`` table has no retention. ``poll_once()`` returns the result of the batch
   that *landed* (was committed) during the call, which is the batch handed over one call earlier;
@@ -31,6 +45,13 @@ From the shell::
 
     python -m wildfire.storage.consumer --seconds 60            # config's database, topics and group
     python -m wildfire.storage.consumer --seconds 60 --migrate  # apply the schema first
+    python -m wildfire.storage.consumer --role bulk             # no CRITICAL lane in this process
+    python -m wildfire.storage.consumer --role critical         # only the CRITICAL lane (its own process)
+
+``--role all`` (the default) runs the bulk consumer and, when ``storage.critical_lane`` is on and there
+are lane topics, the CRITICAL lane in a thread of the same process. ``--role bulk`` leaves the lane's
+topics to a ``--role critical`` process (so a stalled bulk process cannot hold CRITICAL records back);
+run one, or the lane's topics are not stored. ``--topic`` given: exactly those topics, no lane.
 """
 
 from __future__ import annotations
@@ -128,6 +149,24 @@ def source_topics(config: StreamConfig) -> list[str]:
     return topics
 
 
+def critical_topics(config: StreamConfig) -> list[str]:
+    """Topics of the CRITICAL lane: ``storage.critical_topics``, else those of enabled sources emitting CRITICAL.
+
+    A source emits CRITICAL when its ``record_priority`` is CRITICAL or it is an ``nws_alerts`` source
+    (which raises Evacuation Immediate and Fire Warning alerts to CRITICAL per record). The DLQ topic is
+    never a lane topic.
+    """
+    if config.storage.critical_topics is not None:
+        return sorted(set(config.storage.critical_topics))
+    from wildfire.priority import Priority
+
+    topics = {s.topic for s in config.sources.values()
+              if s.enabled and (s.source_type == "nws_alerts" or s.record_priority == Priority.CRITICAL)}
+    if config.kafka.enable_dlq:
+        topics.discard(config.kafka.dlq_topic)
+    return sorted(topics)
+
+
 def _header(headers: list[tuple[str, bytes | None]] | None, name: str) -> bytes | None:
     for k, v in headers or ():
         if k == name and v is not None:
@@ -197,6 +236,7 @@ class StorageConsumer:
         max_value_bytes: int = MAX_VALUE_BYTES,
         retry_backoff_s: tuple[float, float] = (0.2, 5.0),
         sleep: Callable[[float], None] = time.sleep,
+        lane: bool = False,
     ) -> None:
         from confluent_kafka import Consumer
 
@@ -205,8 +245,10 @@ class StorageConsumer:
         self.group_id = group_id or config.kafka.consumer_group
         self.last_poll_monotonic = time.monotonic()  # liveness for /health
         self.dlq_topic = config.kafka.dlq_topic if config.kafka.enable_dlq else None
-        self.batch_size = config.storage.batch_size
-        self.poll_timeout_s = config.storage.poll_timeout_s
+        # lane=True: the CRITICAL lane (see the module docstring): wake on the first message, store at once.
+        self.lane = lane
+        self.batch_size = config.storage.critical_batch_size if lane else config.storage.batch_size
+        self.poll_timeout_s = config.storage.idle_poll_s if lane else config.storage.poll_timeout_s
         self.clock = clock
         # A value over this is dead-lettered as ``too_large`` with its payload truncated to this many bytes.
         self.max_value_bytes = max_value_bytes
@@ -222,7 +264,7 @@ class StorageConsumer:
         self._flight: _Flight | None = None
         # A batch that failed while landing inside a rebalance callback: poll_once rewinds for it.
         self._failed: tuple[StorageError, dict[tuple[str, int], int]] | None = None
-        self.worker_id = f"storage-consumer:{socket.gethostname()}:{os.getpid()}"
+        self.worker_id = f"storage-consumer:{socket.gethostname()}:{os.getpid()}{':critical' if lane else ''}"
         self._crash = os.environ.get(CRASH_ENV) == "1" if crash_after_db_commit is None else crash_after_db_commit
         # (topic, partition) -> next offset to read, written to the DB but not yet committed to Kafka.
         self._pending: dict[tuple[str, int], int] = {}
@@ -231,7 +273,7 @@ class StorageConsumer:
         conf = {
             **kafka_config(config.kafka),  # servers + security: kafka_default inside Airflow, the config outside
             "group.id": self.group_id,
-            "client.id": f"{config.kafka.client_id}-storage",
+            "client.id": f"{config.kafka.client_id}-storage{'-critical' if lane else ''}",
             "enable.auto.commit": False,
             # Offsets are stored by us after the DB commit; librdkafka must never store them itself.
             "enable.auto.offset.store": False,
@@ -278,8 +320,9 @@ class StorageConsumer:
         offsets to Kafka, or None when no batch landed during this call.
         """
         self.last_poll_monotonic = time.monotonic()
-        # Rebalance callbacks run inside consume(); they land the batch in flight first.
-        messages = self._consumer.consume(self.batch_size, self.poll_timeout_s if timeout is None else timeout)
+        # Rebalance callbacks run inside consume()/poll(); they land the batch in flight first.
+        wait = self.poll_timeout_s if timeout is None else timeout
+        messages = self._consume_now(wait) if self.lane else self._consumer.consume(self.batch_size, wait)
         # Decoding here overlaps with the writer thread storing the batch in flight.
         with _gc_paused():
             batch, first, nxt = self._decode(messages) if messages else (None, {}, {})
@@ -301,7 +344,26 @@ class StorageConsumer:
         if not nxt:  # only consumer errors: nothing to store
             return result
         self._flight = _Flight(self._executor.submit(self.writer.write, batch), batch, first, nxt, len(messages))
+        if self.lane:
+            # No overlap on the lane: its rows and offsets are committed before the next wait on the broker.
+            landed = self.flush()
+            return landed if landed is not None else result
         return result
+
+    def _consume_now(self, wait: float) -> list[Any]:
+        """The lane's read: what has arrived, else block until the first message (at most ``wait`` s).
+
+        ``consume(n, timeout)`` returns only when ``n`` messages arrived or the timeout passed; ``poll``
+        returns on the first message, so an idle lane sleeps in librdkafka and a record wakes it at once.
+        """
+        consumer = self._consumer
+        messages = consumer.consume(self.batch_size, 0)
+        if messages:
+            return messages
+        first = consumer.poll(wait)
+        if first is None:
+            return []
+        return [first, *consumer.consume(self.batch_size - 1, 0)] if self.batch_size > 1 else [first]
 
     def _decode(self, messages: list[Any]) -> tuple[StorageBatch, dict[tuple[str, int], int],
                                                     dict[tuple[str, int], int]]:
@@ -526,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=-1,
                         help="serve /health, /ready and /metrics on this port (default: off; 9109 in deploy/)")
     parser.add_argument("--metrics-host", default="127.0.0.1")
+    parser.add_argument("--role", choices=("all", "bulk", "critical"), default="all",
+                        help="all: bulk consumer + CRITICAL lane thread; bulk: no lane topics; critical: lane only")
     parser.add_argument("--consumer-option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra librdkafka consumer setting, e.g. session.timeout.ms=6000 (repeatable)")
     args = parser.parse_args(argv)
@@ -545,17 +609,81 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with StorageConsumer(cfg, topics=args.topic, url=url, group_id=args.group,
-                         consumer_overrides=overrides) as consumer:
-        probes = _probes(consumer, cfg, args.metrics_host, args.metrics_port) if args.metrics_port >= 0 else None
-        try:
-            stats = consumer.run(stop, args.seconds)
-        finally:
-            if probes is not None:
-                probes.stop()
-    print(f"stored {stats.changed} rows changed / {stats.records} records, {stats.dead_letters} dead letters, "
-          f"{stats.messages} messages in {stats.batches} batches")
+    bulk_topics, lane = split_topics(cfg, args.role, args.topic)
+    if not bulk_topics and not lane:
+        parser.error(f"--role {args.role}: no topics to consume (lane topics: {critical_topics(cfg) or 'none'})")
+    lane_thread: LaneThread | None = None
+    if lane:
+        lane_thread = LaneThread(StorageConsumer(cfg, topics=lane, url=url, group_id=args.group,
+                                                 consumer_overrides=overrides, lane=True), stop, args.seconds)
+        lane_thread.start()
+    try:
+        if not bulk_topics:
+            assert lane_thread is not None
+            # --role critical: the probes watch the lane's poll loop.
+            probes = (_probes(lane_thread.consumer, cfg, args.metrics_host, args.metrics_port)
+                      if args.metrics_port >= 0 else None)
+            try:
+                lane_thread.join()
+            finally:
+                if probes is not None:
+                    probes.stop()
+            stats = lane_thread.consumer.stats
+        else:
+            with StorageConsumer(cfg, topics=bulk_topics, url=url, group_id=args.group,
+                                 consumer_overrides=overrides) as consumer:
+                probes = (_probes(consumer, cfg, args.metrics_host, args.metrics_port) if args.metrics_port >= 0
+                          else None)
+                try:
+                    stats = consumer.run(stop, args.seconds)
+                finally:
+                    if probes is not None:
+                        probes.stop()
+    finally:
+        stop.set()
+        if lane_thread is not None:
+            lane_thread.join()
+    if lane_thread is not None:
+        if lane_thread.error is not None:
+            raise lane_thread.error
+        ls = lane_thread.consumer.stats
+        print(f"critical lane: {ls.changed} rows changed / {ls.records} records, {ls.dead_letters} dead letters, "
+              f"{ls.messages} messages in {ls.batches} batches")
+    if bulk_topics:
+        print(f"stored {stats.changed} rows changed / {stats.records} records, {stats.dead_letters} dead letters, "
+              f"{stats.messages} messages in {stats.batches} batches")
     return 0
+
+
+def split_topics(cfg: StreamConfig, role: str, explicit: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """(bulk topics, lane topics) for ``--role`` ``all``/``bulk``/``critical``; explicit topics: all bulk."""
+    if explicit:
+        return list(explicit), []
+    lane = critical_topics(cfg) if cfg.storage.critical_lane else []
+    bulk = [t for t in source_topics(cfg) if t not in set(lane)]
+    if role == "bulk":
+        return bulk, []
+    if role == "critical":
+        return [], lane
+    return bulk, lane
+
+
+class LaneThread(threading.Thread):
+    """Runs a lane consumer until ``stop`` is set, then closes it; a failure is kept in ``error`` and stops all."""
+
+    def __init__(self, consumer: StorageConsumer, stop: threading.Event, max_seconds: float | None = None) -> None:
+        super().__init__(name="storage-critical-lane", daemon=True)
+        self.consumer, self.stop, self.max_seconds = consumer, stop, max_seconds
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with self.consumer:
+                self.consumer.run(self.stop, self.max_seconds)
+        except BaseException as exc:  # noqa: BLE001 - reported by main(); the bulk consumer stops too
+            log.exception("CRITICAL lane failed: %s", exc)
+            self.error = exc
+            self.stop.set()
 
 
 if __name__ == "__main__":
