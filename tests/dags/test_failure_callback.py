@@ -84,7 +84,9 @@ def test_a_failed_task_is_recorded_masked_and_posted_to_the_webhook(tmp_path, mo
         engine.dispose()
     assert (row["dag_id"], row["task_id"], row["run_id"], row["map_index"], row["try_number"]) == (
         "firms_batch", "fetch_nasa_firms", "manual__1", 4, 3)
-    assert row["exception"].startswith("RuntimeError: cannot reach postgresql://ingest:***@db.internal/wildfire")
+    # Airflow's masker (process-wide) may also hide words it learned as secrets elsewhere, e.g. a Connection whose
+    # password is the database's name: only the prefix up to the host is fixed.
+    assert row["exception"].startswith("RuntimeError: cannot reach postgresql://ingest:***@db.internal/")
     for secret in ("hunter2", "K-123", "pw-456"):
         assert secret not in row["exception"]
     ((headers, body),) = Hook.received

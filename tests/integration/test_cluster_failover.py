@@ -19,6 +19,7 @@ from wildfire.topics import ensure_topics
 
 def _topic_settings(admin, names) -> dict[str, tuple[int, str]]:
     """{topic: (replicas of its partitions, min.insync.replicas)} as the cluster reports them."""
+    from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import ConfigResource
 
     deadline = time.monotonic() + 20  # a broker's metadata may lag a topic the controller just created
@@ -29,7 +30,14 @@ def _topic_settings(admin, names) -> dict[str, tuple[int, str]]:
     out = {}
     for name in names:
         res = ConfigResource(ConfigResource.Type.TOPIC, name)
-        cfg = admin.describe_configs([res])[res].result(10)
+        while True:  # describe_configs may ask a broker that has not applied the topic's creation yet
+            try:
+                cfg = admin.describe_configs([res])[res].result(10)
+                break
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         out[name] = (min(len(p.replicas) for p in md.topics[name].partitions.values()),
                      cfg["min.insync.replicas"].value)
     return out

@@ -90,7 +90,7 @@ def _stop_group(proc: subprocess.Popen) -> None:
         pass
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def standalone(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, pg_url: str) -> Iterator[Standalone]:
     home = tmp_path_factory.mktemp("airflow-standalone")
     meta_name, _ = create_database("airflow_meta", migrate=False)

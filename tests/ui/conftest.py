@@ -75,21 +75,21 @@ class RecordingReplay(UpstreamReplay):
         return [r.path for r in self.server.requests if r.path.startswith("/api/area/csv/")]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def replay_seeded() -> Iterator[RecordingReplay]:
     """The replay the source Connections are seeded with."""
     with RecordingReplay() as srv:
         yield srv
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def replay_second() -> Iterator[RecordingReplay]:
     """A second replay on another port: the host a user types into ``firms_default`` in the UI."""
     with RecordingReplay() as srv:
         yield srv
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def airflow_metadata_url(pg_url: str) -> Iterator[str]:
     """SQLAlchemy URL of the Airflow metadata database: the one place the UI tests choose it."""
     given = os.environ.get(AIRFLOW_DB_ENV)
@@ -210,7 +210,7 @@ def _run(cmd: list[str], env: dict[str, str], what: str, timeout: float = 240) -
     return proc.stdout
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def airflow_stack(tmp_path_factory: pytest.TempPathFactory, airflow_metadata_url: str, kafka_bootstrap: str,
                   replay_seeded: RecordingReplay) -> Iterator[AirflowStack]:
     from confluent_kafka.admin import AdminClient, NewTopic
@@ -299,7 +299,7 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         pass
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} not found: run `bash scripts/ensure_chromium.sh` (Debian package chromium)")
