@@ -192,6 +192,7 @@ def test_the_mqtt_client_id_never_contains_the_pid(env, monkeypatch):
     assert worker.mqtt_client_id() == cfg.sources["iot_mqtt"].options["client_id"]
     monkeypatch.setenv("WILDFIRE_MQTT_CLIENT_ID", "wf-iot-7")  # per process, e.g. two workers on one host
     assert worker.mqtt_client_id() == "wf-iot-7"
+    monkeypatch.delenv("WILDFIRE_MQTT_CLIENT_ID")
     raw["sources"]["iot_mqtt"]["options"]["client_id"] = ""
     with pytest.raises(ValueError, match="sources.iot_mqtt.options: client_id"):
         StreamWorker(build_config(raw, {}), mode="continuous_streaming", sources=["iot_mqtt"],
