@@ -104,6 +104,11 @@ def _worker_objects(shard: str, sources: tuple[str, ...], all_sources: list[str]
     secrets = (("WILDFIRE__STORAGE__DATABASE_URL", "database-url"), *SHARD_SECRETS.get(shard, ()))
     env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": "wildfire-secrets", "key": key}}}
             for var, key in secrets]
+    if "iot_mqtt" in sources:
+        # A stable MQTT client id: the pod name (the worker's default) changes with every restart, and a new id
+        # would leave what was published meanwhile in the old persistent session. One pod per shard
+        # (replicas 1, stop-then-start), so two clients never hold this id at once.
+        env.append({"name": "WILDFIRE_MQTT_CLIENT_ID", "value": name})
     pvc = {
         "apiVersion": "v1", "kind": "PersistentVolumeClaim",
         "metadata": {"name": f"{name}-spool", "namespace": NAMESPACE, "labels": labels},
