@@ -39,7 +39,7 @@ def setup(tmp_path: Path, mqtt_broker) -> Iterator[dict]:
     uid = uuid.uuid4().hex[:10]
     path = tmp_path / "stream_config.yaml"
     path.write_text(yaml.safe_dump({
-        "spool": {"capacity_per_source": 1000, "archive_expired_path": None, "path": str(tmp_path / "spool.db")},
+        "spool": {"capacity_per_source": 5000, "archive_expired_path": None, "path": str(tmp_path / "spool.db")},
         "sources": {"iot_mqtt": {"source_type": "iot_mqtt", "topic": "wildfire-iot", "priority": 6,
                                  "options": {"topic_filter": f"test/{uid}/#", "qos": 1}}}}))
     client_id = f"wildfire-adm-gc-{uid}"
@@ -118,7 +118,7 @@ def test_load_shedding_sheds_and_counts_normal_mqtt_records_before_the_write_and
 def test_kill9_mid_stream_loses_no_acked_message(mqtt_broker, setup):
     """Every published message ends up in the killed process's spool or comes back with its session."""
     host, port = mqtt_broker
-    cfg, spool_path, total = setup["cfg"], setup["tmp"] / "spool.db", 300
+    cfg, spool_path, total = setup["cfg"], setup["tmp"] / "spool.db", 1500
     proc = subprocess.Popen([sys.executable, str(WORKER), str(setup["path"]), setup["client_id"], str(spool_path),
                              "0", "group_commit"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT / "plugins")})
