@@ -7,8 +7,13 @@ Generated: ``deploy/k8s/10-stream-config.yaml``, ``deploy/k8s/30-stream-workers.
 ``deploy/grafana/dashboards/wildfire.json``. Guarantees: the ConfigMap ``wildfire-stream-config`` embeds
 ``config/stream_config.yaml`` byte for byte (pods read the file the local stack reads); every configured
 source is run by exactly one worker shard (``WORKER_SHARDS``) or listed in ``AIRFLOW_ONLY``, and each
-shard disables every other source through ``WILDFIRE__SOURCES__<NAME>__ENABLED=false``; the dashboard JSON
-is exactly what ``deploy/grafana/build_dashboard.py`` produces.
+shard disables every other source through ``WILDFIRE__SOURCES__<NAME>__ENABLED=false``; a shard runs in one
+pod (a Deployment with ``replicas: 1`` and one spool PVC) unless every source in it is consumed through a
+shared subscription (``SHARED_CONSUMPTION_TYPES``: ``iot_mqtt``), in which case it is a StatefulSet of
+``SHARD_REPLICAS`` pods, each with its own spool volume, ``options.shared_group`` set to the shard's name and
+its pod name as MQTT client id (``WILDFIRE_MQTT_CLIENT_ID``); more than one replica of a shard that polls over
+HTTP is refused (every replica would fetch the same records). The dashboard JSON is exactly what
+``deploy/grafana/build_dashboard.py`` produces.
 """
 
 from __future__ import annotations
@@ -72,6 +77,13 @@ WORKER_SHARDS: dict[str, tuple[str, ...]] = {
     "iot": ("iot_mqtt",),
     "air-quality": ("purpleair",),
 }
+# Source types whose records N pods can split without double delivery: the MQTT broker hands each message of
+# a shared subscription ($share/<group>/...) to one member (wildfire/connectors/mqtt_shared.py). Every other
+# source is polled over HTTP: two pollers fetch the same records twice and spend the API quota twice.
+SHARED_CONSUMPTION_TYPES = frozenset({"iot_mqtt"})
+# Pods per shard (absent: 1). Only a shard whose sources are all SHARED_CONSUMPTION_TYPES may have more; it
+# is rendered as a StatefulSet and can also be resized with `kubectl scale` (its shared_group is always set).
+SHARD_REPLICAS: dict[str, int] = {"iot": 2}
 # Run by Airflow DAGs only (batch backfill: hours of GRIB downloads, scheduled, retried by Airflow).
 AIRFLOW_ONLY: tuple[str, ...] = ("era5",)
 # Credentials a shard needs, as (environment variable, key in Secret wildfire-secrets); no shard gets more.
@@ -90,6 +102,39 @@ def configured_sources() -> dict[str, dict]:
     return dict(yaml.safe_load(CONFIG.read_text(encoding="utf-8")).get("sources") or {})
 
 
+def is_shared_shard(sources: tuple[str, ...], source_cfg: dict[str, dict]) -> bool:
+    """True when every source of the shard is consumed through a shared subscription (N pods split it)."""
+    return bool(sources) and all((source_cfg.get(s) or {}).get("source_type") in SHARED_CONSUMPTION_TYPES
+                                 for s in sources)
+
+
+def shard_problems(shards: dict[str, tuple[str, ...]], replicas: dict[str, int], source_cfg: dict[str, dict],
+                   airflow_only: tuple[str, ...]) -> list[str]:
+    """Why these shards cannot be rendered (empty: they can). ``source_cfg``: ``sources`` of the config file."""
+    problems = []
+    sharded = [s for group in shards.values() for s in group]
+    twice = sorted({s for s in sharded if sharded.count(s) > 1})
+    unknown = sorted(set(sharded + list(airflow_only)) - set(source_cfg))
+    orphan = sorted(set(source_cfg) - set(sharded) - set(airflow_only))
+    if twice or unknown or orphan:
+        problems.append(f"worker shards do not match config sources: in two shards {twice}, "
+                        f"not in config {unknown}, in no shard {orphan} (edit WORKER_SHARDS in {__file__})")
+    for shard, n in sorted(replicas.items()):
+        if shard not in shards:
+            problems.append(f"SHARD_REPLICAS names shard {shard!r}, which is not in WORKER_SHARDS")
+        elif not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            problems.append(f"SHARD_REPLICAS[{shard!r}] must be a whole number >= 1 (got {n!r})")
+        elif n > 1 and not is_shared_shard(shards[shard], source_cfg):
+            polled = sorted(f"{s} ({(source_cfg.get(s) or {}).get('source_type')})" for s in shards[shard]
+                            if (source_cfg.get(s) or {}).get("source_type") not in SHARED_CONSUMPTION_TYPES)
+            problems.append(
+                f"shard {shard!r} cannot run {n} replicas: {', '.join(polled)} poll over HTTP, so every replica "
+                f"would fetch and publish the same records (duplicates, the API quota spent {n} times); only a "
+                f"shard whose sources all use a shared subscription ({', '.join(sorted(SHARED_CONSUMPTION_TYPES))} "
+                f"with options.shared_group) may have more than one; split the shard in WORKER_SHARDS instead")
+    return problems
+
+
 def _worker_objects(shard: str, sources: tuple[str, ...], all_sources: list[str], cfg: dict) -> list[dict]:
     name = f"wildfire-worker-{shard}"
     labels = {"app.kubernetes.io/name": "wildfire-stream-worker", "app.kubernetes.io/component": "stream-worker",
@@ -104,16 +149,25 @@ def _worker_objects(shard: str, sources: tuple[str, ...], all_sources: list[str]
     secrets = (("WILDFIRE__STORAGE__DATABASE_URL", "database-url"), *SHARD_SECRETS.get(shard, ()))
     env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": "wildfire-secrets", "key": key}}}
             for var, key in secrets]
-    if "iot_mqtt" in sources:
-        # A stable MQTT client id: the pod name (the worker's default) changes with every restart, and a new id
-        # would leave what was published meanwhile in the old persistent session. One pod per shard
-        # (replicas 1, stop-then-start), so two clients never hold this id at once.
+    shared = is_shared_shard(sources, cfg.get("sources") or {})
+    if shared:
+        # Members of one MQTT 5 shared subscription, named after the shard ($share/<shard>/<topic_filter>).
+        env += [{"name": f"WILDFIRE__SOURCES__{s.upper()}__OPTIONS__SHARED_GROUP", "value": shard} for s in sources]
+        # The pod name as MQTT client id: distinct per member (the shared-subscription protocol keys sessions,
+        # statuses and adoption on it) and, in a StatefulSet, the same after a restart, so a member that comes
+        # back within takeover_after_s resumes its own session instead of being adopted.
+        env.append({"name": "WILDFIRE_MQTT_CLIENT_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
+    elif "iot_mqtt" in sources:
+        # One pod (a Deployment's pod name changes with every restart): the shard's name as a stable MQTT client
+        # id, so a restarted worker resumes its persistent session instead of leaving what was published meanwhile
+        # in an orphaned one. Replicas 1, stop-then-start: two clients never hold this id at once.
         env.append({"name": "WILDFIRE_MQTT_CLIENT_ID", "value": name})
+    # ReadWriteOncePod: the SQLite spool may be opened by one pod in the whole cluster, never two.
+    pvc_spec = {"accessModes": ["ReadWriteOncePod"], "resources": {"requests": {"storage": SPOOL_VOLUME_SIZE}}}
     pvc = {
         "apiVersion": "v1", "kind": "PersistentVolumeClaim",
         "metadata": {"name": f"{name}-spool", "namespace": NAMESPACE, "labels": labels},
-        # ReadWriteOncePod: the SQLite spool may be opened by one pod in the whole cluster, never two.
-        "spec": {"accessModes": ["ReadWriteOncePod"], "resources": {"requests": {"storage": SPOOL_VOLUME_SIZE}}},
+        "spec": pvc_spec,
     }
     probe = {"httpGet": {"path": "/health", "port": "metrics"}}
     deployment = {
@@ -178,24 +232,40 @@ def _worker_objects(shard: str, sources: tuple[str, ...], all_sources: list[str]
             },
         },
     }
-    return [pvc, deployment]
+    if not shared:
+        return [pvc, deployment]
+    # N members: a StatefulSet, so each pod has its own spool PVC (from volumeClaimTemplates, one per ordinal,
+    # never shared) and a stable name (the MQTT client id above). Not emptyDir: records a member has spooled
+    # (and acknowledged to the broker) but not yet published must survive the pod's deletion or its node's
+    # loss; a drain-before-exit rule cannot cover a SIGKILL, an eviction past the grace period or a dead node.
+    spec = deployment["spec"]
+    del spec["strategy"]
+    spec["replicas"] = SHARD_REPLICAS.get(shard, 1)
+    # Parallel: members are independent (no ordinal waits for another to become ready, on start or scale).
+    spec["podManagementPolicy"] = "Parallel"
+    # A StatefulSet rolls by deleting a pod and then creating its successor with the same name and claim:
+    # stop-then-start per member, one member at a time; ReadWriteOncePod still enforces one opener.
+    spec["updateStrategy"] = {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}
+    # Retain on scale-down: a removed member's unpublished records stay on its claim and are published when
+    # that ordinal runs again (its MQTT session, by contrast, is adopted by the survivors).
+    spec["persistentVolumeClaimRetentionPolicy"] = {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    spec["volumeClaimTemplates"] = [{"metadata": {"name": "state", "labels": labels}, "spec": pvc_spec}]
+    pod = spec["template"]["spec"]
+    pod["volumes"] = [v for v in pod["volumes"] if v["name"] != "state"]
+    return [{**deployment, "kind": "StatefulSet", "spec": spec}]
 
 
 def workers_text() -> str:
     cfg = yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
     all_sources = list(configured_sources())
-    sharded = [s for group in WORKER_SHARDS.values() for s in group]
-    twice = sorted({s for s in sharded if sharded.count(s) > 1})
-    unknown = sorted(set(sharded + list(AIRFLOW_ONLY)) - set(all_sources))
-    orphan = sorted(set(all_sources) - set(sharded) - set(AIRFLOW_ONLY))
-    if twice or unknown or orphan:
-        raise SystemExit(f"worker shards do not match config sources: in two shards {twice}, "
-                         f"not in config {unknown}, in no shard {orphan} (edit WORKER_SHARDS in {__file__})")
+    problems = shard_problems(WORKER_SHARDS, SHARD_REPLICAS, configured_sources(), AIRFLOW_ONLY)
+    if problems:
+        raise SystemExit("; ".join(problems))
     docs = [obj for shard, sources in WORKER_SHARDS.items()
             for obj in _worker_objects(shard, sources, all_sources, cfg)]
-    header = ("# GENERATED by `python deploy/render.py` (WORKER_SHARDS there): edit that, then re-run.\n"
-              "# One Deployment (replicas 1) + one spool volume per shard; see docs/scaling.md for why not a\n"
-              "# StatefulSet and why workers have no HorizontalPodAutoscaler.\n")
+    header = ("# GENERATED by `python deploy/render.py` (WORKER_SHARDS, SHARD_REPLICAS there): edit those, then re-run.\n"
+              "# HTTP-polling shards: one Deployment (replicas 1) + one spool volume each. The IoT shard: a StatefulSet\n"
+              "# of MQTT shared-subscription members, a spool volume per pod. See docs/scaling.md; no worker has an HPA.\n")
     return header + yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, width=120)
 
 

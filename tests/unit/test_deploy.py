@@ -42,7 +42,9 @@ def of_kind(kind: str) -> list[dict]:
 
 
 def workers() -> list[dict]:
-    return [d for d in of_kind("Deployment") if d["metadata"]["labels"].get("app.kubernetes.io/component") == "stream-worker"]
+    """Every stream-worker workload: a Deployment per HTTP-polling shard, a StatefulSet for the IoT shard."""
+    return [d for d in [*of_kind("Deployment"), *of_kind("StatefulSet")]
+            if d["metadata"]["labels"].get("app.kubernetes.io/component") == "stream-worker"]
 
 
 def consumer() -> dict:
@@ -170,13 +172,22 @@ def test_worker_is_one_pod_per_spool_with_stop_then_start_rollout():
     claims = []
     for dep in workers():
         spec = dep["spec"]
-        assert spec["replicas"] == 1
-        assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
         c = container(dep)
         assert c["command"] == ["python", "-m", "wildfire.worker"]
         assert c["args"][c["args"].index("--mode") + 1] == "continuous_streaming"
         (state,) = [m for m in c["volumeMounts"] if m["name"] == "state"]
         assert state["mountPath"] == "/opt/wildfire/.local"   # spool.path .local/spool/spool.db under it
+        if dep["kind"] == "StatefulSet":
+            # One claim per pod from the template (never a shared claim in the pod spec); kept on scale-down.
+            assert not [v for v in spec["template"]["spec"]["volumes"] if v["name"] == "state"]
+            (tpl,) = [t for t in spec["volumeClaimTemplates"] if t["metadata"]["name"] == "state"]
+            assert tpl["spec"]["accessModes"] == ["ReadWriteOncePod"]
+            assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+            assert spec["updateStrategy"]["type"] == "RollingUpdate"
+            claims.append(f"template:{dep['metadata']['name']}")
+            continue
+        assert spec["replicas"] == 1
+        assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
         (vol,) = [v for v in spec["template"]["spec"]["volumes"] if v["name"] == "state"]
         claim = vol["persistentVolumeClaim"]["claimName"]
         assert pvcs[claim]["spec"]["accessModes"] == ["ReadWriteOncePod"]
@@ -184,6 +195,84 @@ def test_worker_is_one_pod_per_spool_with_stop_then_start_rollout():
     assert len(claims) == len(set(claims)) == 4, "each shard needs its own spool volume"
     cfg = load_config(ROOT / "config/stream_config.yaml", environ={})
     assert cfg.spool.path.startswith(".local/"), "the spool must live on the mounted state volume"
+
+
+def _iot_workload() -> dict:
+    (iot,) = [d for d in workers() if d["metadata"]["labels"]["wildfire.io/shard"] == "iot"]
+    return iot
+
+
+def _shard_config(dep: dict):
+    env = {k: v for k, v in container_env(container(dep)).items() if v is not None}
+    return build_config(yaml.safe_load((ROOT / "config/stream_config.yaml").read_text()), env_overrides(env))
+
+
+def test_iot_shard_runs_n_members_of_one_shared_subscription():
+    from wildfire.connectors.mqtt_shared import ShareOptions
+
+    render = _render()
+    iot = _iot_workload()
+    assert iot["kind"] == "StatefulSet"
+    assert iot["spec"]["replicas"] == render.SHARD_REPLICAS["iot"] >= 2
+    # The shard's own env turns the plain subscription into the shared one; the file's options survive the merge.
+    src = _shard_config(iot).sources["iot_mqtt"]
+    assert src.options["topic_filter"] == "wildfire/sensors/#" and src.options["qos"] == 1
+    assert ShareOptions.from_options(src.options, "iot_mqtt").subscription(src.options["topic_filter"]) == \
+        "$share/iot/wildfire/sensors/#"
+    # A distinct, restart-stable MQTT client id per pod: its own pod name (StatefulSet: wildfire-worker-iot-<n>).
+    (cid,) = [e for e in container(iot)["env"] if e["name"] == "WILDFIRE_MQTT_CLIENT_ID"]
+    assert cid == {"name": "WILDFIRE_MQTT_CLIENT_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+    # The local stack and every other shard keep the plain subscription and the worker's own client id.
+    assert not load_config(ROOT / "config/stream_config.yaml", environ={}).sources["iot_mqtt"].options.get(
+        "shared_group")
+    for dep in workers():
+        if dep["metadata"]["name"] != iot["metadata"]["name"]:
+            assert dep["kind"] == "Deployment" and dep["spec"]["replicas"] == 1, dep["metadata"]["name"]
+            assert "WILDFIRE_MQTT_CLIENT_ID" not in container_env(container(dep))
+            assert not any("SHARED_GROUP" in k for k in container_env(container(dep)))
+
+
+def test_render_relaxes_one_pod_per_shard_only_for_shared_subscriptions(monkeypatch):
+    render = _render()
+    sources = render.configured_sources()
+    assert render.shard_problems(render.WORKER_SHARDS, {"iot": 3}, sources, render.AIRFLOW_ONLY) == []
+    monkeypatch.setattr(render, "SHARD_REPLICAS", {"iot": 3})
+    docs = [d for d in yaml.safe_load_all(render.workers_text()) if d]
+    (iot,) = [d for d in docs if d["metadata"]["name"] == "wildfire-worker-iot"]
+    assert (iot["kind"], iot["spec"]["replicas"]) == ("StatefulSet", 3)
+    kv.validate(iot, K8S_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("replicas,shards,expect", [
+    ({"weather": 2}, None, ["'weather' cannot run 2 replicas", "nws_alerts (nws_alerts)",
+                            "nws_observations (nws_observations)", "poll over HTTP"]),
+    # A shard mixing MQTT with a poller: the poller alone is named, and the shard is refused.
+    ({"mixed": 2}, {"mixed": ("iot_mqtt", "purpleair")}, ["'mixed' cannot run 2 replicas", "purpleair (purpleair)"]),
+    ({"iot": 0}, None, ["SHARD_REPLICAS['iot'] must be a whole number >= 1 (got 0)"]),
+    ({"nowhere": 2}, None, ["names shard 'nowhere', which is not in WORKER_SHARDS"]),
+])
+def test_render_refuses_replicas_of_an_http_polling_shard(monkeypatch, replicas, shards, expect):
+    render = _render()
+    if shards is not None:
+        rest = {k: v for k, v in render.WORKER_SHARDS.items() if not set(v) & {s for g in shards.values() for s in g}}
+        monkeypatch.setattr(render, "WORKER_SHARDS", {**rest, **shards})
+    monkeypatch.setattr(render, "SHARD_REPLICAS", replicas)
+    with pytest.raises(SystemExit) as exc:
+        render.workers_text()
+    msg = str(exc.value)
+    for part in expect:
+        assert part in msg, (part, msg)
+    if "mixed" in replicas:
+        assert "iot_mqtt (" not in msg
+
+
+def test_a_source_in_two_shards_is_still_refused(monkeypatch):
+    # Shared consumption is N pods of ONE shard; the same source in two shards would be two differently
+    # configured members (and, for a poller, two fetchers): refused as before.
+    render = _render()
+    monkeypatch.setattr(render, "WORKER_SHARDS", {**render.WORKER_SHARDS, "iot-b": ("iot_mqtt",)})
+    with pytest.raises(SystemExit, match=r"in two shards \['iot_mqtt'\]"):
+        render.workers_text()
 
 
 def test_no_autoscaler_targets_a_worker():
@@ -250,13 +339,23 @@ def test_consumer_rolls_one_at_a_time():
     assert "replicas" not in consumer()["spec"]
 
 
-def test_the_iot_worker_has_a_stable_mqtt_client_id():
-    # The worker's default id is the host (pod) name, new on every restart of a Deployment's pod.
-    (iot,) = [d for d in workers() if "iot_mqtt" in d["metadata"]["annotations"]["wildfire.io/sources"]]
-    assert container_env(container(iot))["WILDFIRE_MQTT_CLIENT_ID"] == iot["metadata"]["name"]
-    assert iot["spec"]["replicas"] == 1  # two pods with one id would kick each other off the broker
-    for dep in workers():
-        if dep["metadata"]["name"] != iot["metadata"]["name"]:
+def test_a_single_pod_mqtt_shard_has_a_stable_mqtt_client_id(monkeypatch):
+    # A shard that also polls over HTTP runs one Deployment pod, whose name (the worker's default id) is new on
+    # every restart: the shard's name is its MQTT client id, so a restarted worker resumes its session.
+    render = _render()
+    shards = {"mixed": ("iot_mqtt", "purpleair")}
+    rest = {k: v for k, v in render.WORKER_SHARDS.items() if not set(v) & set(shards["mixed"])}
+    monkeypatch.setattr(render, "WORKER_SHARDS", {**rest, **shards})
+    monkeypatch.setattr(render, "SHARD_REPLICAS", {})
+    docs = [d for d in yaml.safe_load_all(render.workers_text()) if d]
+    (mixed,) = [d for d in docs if d["metadata"]["name"] == "wildfire-worker-mixed"]
+    assert (mixed["kind"], mixed["spec"]["replicas"]) == ("Deployment", 1)  # two pods with one id would collide
+    env = container_env(container(mixed))
+    assert env["WILDFIRE_MQTT_CLIENT_ID"] == "wildfire-worker-mixed"
+    assert "WILDFIRE__SOURCES__IOT_MQTT__OPTIONS__SHARED_GROUP" not in env
+    for dep in docs:
+        if dep.get("kind") in ("Deployment", "StatefulSet") and dep["metadata"]["name"] not in (
+                "wildfire-worker-mixed",):
             assert "WILDFIRE_MQTT_CLIENT_ID" not in container_env(container(dep))
 
 
