@@ -157,6 +157,11 @@ def _worker_objects(shard: str, sources: tuple[str, ...], all_sources: list[str]
         # statuses and adoption on it) and, in a StatefulSet, the same after a restart, so a member that comes
         # back within takeover_after_s resumes its own session instead of being adopted.
         env.append({"name": "WILDFIRE_MQTT_CLIENT_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
+    elif "iot_mqtt" in sources:
+        # One pod (a Deployment's pod name changes with every restart): the shard's name as a stable MQTT client
+        # id, so a restarted worker resumes its persistent session instead of leaving what was published meanwhile
+        # in an orphaned one. Replicas 1, stop-then-start: two clients never hold this id at once.
+        env.append({"name": "WILDFIRE_MQTT_CLIENT_ID", "value": name})
     # ReadWriteOncePod: the SQLite spool may be opened by one pod in the whole cluster, never two.
     pvc_spec = {"accessModes": ["ReadWriteOncePod"], "resources": {"requests": {"storage": SPOOL_VOLUME_SIZE}}}
     pvc = {

@@ -12,6 +12,12 @@ Every connector run, batch DAG task or real-time loop calls :meth:`Ingestor.acce
 4. turns connector dead letters (rows that could not become records) into messages for the
    dead-letter topic, spooled like any record so they reach Kafka and the ``dead_letters`` table.
 
+One-at-a-time sources (MQTT: one message, one record) use :meth:`Ingestor.submit` instead: admission
+decides for the one record at once (same per-source state machine, same shed counting), and an admitted
+record is handed to a :class:`~wildfire.group_commit.GroupCommitter`, so records that arrive together share
+one spool transaction and fsync. The returned future resolves with the record's :class:`IngestReport` once
+the record is durable (at once when it was shed); it fails with the spool's error when it was not stored.
+
 Backpressure is decided per source, from that source's own spool fill (each source has its own capacity);
 ``Ingestor.backpressure`` follows the fullest source for status and metrics.
 
@@ -24,9 +30,11 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -39,6 +47,12 @@ from wildfire.streaming.backpressure import BackpressureManager
 from wildfire.streaming.metrics import StreamMetrics
 
 SHED_REASON = "backpressure"
+
+
+class RecordSubmitter(Protocol):
+    """What :meth:`Ingestor.submit` needs of a group commit: ``GroupCommitter.submit``."""
+
+    def submit(self, record: Record, *, topic: str | None = None) -> Future[Any]: ...
 
 
 @dataclass(slots=True)
@@ -107,6 +121,7 @@ class Ingestor:
         self._by_source: dict[str, BackpressureManager] = {}
         self._fills: dict[str, float] = {}
         self.totals: dict[str, IngestReport] = {}
+        self._totals_lock = threading.Lock()
 
     def fill(self, source: str) -> float:
         return self.spool.depth(source) / max(1, self.spool.capacity(source))
@@ -133,13 +148,7 @@ class Ingestor:
         batch = records if isinstance(records, EncodedBatch) else EncodedBatch.from_records(source, list(records))
         if batch.source != source:
             raise ValueError(f"batch is from source {batch.source!r}, not {source!r}")
-        manager = self.backpressure_for(source)
-        fill = self.fill(source)
-        state = manager.observe(fill)
-        self._fills[source] = fill
-        self.backpressure.observe(max(self._fills.values()))  # the fullest source, for status and metrics
-        report.backpressure_state = state.name
-        report.retry_after_s = manager.retry_after_s()
+        manager = self._observe(source, report)
 
         # Group row indexes by priority so admission is one call per priority (bulk, not per record).
         groups: dict[int, list[int]] = {}
@@ -179,11 +188,68 @@ class Ingestor:
             else:
                 report.accepted = {"ALL": outcome.accepted}
         report.dead_letters = self._spool_dead_letters(source, dead_letters)
-        if self.metrics is not None:
-            for name, n in report.shed.items():
-                self.metrics.dropped.labels(source, name, SHED_REASON).inc(n)
+        self._count_shed(report)
         self._add_totals(report)
         return report
+
+    def submit(self, source: str, record: Record, committer: RecordSubmitter) -> Future[IngestReport]:
+        """Admit one record now; spool it through ``committer`` (group commit) if admitted.
+
+        The future resolves with this record's report once it is durable (``accepted`` {priority: 1}), or with
+        ``accepted`` {"ALL": 0} and ``dropped`` when the spool evicted it for room; it resolves at once when
+        admission shed it (``shed`` {priority: 1}, counted like :meth:`accept` counts). It fails with the
+        spool's error (e.g. ``SpoolFullError`` of a ``block`` source) when the record was not stored. Raises
+        (nothing queued) for an unknown source, a record of another source, a bad record or a full/closed queue.
+        """
+        self.config.source(source)  # KeyError naming the configured sources
+        if not isinstance(record, Record):
+            raise TypeError(f"{source}: expected a Record, got {type(record).__name__}")
+        if record.source != source:
+            raise ValueError(f"record {record.key!r} is from source {record.source!r}, not {source!r}")
+        report = IngestReport(source)
+        manager = self._observe(source, report)
+        p = Priority(int(record.priority))
+        report.offered[p.name] = 1
+        if manager.admit_many(1, p, source) < 1:
+            report.shed[p.name] = 1
+            report.not_accepted.append(record.key)
+            self._count_shed(report)
+            self._add_totals(report)
+            shed: Future[IngestReport] = Future()
+            shed.set_result(report)
+            return shed
+        stored: Future[IngestReport] = Future()
+
+        def written(inner: Future[Any]) -> None:  # in the committer's writer thread
+            exc = inner.exception()
+            if exc is not None:
+                stored.set_exception(exc)
+                return
+            outcome = inner.result()
+            report.utilization = outcome.utilization
+            report.dropped = dict(outcome.dropped)
+            report.accepted = {p.name: 1} if outcome.accepted == 1 else {"ALL": outcome.accepted}
+            self._add_totals(report)
+            stored.set_result(report)
+
+        committer.submit(record).add_done_callback(written)
+        return stored
+
+    def _observe(self, source: str, report: IngestReport) -> BackpressureManager:
+        """Feed ``source``'s spool fill to its state machine (and the fullest to the shared one); note the state."""
+        manager = self.backpressure_for(source)
+        fill = self.fill(source)
+        state = manager.observe(fill)
+        self._fills[source] = fill
+        self.backpressure.observe(max(self._fills.values()))  # the fullest source, for status and metrics
+        report.backpressure_state = state.name
+        report.retry_after_s = manager.retry_after_s()
+        return manager
+
+    def _count_shed(self, report: IngestReport) -> None:
+        if self.metrics is not None:
+            for name, n in report.shed.items():
+                self.metrics.dropped.labels(report.source, name, SHED_REASON).inc(n)
 
     def _spool_dead_letters(self, source: str, dead_letters: Iterable[Any]) -> int:
         keys: list[str] = []
@@ -198,11 +264,13 @@ class Ingestor:
         return self.spool.put_batch(batch, topic=self.config.kafka.dlq_topic).accepted
 
     def _add_totals(self, report: IngestReport) -> None:
-        total = self.totals.setdefault(report.source, IngestReport(report.source))
-        for attr in ("offered", "accepted", "shed", "dropped"):
-            acc = getattr(total, attr)
-            for k, v in getattr(report, attr).items():
-                acc[k] = acc.get(k, 0) + v
-        total.dead_letters += report.dead_letters
-        total.backpressure_state = report.backpressure_state
-        total.utilization = report.utilization
+        # Callers of accept() and submit()'s group-commit writer thread add concurrently.
+        with self._totals_lock:
+            total = self.totals.setdefault(report.source, IngestReport(report.source))
+            for attr in ("offered", "accepted", "shed", "dropped"):
+                acc = getattr(total, attr)
+                for k, v in getattr(report, attr).items():
+                    acc[k] = acc.get(k, 0) + v
+            total.dead_letters += report.dead_letters
+            total.backpressure_state = report.backpressure_state
+            total.utilization = report.utilization

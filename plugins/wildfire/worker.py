@@ -10,7 +10,14 @@ following run applies, see ``wildfire.stream_settings``):
 
 - ``batch``: drain what the batch DAGs spooled, stop when the spool is empty (or the window ends).
 - ``real_time``: also poll the HTTP sources (FIRMS, NWS, PurpleAir) at their ``polling_interval_seconds``.
-- ``continuous_streaming``: also subscribe to the IoT sensors over MQTT.
+- ``continuous_streaming``: also subscribe to the IoT sensors over MQTT. Each message's record passes admission
+  at once (``Ingestor.submit``: shed or admitted per record, counted as ``accept`` counts); admitted records go
+  through a ``GroupCommitter`` (messages that arrive together share one spool transaction and fsync) and the
+  message is acked only once its record is durable (or was shed or dead-lettered). The MQTT client id is
+  stable across restarts (``mqtt_client_id``: ``WILDFIRE_MQTT_CLIENT_ID``, else
+  ``sources.iot_mqtt.options.client_id``, else ``wildfire-stream_worker-<host name>``), so a restarted worker
+  resumes its persistent session and gets what was published while it was down. Two workers with one id kick
+  each other off the broker: workers sharing a host, and members of one ``shared_group``, need their own ids.
 
 Guarantees: a record leaves the spool only when Kafka acknowledged it; CRITICAL records skip the
 throttle delay and the bulk gather window; an open breaker holds records in the spool. With little to do the
@@ -123,6 +130,19 @@ class _WakingIngestor(Ingestor):
             self._on_write("CRITICAL" in report.accepted or "ALL" in report.accepted)
         return report
 
+    def submit(self, source: str, record: Any, committer: Any) -> Any:
+        self._on_start()  # the group's commit happens later, in the committer's thread: still this process's
+
+        def written(future: Any) -> None:
+            if future.exception() is None:
+                report = future.result()
+                if report.accepted_total:
+                    self._on_write("CRITICAL" in report.accepted)
+
+        future = super().submit(source, record, committer)
+        future.add_done_callback(written)
+        return future
+
 
 @dataclass(slots=True)
 class WorkerSummary:
@@ -210,6 +230,7 @@ class StreamWorker:
         self._stop = threading.Event()
         self._fetch_thread: threading.Thread | None = None
         self._mqtt: Any = None
+        self._group_commit: Any = None
         self._status_engine: Any = None
         self._status_db = status_db
         self._status_thread: threading.Thread | None = None
@@ -374,19 +395,50 @@ class StreamWorker:
         if "iot_mqtt" not in self.sources or self.mode != "continuous_streaming":
             return
         from wildfire.connectors.mqtt import MqttConnector
+        from wildfire.group_commit import GroupCommitter
 
-        def sink(records: list[Any]) -> None:
+        def sink(records: list[Any]) -> None:  # unused while async_sink is set; kept for the connector's contract
             report = self.ingestor.accept("iot_mqtt", records)
             self._note_fetch("iot_mqtt", {}, report.as_dict())
+
+        def noted(future: Any) -> None:  # the committer's writer thread (at once for a shed record)
+            if future.exception() is None:
+                self._note_fetch("iot_mqtt", {}, future.result().as_dict())
+
+        def submit(record: Any) -> Any:
+            # Admission decides now (shed records resolve at once and are acked, as accept() does); admitted
+            # records share a spool transaction with the messages that arrive with them, and the connector
+            # acks each message from its future, i.e. once its record is durable.
+            future = self.ingestor.submit("iot_mqtt", record, self._group_commit)
+            future.add_done_callback(noted)
+            return future
 
         def dead(dl: Any) -> None:
             report = self.ingestor.accept("iot_mqtt", [], dead_letters=[dl])
             self._note_fetch("iot_mqtt", {"rejected_total": 1}, report.as_dict())
 
+        self._group_commit = GroupCommitter(self.spool, name="mqtt-group-commit")
         # Host, credentials and TLS from the endpoints (WILDFIRE_MQTT_* or the mqtt_default Connection).
         self._mqtt = MqttConnector.from_endpoints(self.endpoints, self.config.sources["iot_mqtt"], sink=sink,
-                                                  dead_letter_sink=dead, client_id=f"wildfire-{self.worker_id}"[:64],
-                                                  clock=self.clock).start()
+                                                  async_sink=submit, dead_letter_sink=dead,
+                                                  client_id=self.mqtt_client_id(), clock=self.clock).start()
+
+    def mqtt_client_id(self) -> str:
+        """The MQTT client id: the same across restarts, so a restarted worker resumes its persistent session.
+
+        ``WILDFIRE_MQTT_CLIENT_ID``, else ``sources.iot_mqtt.options.client_id``, else
+        ``wildfire-stream_worker-<host name>`` (the pod name in Kubernetes). Never the pid: the broker keeps
+        what is published while the worker is away in the session of the id it last used, and only a client
+        connecting with that id gets it. Two clients with one id kick each other off the broker, so workers
+        sharing a host (or members of one ``shared_group``) each need their own id.
+        """
+        from wildfire.connectors.mqtt_shared import ShareOptions
+
+        explicit = os.environ.get("WILDFIRE_MQTT_CLIENT_ID", "").strip()
+        if explicit:
+            return explicit
+        configured = ShareOptions.from_options(self.config.sources["iot_mqtt"].options, "iot_mqtt").client_id
+        return configured or f"wildfire-{COMPONENT}-{socket.gethostname()}"[:64]
 
     # ------------------------------------------------------------ status, config, http
 
@@ -787,6 +839,10 @@ class StreamWorker:
         self._stop.set()
         if self._mqtt is not None:
             self._mqtt.stop()
+        if self._group_commit is not None:
+            # Writes what the connector handed over; their acks can no longer reach the broker, so those
+            # messages come again with the session (stored twice in the spool, once by key in storage).
+            self._group_commit.close()
         if self._fetch_thread is not None:
             self._fetch_thread.join(timeout=10)
         left = self.publisher.flush(self.config.worker.shutdown_flush_s)

@@ -145,7 +145,11 @@ def test_paused_storage_consumer_builds_lag_and_loses_nothing(tmp_path: Path) ->
     res = lt.run_scenario(short("consumer-pause", multiplier=5, seconds=4.0, fault="consumer-pause", fault_at_s=1.0,
                                 fault_s=2.0), tmp_path)
     assert_ledger(res)
-    assert "consumers resumed (SIGCONT)" in [w for _, w in res["events"]]
+    events = [w for _, w in res["events"]]
+    # Only the bulk process is paused; the CRITICAL lane runs as its own process throughout.
+    assert res["consumer_roles"] == {"consumer0": "bulk", "consumer-critical": "critical"}
+    assert "bulk consumers paused (SIGSTOP); the CRITICAL lane process keeps running" in events
+    assert "bulk consumers resumed (SIGCONT)" in events
     assert res["lag_before_resume"] > 0  # the pause built a backlog, read from the broker's offsets
 
 

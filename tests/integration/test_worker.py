@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -48,6 +49,8 @@ def env(tmp_path, kafka_bootstrap):
     cfg["worker"].update(metrics_port=0, shutdown_flush_s=5, config_reload_s=0.5)
     cfg["sources"]["nasa_firms"]["options"]["sources"] = ["VIIRS_NOAA21_NRT"]
     cfg["sources"]["iot_mqtt"]["options"]["topic_filter"] = f"wildfire/test-{uuid.uuid4().hex[:8]}/#"
+    # Its own persistent MQTT session: the default id (from the host name) is shared by every worker on this host.
+    cfg["sources"]["iot_mqtt"]["options"]["client_id"] = f"wildfire-test-{uuid.uuid4().hex[:10]}"
     path = tmp_path / "stream_config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     # The worker never migrates its status database at run time: deployment does (make db-upgrade).
@@ -171,6 +174,59 @@ def test_continuous_streaming_takes_sensor_readings_over_mqtt(env, kafka_bootstr
     assert len(keys) == 50
     dlq = consume_keys(kafka_bootstrap, env["topics"]["wildfire-dlq"], 1)
     assert len(dlq) == 1
+
+
+def test_the_mqtt_client_id_never_contains_the_pid(env, monkeypatch):
+    cfg = env["config"]
+    raw = cfg.model_dump(mode="json")
+    del raw["sources"]["iot_mqtt"]["options"]["client_id"]
+    plain = build_config(raw, {})
+    monkeypatch.delenv("WILDFIRE_MQTT_CLIENT_ID", raising=False)
+    ids = []
+    for pid in (4101, 4102):  # two runs of the worker on one host: two processes
+        monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
+        ids.append(StreamWorker(plain, mode="continuous_streaming", sources=["iot_mqtt"], status_db=False,
+                                config_path=env["path"]).mqtt_client_id())
+    assert ids == [f"wildfire-stream_worker-{socket.gethostname()}"[:64]] * 2
+    worker = StreamWorker(cfg, mode="continuous_streaming", sources=["iot_mqtt"], status_db=False)
+    assert worker.mqtt_client_id() == cfg.sources["iot_mqtt"].options["client_id"]
+    monkeypatch.setenv("WILDFIRE_MQTT_CLIENT_ID", "wf-iot-7")  # per process, e.g. two workers on one host
+    assert worker.mqtt_client_id() == "wf-iot-7"
+    monkeypatch.delenv("WILDFIRE_MQTT_CLIENT_ID")
+    raw["sources"]["iot_mqtt"]["options"]["client_id"] = ""
+    with pytest.raises(ValueError, match="sources.iot_mqtt.options: client_id"):
+        StreamWorker(build_config(raw, {}), mode="continuous_streaming", sources=["iot_mqtt"],
+                     status_db=False).mqtt_client_id()
+
+
+@pytest.mark.mqtt
+def test_a_restarted_worker_resumes_its_mqtt_session(env, kafka_bootstrap, mqtt_broker, monkeypatch):
+    """A QoS 1 reading published while the worker is down reaches Kafka once a new worker process is up."""
+    from tests.integration.test_connectors_mqtt import drop_session, publish, reading
+
+    host, port = mqtt_broker
+    cfg = env["config"]
+    base = cfg.sources["iot_mqtt"].options["topic_filter"].rstrip("#")
+    try:
+        for pid, before in ((5101, None), (5102, "while-down")):
+            monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)  # a restart is a new process
+            if before:
+                publish(host, port, f"{base}x", [reading(before)])
+            worker = StreamWorker(cfg, mode="continuous_streaming", sources=["iot_mqtt"], run_minutes=2,
+                                  endpoints=Endpoints(mqtt_host=host, mqtt_port=port), config_path=env["path"],
+                                  status_db=False)
+            thread = run_in_thread(worker)
+            try:
+                wait_for(lambda w=worker: w._mqtt is not None and w._mqtt.connected, what="MQTT connection")
+                if before:
+                    wait_for(lambda w=worker: w.publisher.totals.delivered >= 1, what="the reading kept by the session")
+            finally:
+                worker.stop("test done")
+                thread.join(60)
+    finally:
+        drop_session(host, port, cfg.sources["iot_mqtt"].options["client_id"])
+    keys = consume_keys(kafka_bootstrap, env["topics"]["wildfire-iot"], 1)
+    assert [k.split("|")[0] for k in keys] == ["while-down"]
 
 
 def test_sigterm_mid_run_leaves_every_record_in_kafka_or_the_spool(env, kafka_bootstrap):

@@ -543,6 +543,7 @@ class LoadRun:
         self.topics: dict[str, int] = {}
         self.worker: Child | None = None
         self.consumers: list[Child] = []
+        self.critical_consumer: Child | None = None  # the --role critical process (setup), never paused
         self.samples: list[Sample] = []
         self.events: list[tuple[float, str]] = []
         self.result: dict[str, Any] = {"scenario": scenario.name, "settings": asdict(scenario)}
@@ -623,10 +624,22 @@ class LoadRun:
                                        "--mode", "real_time", "--sources", "era5", "--minutes", "60",
                                        "--metrics-port", str(self.metrics_port), "--no-status-db"],
                             self.dir / "worker.log")
+        # As deploy/k8s runs them: the CRITICAL lane in its own process (--role critical), so a busy or paused
+        # bulk consumer cannot hold CRITICAL records back; sc.consumers bulk processes (--role bulk) beside it.
+        # Without lane topics (storage.critical_lane off) every consumer takes everything (--role all).
+        from wildfire.storage.consumer import split_topics
+
+        lane = bool(split_topics(self.config, "critical")[1])
+        consumer = [PY, "-m", "wildfire.storage.consumer", "--config", str(self.config_path), "--url", self.db_url,
+                    "--group", self.config.kafka.consumer_group]
         for i in range(sc.consumers):
-            self.consumers.append(Child(f"consumer{i}", [
-                PY, "-m", "wildfire.storage.consumer", "--config", str(self.config_path), "--url", self.db_url,
-                "--group", self.config.kafka.consumer_group], self.dir / f"consumer{i}.log"))
+            self.consumers.append(Child(f"consumer{i}", [*consumer, "--role", "bulk" if lane else "all"],
+                                        self.dir / f"consumer{i}.log"))
+        if lane:
+            self.critical_consumer = Child("consumer-critical", [*consumer, "--role", "critical"],
+                                           self.dir / "consumer-critical.log")
+            self.consumers.append(self.critical_consumer)
+        self.result["consumer_roles"] = {c.name: c.argv[-1] for c in self.consumers}
 
     def _wait_worker_ready(self, timeout: float = 60.0) -> None:
         end = time.monotonic() + timeout
@@ -872,9 +885,10 @@ class LoadRun:
             self.worker.stop()
             self._event("worker stopped (SIGTERM)")
         elif f == "consumer-pause":
-            for c in self.consumers:
+            # Only the bulk consumers: the point is that CRITICAL keeps being stored while bulk is stalled.
+            for c in self._bulk_consumers():
                 c.signal(signal.SIGSTOP)
-            self._event("consumers paused (SIGSTOP)")
+            self._event("bulk consumers paused (SIGSTOP); the CRITICAL lane process keeps running")
 
     def _fault_end(self) -> None:
         f = self.sc.fault
@@ -895,9 +909,12 @@ class LoadRun:
         elif f == "consumer-pause":
             self.result["lag_before_resume"] = lag = self._lag_now()
             self._event(f"consumer lag before resume: {lag}")
-            for c in self.consumers:
+            for c in self._bulk_consumers():
                 c.signal(signal.SIGCONT)
-            self._event("consumers resumed (SIGCONT)")
+            self._event("bulk consumers resumed (SIGCONT)")
+
+    def _bulk_consumers(self) -> list[Child]:
+        return [c for c in self.consumers if c is not self.critical_consumer]
 
     # ------------------------------------------------------------ verification
 

@@ -82,7 +82,7 @@ def test_host_ports_bind_loopback_only():
 
 def test_scale_out_processes_serve_metrics_inside_the_compose_network():
     s = services()
-    for name, port in (("stream-worker", 9108), ("storage-consumer", 9109)):
+    for name, port in (("stream-worker", 9108), ("storage-consumer", 9109), ("storage-critical", 9109)):
         cmd = s[name]["command"]
         assert cmd[cmd.index("--metrics-host") + 1] == "0.0.0.0", name
         assert "ports" not in s[name], name
@@ -90,7 +90,15 @@ def test_scale_out_processes_serve_metrics_inside_the_compose_network():
         assert "--migrate" not in cmd
     prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
-    assert {"stream-worker:9108", "storage-consumer:9109"} <= targets
+    assert {"stream-worker:9108", "storage-consumer:9109", "storage-critical:9109"} <= targets
+
+
+def test_scale_out_runs_the_critical_lane_as_its_own_process():
+    s = services()
+    bulk, lane = s["storage-consumer"]["command"], s["storage-critical"]["command"]
+    assert bulk[bulk.index("--role") + 1] == "bulk" and lane[lane.index("--role") + 1] == "critical"
+    assert s["storage-critical"]["profiles"] == s["storage-consumer"]["profiles"] == ["scale-out"]
+    assert s["storage-critical"]["image"] == s["storage-consumer"]["image"]
 
 
 # ------------------------------------------------------------------ secrets

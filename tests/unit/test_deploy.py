@@ -52,6 +52,11 @@ def consumer() -> dict:
     return dep
 
 
+def critical_lane() -> dict:
+    (dep,) = [d for d in of_kind("Deployment") if d["metadata"]["name"] == "wildfire-storage-critical"]
+    return dep
+
+
 def container(dep: dict) -> dict:
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     return c
@@ -293,10 +298,10 @@ def _probe_port(dep: dict, probe: dict) -> int:
     return p["containerPort"]
 
 
-@pytest.mark.parametrize("which", ["worker", "consumer"])
+@pytest.mark.parametrize("which", ["worker", "consumer", "critical"])
 def test_probes_use_the_process_own_health_endpoint(which):
     cfg = load_config(ROOT / "config/stream_config.yaml", environ={})
-    deps = workers() if which == "worker" else [consumer()]
+    deps = {"worker": workers, "consumer": lambda: [consumer()], "critical": lambda: [critical_lane()]}[which]()
     port = cfg.worker.metrics_port if which == "worker" else 9109
     for dep in deps:
         c = container(dep)
@@ -310,7 +315,7 @@ def test_probes_use_the_process_own_health_endpoint(which):
         assert c["livenessProbe"]["periodSeconds"] == 10
         ann = dep["spec"]["template"]["metadata"]["annotations"]
         assert ann["prometheus.io/port"] == str(port) and ann["prometheus.io/scrape"] == "true"
-    if which == "consumer":
+    if which != "worker":
         assert "--metrics-port" in container(deps[0])["args"]
         assert container(deps[0])["args"][container(deps[0])["args"].index("--metrics-port") + 1] == "9109"
 
@@ -334,6 +339,45 @@ def test_consumer_rolls_one_at_a_time():
     assert "replicas" not in consumer()["spec"]
 
 
+def test_a_single_pod_mqtt_shard_has_a_stable_mqtt_client_id(monkeypatch):
+    # A shard that also polls over HTTP runs one Deployment pod, whose name (the worker's default id) is new on
+    # every restart: the shard's name is its MQTT client id, so a restarted worker resumes its session.
+    render = _render()
+    shards = {"mixed": ("iot_mqtt", "purpleair")}
+    rest = {k: v for k, v in render.WORKER_SHARDS.items() if not set(v) & set(shards["mixed"])}
+    monkeypatch.setattr(render, "WORKER_SHARDS", {**rest, **shards})
+    monkeypatch.setattr(render, "SHARD_REPLICAS", {})
+    docs = [d for d in yaml.safe_load_all(render.workers_text()) if d]
+    (mixed,) = [d for d in docs if d["metadata"]["name"] == "wildfire-worker-mixed"]
+    assert (mixed["kind"], mixed["spec"]["replicas"]) == ("Deployment", 1)  # two pods with one id would collide
+    env = container_env(container(mixed))
+    assert env["WILDFIRE_MQTT_CLIENT_ID"] == "wildfire-worker-mixed"
+    assert "WILDFIRE__SOURCES__IOT_MQTT__OPTIONS__SHARED_GROUP" not in env
+    for dep in docs:
+        if dep.get("kind") in ("Deployment", "StatefulSet") and dep["metadata"]["name"] not in (
+                "wildfire-worker-mixed",):
+            assert "WILDFIRE_MQTT_CLIENT_ID" not in container_env(container(dep))
+
+
+def test_critical_lane_runs_in_its_own_pods_beside_the_bulk_consumers():
+    from wildfire.storage.consumer import split_topics
+
+    cfg = load_config(ROOT / "config/stream_config.yaml", environ={})
+    bulk_args, lane_args = container(consumer())["args"], container(critical_lane())["args"]
+    assert bulk_args[bulk_args.index("--role") + 1] == "bulk"
+    assert lane_args[lane_args.index("--role") + 1] == "critical"
+    # --role bulk leaves the lane's topics to the lane: the shipped config must have lane topics, or they
+    # would be consumed by nobody.
+    bulk, lane = split_topics(cfg, "bulk")[0], split_topics(cfg, "critical")[1]
+    assert lane and not set(lane) & set(bulk)
+    # No autoscaler resizes the lane; more pods than lane partitions would sit idle.
+    assert all(h["spec"]["scaleTargetRef"]["name"] != "wildfire-storage-critical"
+               for h in of_kind("HorizontalPodAutoscaler"))
+    assert 1 <= critical_lane()["spec"]["replicas"] <= min(cfg.topics[t].partitions for t in lane)
+    (pdb,) = [p for p in of_kind("PodDisruptionBudget") if p["metadata"]["name"] == "wildfire-storage-critical"]
+    assert pdb["spec"]["selector"]["matchLabels"] == critical_lane()["spec"]["selector"]["matchLabels"]
+
+
 def test_consumer_hpa_is_slide_35_and_bounded_by_partitions():
     (hpa,) = of_kind("HorizontalPodAutoscaler")
     spec = hpa["spec"]
@@ -347,7 +391,7 @@ def test_consumer_hpa_is_slide_35_and_bounded_by_partitions():
     consumed = [t for name, t in cfg.topics.items() if name != cfg.kafka.dlq_topic]
     # Consumers beyond the largest partition count would get no partition at all.
     assert spec["maxReplicas"] <= max(t.partitions for t in consumed)
-    (pdb,) = of_kind("PodDisruptionBudget")
+    (pdb,) = [p for p in of_kind("PodDisruptionBudget") if p["metadata"]["name"] == "wildfire-storage-consumer"]
     assert pdb["spec"]["minAvailable"] < spec["minReplicas"]
 
 
@@ -418,7 +462,8 @@ def test_dockerfile_matches_the_manifest_paths():
 
 
 def pod_templates() -> list[tuple[str, dict]]:
-    return [(d["metadata"]["name"], d["spec"]["template"]) for d in [*workers(), consumer(), *of_kind("Job")]]
+    return [(d["metadata"]["name"], d["spec"]["template"])
+            for d in [*workers(), consumer(), critical_lane(), *of_kind("Job")]]
 
 
 @pytest.mark.parametrize("module", ["wildfire.worker", "wildfire.storage.consumer"])
@@ -555,7 +600,8 @@ def test_network_policies_allow_each_pod_only_what_it_needs():
         assert dns | kafka | {pg} <= egress, name
         metrics = {("TCP", p["containerPort"]) for c in tpl["spec"]["containers"] for p in c.get("ports", [])}
         assert ingress == metrics, name      # the metrics port and nothing else; none for the Job
-        dep = next(d for d in [*workers(), consumer(), *of_kind("Job")] if d["metadata"]["name"] == name)
+        dep = next(d for d in [*workers(), consumer(), critical_lane(), *of_kind("Job")]
+                   if d["metadata"]["name"] == name)
         sources = dep["metadata"].get("annotations", {}).get("wildfire.io/sources", "")
         types = {cfg.sources[s].source_type for s in sources.split(",") if s}
         # HTTPS only for shards polling public APIs, MQTT only for the IoT shard; the consumer and the Job

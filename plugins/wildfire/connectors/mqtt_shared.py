@@ -76,6 +76,9 @@ class ShareOptions(BaseModel):
     takeover_after_s: int = Field(30, ge=0, le=86_400,
                                   description="Will Delay: a member away this long is declared dead")
     members_topic: str = Field("wildfire/iot-members", min_length=1, max_length=200)
+    client_id: str | None = Field(None, min_length=1, max_length=64,
+                                  description="the stream worker's MQTT client id (its persistent session); unset: "
+                                              "WILDFIRE_MQTT_CLIENT_ID, else wildfire-stream_worker-<host name>")
 
     @field_validator("shared_group")
     @classmethod
