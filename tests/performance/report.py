@@ -3,6 +3,8 @@
 * ``docs/benchmarks.md``: the table between the ``generated`` markers, one row per benchmark, from
   ``docs/results/<benchmark>.json`` (written by each benchmark, see ``results.py``). A benchmark with no
   results file is listed with the command that makes it.
+* Tables inside the per-layer documents, between ``<!-- generated: NAME -->`` and ``<!-- end generated: NAME -->``
+  (:data:`SECTIONS`): each rendered from one results file.
 * ``docs/loadtest/report.md``: from ``docs/loadtest/results/*.json`` (``loadtest.write_report``).
 
 ::
@@ -53,6 +55,14 @@ KNOWN: tuple[tuple[str, str, str, str], ...] = (
 NOT_YET: tuple[tuple[str, str, str], ...] = ()
 
 
+def _command(r: dict[str, Any]) -> str:
+    """The results file's command as run from the project root with the venv's Python."""
+    cmd = str(r["command"]).strip()
+    for prefix in ("python3 ", "python "):
+        cmd = cmd.removeprefix(prefix)
+    return f"`.venv/bin/python {cmd}`"
+
+
 def _row(stem: str, layer: str, command: str, detail: str) -> str:
     path = RESULTS / f"{stem}.json"
     if not path.exists():
@@ -63,7 +73,7 @@ def _row(stem: str, layer: str, command: str, detail: str) -> str:
     m = r["machine"]
     where = (f"{r['run_at']}, {m['cpus']} CPUs, load {m['load_avg_1_5_15'][0]:.2f} before, "
              f"commit {str(m.get('commit') or '?')[:7]}")
-    return f"| {layer} | `.venv/bin/python {r['command']}` | {goals} | {where} | {detail} |"
+    return f"| {layer} | {_command(r)} | {goals} | {where} | {detail} |"
 
 
 def benchmarks_table() -> str:
@@ -85,10 +95,79 @@ def write_benchmarks(path: Path = BENCHMARKS) -> Path:
     return path
 
 
+def _measured(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    return (f"Measured {r['run_at']} by {_command(r)}, {m['cpus']} CPUs, load "
+            f"{m['load_avg_1_5_15'][0]:.2f} before, commit {str(m.get('commit') or '?')[:7]}.")
+
+
+def scaleout_tables(r: dict[str, Any]) -> str:
+    s = r["summary"]
+    lines = ["| processes | group records/s (vs 1) | CPU-us per record, the processes (vs 1) |", "|---|---|---|"]
+    for kind, label, ks in (("storage", "storage consumer", r["inputs"]["storage_processes"]),
+                            ("iot", "IoT worker", r["inputs"]["iot_processes"])):
+        for k in ks:
+            p = f"{kind}_{k}_"
+            lines.append(f"| {k} {label}{'s' if k > 1 else ''} | {s[p + 'group_records_per_s']:,.0f} "
+                         f"({s[p + 'throughput_vs_1']:.2f}) | {s[p + 'cpu_us_per_record']:.1f} "
+                         f"({s[p + 'cpu_per_record_vs_1']:.2f}) |")
+    lines.append(f"\nPostgreSQL backend of the storage consumer: {s['postgres_backend_cpu_us_per_record']:.1f} CPU-us "
+                 "per record.")
+    pm = s["paper_model"]
+    lines += ["", f"{pm['label']}; {pm['events_per_s']:,} events/s on {pm['nodes']} nodes.", "",
+              f"| stage | CPU-us per record | cores at {pm['events_per_s']:,}/s |", "|---|---|---|"]
+    lines += [f"| {stage} | {us:g} | {pm['cores_per_stage'][stage]:.2f} |" for stage, us in pm["cpu_us_per_record"].items()]
+    lines.append(f"| total | | {pm['cores_total']:.2f}, i.e. {pm['cores_per_node']:.2f} per node "
+                 f"(>= {pm['min_cores_per_node_at_budget']:.2f} per node at a {pm['core_budget_per_node']:.0%} budget) |")
+    lines += ["", "Not modelled: " + "; ".join(pm["not_modelled"]) + "."]
+    return "\n".join(lines)
+
+
+def group_commit_table(r: dict[str, Any]) -> str:
+    s = r["summary"]
+    lines = ["| writers | NORMAL: put -> group (records/s) | HIGH (fsynced): put -> group (records/s) |", "|---|---|---|"]
+    for w in r["inputs"]["writers"]:
+        cells = []
+        for prio in ("NORMAL", "HIGH"):
+            c = s[f"{prio}_{w}w"]
+            cells.append(f"{c['put_per_s']:,} -> {c['group_per_s']:,} ({c['ratio_group_to_put']:.2f}x)")
+        lines.append(f"| {w} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+# (document, section name, results file stem, renderer)
+SECTIONS: tuple[tuple[str, str, str, Any], ...] = (
+    ("docs/scaling.md", "scaleout", "scaleout", scaleout_tables),
+    ("docs/spool-and-publishing.md", "group_commit", "group_commit", group_commit_table),
+)
+
+
+def write_sections() -> list[Path]:
+    written = []
+    for doc, name, stem, render in SECTIONS:
+        path, begin, end = ROOT / doc, f"<!-- generated: {name} -->", f"<!-- end generated: {name} -->"
+        text = path.read_text()
+        if begin not in text or end not in text:
+            raise SystemExit(f"{path}: the markers of generated section {name!r} are missing")
+        head, rest = text.split(begin, 1)
+        _old, tail = rest.split(end, 1)
+        results = RESULTS / f"{stem}.json"
+        if results.exists():
+            r = json.loads(results.read_text())
+            body = render(r) + "\n\n" + _measured(r)
+        else:
+            body = f"No results file yet: run the benchmark ({stem})."
+        path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+        written.append(path)
+    return written
+
+
 def main() -> int:
     import loadtest
 
     print(write_benchmarks())
+    for path in write_sections():
+        print(path)
     print(loadtest.write_report(ROOT / "docs" / "loadtest"))
     return 0
 
