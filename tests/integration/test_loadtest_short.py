@@ -50,6 +50,12 @@ def assert_ledger(res: dict[str, Any]) -> None:
     assert res["latency_reader_caught_up"] is True
     assert res["commit_latency_s"]["resolution"]["error"] is None
     assert res["commit_latency_s"]["CRITICAL"]["n"] == per["CRITICAL"]["stored"]
+    # Every stored CRITICAL row's commit was also notified by PostgreSQL (the exact CRITICAL figure).
+    res_ = res["commit_latency_s"]["resolution"]
+    assert (res_["critical"], res_["critical_not_notified"], res_["notify_error"]) == ("notify", 0, None), res_
+    # Peak RSS was read for the worker and every storage consumer the run started.
+    assert {"worker", "consumer0"} <= set(res["memory_mb"]), res["memory_mb"]
+    assert all(m["peak_mb"] > 0 for m in res["memory_mb"].values()), res["memory_mb"]
 
 
 def short(name: str, **kw: Any) -> lt.Scenario:

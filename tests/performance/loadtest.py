@@ -23,6 +23,8 @@ Latencies, per record:
 * **committed** (the headline): accepted -> the row is visible in PostgreSQL, i.e. committed. A watcher
   polls every 100 ms for new row ids (and ids not seen yet below them); the figure is an upper bound, late
   by at most one period plus one poll (both reported). ``stored_at`` is the transaction's start, a lower bound.
+  CRITICAL rows are timed exactly: PostgreSQL notifies a listener when each one's transaction commits
+  (``CommitWatcher``); the polled figure is kept beside it as ``CRITICAL_polled``.
 * **ack**: accepted -> broker ``LogAppendTime`` of the message (the key carries the accept time); the
   producer's ack follows the append on this single-replica broker.
 
@@ -35,6 +37,9 @@ figures on a shared 2-core host; each run states its host load next to its numbe
     python tests/performance/loadtest.py --scenario all --out docs/loadtest
     python tests/performance/loadtest.py --scenario 10x --seconds 30      # shorter load phase
     python tests/performance/loadtest.py --scenario broker_failover --seconds 20
+
+``LOADTEST_KEEP_DB=1`` keeps each run's throwaway database (its name is in the harness log) for inspecting rows
+and ``stored_at`` afterwards; drop it by hand.
 
 ``broker_failover`` runs on a private 3-node KRaft cluster (RF 3, ``min.insync.replicas=2``) instead of one
 broker: at 5x, the leader of the busiest partitions is SIGKILLed, later a second node (the ISR cannot reach
@@ -371,6 +376,19 @@ class Sample:
     lag: int | None
     cpu: dict[str, float]
     throttled: bool | None = None  # level 0 is the first throttled level, so the level alone cannot say
+    rss_mb: dict[str, float] = field(default_factory=dict)  # resident memory of the worker and each consumer
+
+
+def _vm_hwm_mb(pid: int) -> float:
+    """The process's peak resident set (``VmHWM``) in MB, as the kernel counts it (0.0 if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
 
 
 class LatencyReader:
@@ -454,12 +472,27 @@ class CommitWatcher:
     list). A row is visible only after its transaction committed, so its commit lies between ``stored_at``
     and the poll that first returned it: the figure is an upper bound, at most one period plus one poll late
     (both reported).
+
+    The CRITICAL table (``alerts``; the load test's alerts are all CRITICAL) is also watched exactly: a row
+    trigger in the run's database calls ``pg_notify`` with the row's key, and PostgreSQL delivers a
+    notification only when its transaction commits (never for a rolled-back one or savepoint). A listener
+    connection takes the time each arrives, so a CRITICAL row's commit is seen within the notification's
+    delivery, not within a poll period. The trigger is the harness's, created in the throwaway database
+    only; it costs the storing transaction one notification per alert row.
     """
+
+    NOTIFY_CHANNEL = "lt_commit"
+    NOTIFY_TABLES = ("alerts",)
 
     def __init__(self, db_url: str, period_s: float = 0.1) -> None:
         self.db_url, self.period_s = db_url, period_s
         self.seqs = array("q")
         self.seen_at = array("d")
+        self.notified_seqs = array("q")
+        self.notified_at = array("d")
+        self.notify_error: str | None = None
+        self._listening = threading.Event()
+        self._listener = threading.Thread(target=self._listen, name="commit-listener", daemon=True)
         self.polls = 0
         self.poll_s = 0.0
         self.poll_max_s = 0.0
@@ -468,8 +501,37 @@ class CommitWatcher:
         self._thread = threading.Thread(target=self._run, name="commit-watcher", daemon=True)
 
     def start(self) -> CommitWatcher:
+        import psycopg
+
+        with psycopg.connect(self.db_url, autocommit=True) as db:
+            db.execute(f"CREATE OR REPLACE FUNCTION lt_notify_commit() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                       f"BEGIN PERFORM pg_notify('{self.NOTIFY_CHANNEL}', NEW.key); RETURN NULL; END $$")
+            for t in self.NOTIFY_TABLES:
+                db.execute(f"CREATE TRIGGER lt_notify_commit AFTER INSERT ON {t} "
+                           f"FOR EACH ROW EXECUTE FUNCTION lt_notify_commit()")
+        self._listener.start()
+        if not self._listening.wait(30):
+            raise HarnessError(f"the commit listener did not start listening within 30 s: {self.notify_error}")
         self._thread.start()
         return self
+
+    def _listen(self) -> None:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.db_url, autocommit=True) as db:
+                db.execute(f"LISTEN {self.NOTIFY_CHANNEL}")
+                self._listening.set()
+                while not self._stop.is_set():
+                    # notifies() yields each as it arrives; the timeout bounds how late a stop is noticed.
+                    for n in db.notifies(timeout=0.5):
+                        at = time.time()
+                        if n.payload.startswith("lt|"):
+                            self.notified_seqs.append(int(n.payload.rsplit("|", 1)[1]))
+                            self.notified_at.append(at)
+        except Exception as exc:  # noqa: BLE001 - reported with the figures; the poll watcher still covers the table
+            self.notify_error = f"{type(exc).__name__}: {exc}"
+            self._listening.set()
 
     def _run(self) -> None:
         import psycopg
@@ -512,6 +574,7 @@ class CommitWatcher:
         """One last poll after the drain, then stop."""
         self._stop.set()
         self._thread.join(60)
+        self._listener.join(10)
 
 
 # ---------------------------------------------------------------- one run
@@ -545,6 +608,7 @@ class LoadRun:
         self.consumers: list[Child] = []
         self.critical_consumer: Child | None = None  # the --role critical process (setup), never paused
         self.samples: list[Sample] = []
+        self.peak_rss_mb: dict[str, float] = {}  # VmHWM per process name (the kernel's high-water mark, MB)
         self.events: list[tuple[float, str]] = []
         self.result: dict[str, Any] = {"scenario": scenario.name, "settings": asdict(scenario)}
         self._stop_sampler = threading.Event()
@@ -611,6 +675,8 @@ class LoadRun:
         if self.broker is not None:
             self.bootstrap = self.broker.bootstrap
         self.db_name, self.db_url = create_database("wf_loadtest")
+        if os.environ.get("LOADTEST_KEEP_DB"):
+            print(f"  LOADTEST_KEEP_DB: database {self.db_name} is kept after the run", flush=True)
         self.config = self._config()
         create_topics(self.bootstrap, self.topics)
         self.config_path = self.dir / "config.yaml"
@@ -679,6 +745,7 @@ class LoadRun:
             if self.broker and self.broker.pid():
                 wanted["broker"] = self.broker.pid()
             cpu: dict[str, float] = {}
+            rss: dict[str, float] = {}
             for name, pid in wanted.items():
                 p = procs.get(name)
                 if p is None or p.pid != pid:
@@ -691,6 +758,9 @@ class LoadRun:
                     continue
                 try:
                     cpu[name] = p.cpu_percent(None)
+                    if name not in ("harness", "broker"):
+                        rss[name] = round(p.memory_info().rss / 2**20, 1)
+                        self.peak_rss_mb[name] = max(self.peak_rss_mb.get(name, 0.0), _vm_hwm_mb(pid))
                 except psutil.Error:
                     procs.pop(name, None)
             system = psutil.cpu_percent(None)
@@ -710,7 +780,7 @@ class LoadRun:
                 backpressure=self.ingestor.backpressure.state.name,
                 breaker=(st.get("breaker") or {}).get("state"), throttle_level=(st.get("throttle") or {}).get("level"),
                 throttled=(st.get("throttle") or {}).get("throttled"),
-                lag=(st.get("throttle") or {}).get("lag"), cpu=cpu))
+                lag=(st.get("throttle") or {}).get("lag"), cpu=cpu, rss_mb=rss))
 
     def _account_cpu(self, psutil: Any, wanted: dict[str, int]) -> None:
         """Add each component's CPU seconds since the last sample to ``self.cpu_seconds``.
@@ -929,6 +999,29 @@ class LoadRun:
             rows = db.execute(f"SELECT priority, count(*) FROM ({union}) u GROUP BY priority").fetchall()
         return {Priority(int(p)).name: int(n) for p, n in rows}
 
+    def _memory(self) -> dict[str, Any]:
+        """Peak RSS per process, and whether resident memory follows the spool's depth.
+
+        ``peak_mb`` is the kernel's high-water mark (VmHWM, never missed between samples); the rest is
+        from the once-a-second samples: RSS at the shallowest and at the deepest spool of the run. A worker
+        that held spooled records in memory would be larger at the deepest spool by about depth x record size
+        (~1 KB here); a consumer's memory follows its batch, not the spool.
+        """
+        import numpy as np
+
+        depth = np.array([sum(s.spool_depth.values()) for s in self.samples], dtype=float)
+        out: dict[str, Any] = {}
+        for name, peak in sorted(self.peak_rss_mb.items()):
+            rss = np.array([s.rss_mb.get(name, np.nan) for s in self.samples], dtype=float)
+            ok = np.isfinite(rss)
+            entry: dict[str, Any] = {"peak_mb": peak}
+            if ok.sum() >= 2:
+                d, r = depth[ok], rss[ok]
+                entry.update({"rss_at_min_depth_mb": float(r[np.argmin(d)]), "min_depth": int(d.min()),
+                              "rss_at_max_depth_mb": float(r[np.argmax(d)]), "max_depth": int(d.max())})
+            out[name] = entry
+        return out
+
     def _stored_latency(self) -> dict[str, Any]:
         union = " UNION ALL ".join(
             f"SELECT priority, extract(epoch FROM stored_at - ingest_time) AS s FROM {t}" for t in TABLES)
@@ -1109,12 +1202,29 @@ class LoadRun:
             seqs = np.frombuffer(watcher.seqs, dtype=np.int64)
             ok = (seqs >= 0) & (seqs < n)
             np.minimum.at(first, seqs[ok], np.frombuffer(watcher.seen_at, dtype=np.float64)[ok])
-        lat = first - np.frombuffer(self.k_us, dtype=np.int64) / 1e6
+        accepted = np.frombuffer(self.k_us, dtype=np.int64) / 1e6
+        lat = first - accepted
         prio = np.frombuffer(self.k_prio, dtype=np.int8)
         out: dict[str, Any] = {p.name: _pct(lat[(prio == int(p)) & np.isfinite(lat)]) for p in Priority}
+        # CRITICAL from the commit notifications (exact) when every CRITICAL row the poll saw was notified.
+        notified = np.full(n, np.inf)
+        if len(watcher.notified_seqs):
+            seqs = np.frombuffer(watcher.notified_seqs, dtype=np.int64)
+            ok = (seqs >= 0) & (seqs < n)
+            np.minimum.at(notified, seqs[ok], np.frombuffer(watcher.notified_at, dtype=np.float64)[ok])
+        crit = (prio == int(Priority.CRITICAL)) & np.isfinite(first)
+        missing = int(np.count_nonzero(crit & ~np.isfinite(notified)))
+        exact = bool(crit.any()) and missing == 0
+        out["CRITICAL_polled"] = out["CRITICAL"]
+        if exact:
+            # Both are upper bounds of the commit; the notification is nearly always the earlier one (a
+            # poll can only be earlier when the listener thread waits for the GIL).
+            out["CRITICAL"] = _pct((np.minimum(notified, first) - accepted)[crit])
         out["resolution"] = {"poll_period_s": watcher.period_s, "polls": watcher.polls,
                              "poll_avg_s": round(watcher.poll_s / max(1, watcher.polls), 4),
-                             "poll_max_s": round(watcher.poll_max_s, 4), "error": watcher.error}
+                             "poll_max_s": round(watcher.poll_max_s, 4), "error": watcher.error,
+                             "critical": "notify" if exact else "poll", "critical_not_notified": missing,
+                             "notify_error": watcher.notify_error}
         return out
 
     def _figures(self, reader: LatencyReader, watcher: CommitWatcher, load_s: float, drain_s: float
@@ -1176,6 +1286,7 @@ class LoadRun:
                                                | {"NORMAL"}),
             "breaker_transitions": transitions("breaker"),
             "cpu_percent_of_one_core": cpu_summary,
+            "memory_mb": self._memory(),
             # CPU time per stored record, whole run (load + drain), by component: what the pipeline costs.
             "cpu_us_per_stored_record": {
                 k: round(v / max(1, sum(stored.values())) * 1e6, 1) for k, v in sorted(self.cpu_seconds.items())
@@ -1200,6 +1311,7 @@ class LoadRun:
                 "throttle_level": [s.throttle_level for s in self.samples],
                 "throttled": [s.throttled for s in self.samples],
                 "lag": [s.lag for s in self.samples],
+                "rss_mb": {k: [s.rss_mb.get(k) for s in self.samples] for k in sorted(self.peak_rss_mb)},
                 "ack_p99_per_s": _per_second_p99(reader),
             },
             "config": {"linger_ms": self.config.kafka.linger_ms,
@@ -1230,7 +1342,7 @@ class LoadRun:
             self.proxy.stop()
         with contextlib.suppress(Exception):
             self.spool.close()
-        if self.db_name:
+        if self.db_name and not os.environ.get("LOADTEST_KEEP_DB"):
             with contextlib.suppress(Exception):  # cleanup only; the run's results are already taken
                 drop_database(self.db_name)
 
@@ -1521,6 +1633,13 @@ def write_report(out: Path) -> Path:
         cpu = r["cpu_percent_of_one_core"]
         lines.append("| CPU % of one core, avg/max | " + ", ".join(
             f"{k} {v['avg']:.0f}/{v['max']:.0f}" for k, v in sorted(cpu.items())) + f" | {g.get('cpu', '-')} |")
+        mem = r.get("memory_mb") or {}
+        if mem:
+            lines.append("| peak RSS, MB (sampled RSS at the shallowest -> the deepest spool) | "
+                         + "; ".join(
+                             f"{k} {v['peak_mb']:.0f} ({v.get('rss_at_min_depth_mb', 0):.0f} at {v.get('min_depth', 0):,}"
+                             f" -> {v.get('rss_at_max_depth_mb', 0):.0f} at {v.get('max_depth', 0):,})"
+                             for k, v in mem.items()) + " | - |")
         per = r.get("cpu_us_per_stored_record") or {}
         if per:
             parts = [f"{k} {v:,.1f}" for k, v in per.items() if k != "host"]
@@ -1559,7 +1678,9 @@ def write_report(out: Path) -> Path:
         lines += ["", "Latency per priority: **ack** = accepted -> broker append; **committed** = accepted -> row "
                   "visible in PostgreSQL (commit watcher, upper bound, poll "
                   f"{r['commit_latency_s']['resolution']['poll_period_s'] * 1000:.0f} ms, max poll "
-                  f"{r['commit_latency_s']['resolution']['poll_max_s'] * 1000:.0f} ms).", "",
+                  f"{r['commit_latency_s']['resolution']['poll_max_s'] * 1000:.0f} ms"
+                  + ("; CRITICAL exact: each row's commit notification, see CommitWatcher"
+                     if r["commit_latency_s"]["resolution"].get("critical") == "notify" else "") + ").", "",
                   "| priority | committed p50 | committed p95 | committed p99 | committed max | ack p50 | ack p95 | "
                   "ack p99 | ack max |", "|---|---|---|---|---|---|---|---|---|"]
         for p in PRIOS:
