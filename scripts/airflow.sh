@@ -6,7 +6,7 @@
 #   scripts/airflow.sh start   # idempotent; waits for the UI, prints address and admin password
 #   scripts/airflow.sh stop    # SIGTERM, up to WILDFIRE_AIRFLOW_STOP_TIMEOUT (60) s for running tasks to end
 #                              # (on_kill: the stream worker and the storage consumer flush), then SIGKILL
-#   scripts/airflow.sh seed    # migrate the metadata database and seed the Connections only (start does both)
+#   scripts/airflow.sh seed    # metadata database, migrations, Connections and pools only (start runs it first)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/airflow_env.sh"
@@ -22,12 +22,7 @@ running() { [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
 start() {
   mkdir -p "$AIRFLOW_HOME"
   if running; then log "already running (pid $(cat "$PIDFILE")) at $URL"; return 0; fi
-  [ -x "$AIRFLOW" ] || { log "no .venv: run 'make venv' first"; exit 1; }
-  ensure_metadata_db
-  log "migrating the metadata database"
-  "$AIRFLOW" db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/db-migrate.log"; exit 1; }
-  seed_connections
-  seed_pools
+  seed
   # Nothing of this home runs now, so task instances still 'running' are orphans of a stopped Airflow.
   PYTHONPATH="$ROOT/plugins" "$ROOT/.venv/bin/python" -m wildfire.airflow.orphans
   log "starting airflow standalone (log: $LOG)"
@@ -46,6 +41,19 @@ start() {
   done
   tail -40 "$LOG" >&2
   log "the UI did not answer within 180 s; stopping what started"; stop; exit 1
+}
+
+# What Airflow needs in its metadata before it runs: the database itself, its migrations, the Connections and the
+# pools. `start` runs it; `seed` runs it alone (the UI tests seed their own AIRFLOW_HOME with it, so the product's
+# seeding is what they test).
+seed() {
+  mkdir -p "$AIRFLOW_HOME"
+  [ -x "$AIRFLOW" ] || { log "no .venv: run 'make venv' first"; exit 1; }
+  ensure_metadata_db
+  log "migrating the metadata database"
+  "$AIRFLOW" db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/db-migrate.log"; exit 1; }
+  seed_connections
+  seed_pools
 }
 
 # Airflow's own database and role on the local PostgreSQL, idempotently (as scripts/services.sh does for
@@ -132,12 +140,7 @@ stop() {
 
 case "${1:-start}" in
   start) start ;;
-  seed)
-    mkdir -p "$AIRFLOW_HOME"
-    ensure_metadata_db
-    "$AIRFLOW" db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/db-migrate.log"; exit 1; }
-    seed_connections
-    seed_pools ;;
+  seed) seed ;;
   stop) stop ;;
   status) if running; then echo "airflow: running at $URL"; else echo "airflow: stopped"; exit 1; fi ;;
   *) echo "usage: $0 start|stop|status|seed" >&2; exit 2 ;;

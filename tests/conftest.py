@@ -7,6 +7,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,11 @@ KAFKA_BOOTSTRAP = os.environ.get("WILDFIRE_TEST_KAFKA", "127.0.0.1:9092")
 PG_URL = os.environ.get("WILDFIRE_TEST_DATABASE_URL", "postgresql://wildfire:wildfire@127.0.0.1:5432/wildfire")
 PG_ADMIN_URL = os.environ.get("WILDFIRE_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
+# The Debian package's Chromium (bash scripts/ensure_chromium.sh); `playwright install` is never used: it would
+# download a browser build of its own.
+CHROMIUM = os.environ.get("WILDFIRE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 
 
 def _require_port(host: str, port: int, what: str) -> None:
@@ -109,6 +115,35 @@ def pg_url() -> str:
 def mqtt_broker() -> tuple[str, int]:
     _require_port(MQTT_HOST, MQTT_PORT, "Mosquitto")
     return MQTT_HOST, MQTT_PORT
+
+
+# MODULE scope on purpose, not session: a sync Playwright keeps an asyncio event loop running in the main thread
+# while it is open, so a session-scoped one would break every later test that calls asyncio.run() ("cannot be
+# called from a running event loop"). Each browser test module gets its own browser, closed when it ends.
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """A headless Chromium driven by Playwright (sync API); a missing browser fails the test."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: run `bash scripts/ensure_chromium.sh` (Debian package chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def sign_in(page: Any, url: str, password: str, user: str = "admin") -> None:
+    """Sign in through the Airflow UI's login form like a person: the session cookie then authenticates the UI and
+    the plugin's pages."""
+    page.goto(url + "/")
+    page.wait_for_url("**/auth/login**")
+    page.fill("input[name=username]", user)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+    page.wait_for_url(lambda current: "/auth/login" not in current)
 
 
 _EXIT_STATUS: list[int] = []

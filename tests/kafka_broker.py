@@ -14,6 +14,10 @@ adds a SASL_SSL listener (SCRAM-SHA-512 over TLS) on ``broker.sasl_ssl_port``, w
 services.sh generates under ``d/tls`` (``broker.ca_file``), and ACLs enforced by KRaft's StandardAuthorizer. The
 plaintext listener stays; its principal is ``User:ANONYMOUS`` (a super user by default: the test's admin path for
 creating SCRAM users and ACLs).
+
+A broker's refusals that no local broker gives on demand (a short ISR, an ACL a test cannot configure) come from
+:class:`RefusingProducer`: the real producer on the shared broker, answering the refused records with the real
+``KafkaError`` delivery report such a broker sends.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import random
 import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ROOT / "scripts" / "services.sh"
@@ -106,3 +112,40 @@ class PrivateKafka:
             return True
         except OSError:
             return False
+
+
+class RefusingProducer:
+    """The real ``confluent_kafka.Producer`` behind a broker that refuses some records: a record ``refuses(topic)``
+    holds for is not sent; at the next ``poll``/``flush`` its delivery callback gets ``error(n)`` (n: the running
+    count of refusals, from 1), a real ``KafkaError``, as the broker's delivery report. Everything else is sent."""
+
+    def __init__(self, conf: dict[str, Any], *, refuses: Callable[[str], bool], error: Callable[[int], Any]) -> None:
+        from confluent_kafka import Producer
+
+        self._p = Producer(conf)
+        self._refuses, self._error = refuses, error
+        self._pending: list[Callable[[Any, Any], None]] = []
+        self.refusals = 0
+
+    def produce(self, topic, value=None, key=None, headers=None, on_delivery=None):
+        if self._refuses(topic):
+            self._pending.append(on_delivery)
+            return
+        self._p.produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+
+    def _answer(self) -> int:
+        pending, self._pending = self._pending, []
+        for cb in pending:
+            self.refusals += 1
+            cb(self._error(self.refusals), None)
+        return len(pending)
+
+    def poll(self, timeout=0.0):
+        return self._answer() + self._p.poll(timeout)
+
+    def flush(self, timeout=0.0):
+        self._answer()
+        return self._p.flush(timeout)
+
+    def __len__(self):
+        return len(self._p) + len(self._pending)

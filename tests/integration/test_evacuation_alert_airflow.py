@@ -26,11 +26,9 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
+from tests.airflow_stack import AIRFLOW_BIN, ROOT, airflow_base_env, free_port, wait_until_up
 from tests.conftest import PG_URL, create_database, create_topic, delete_topic, drop_database
-from tests.plugin.conftest import _free_port
 
-ROOT = Path(__file__).resolve().parents[2]
-AIRFLOW_BIN = ROOT / ".venv" / "bin" / "airflow"
 pytestmark = [pytest.mark.airflow, pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
 
 
@@ -48,9 +46,7 @@ class Standalone:
 
 
 def _env(home: Path, port: int, meta_url: str, config_file: Path, kafka_bootstrap: str, store_url: str) -> dict:
-    out = subprocess.run(["bash", "-c", "source scripts/airflow_env.sh && env -0"], cwd=ROOT, check=True,
-                         capture_output=True, env={**os.environ, "ROOT": str(ROOT)}).stdout
-    env = dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
+    env = airflow_base_env()
     for key in [k for k in env if k.upper().startswith("WILDFIRE__")]:
         del env[key]
     db = sa.engine.make_url(store_url)
@@ -105,7 +101,7 @@ def standalone(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, p
     }), encoding="utf-8")
     user_pw = PG_URL.split("//", 1)[1].split("@", 1)[0]
     meta_url = f"postgresql+psycopg2://{user_pw}@127.0.0.1:5432/{meta_name}"
-    port = _free_port()
+    port = free_port()
     env = _env(home, port, meta_url, config_file, kafka_bootstrap, store_url)
     dags = home / "dags"
     dags.mkdir()
@@ -118,18 +114,7 @@ def standalone(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, p
             proc = subprocess.Popen([str(AIRFLOW_BIN), "standalone"], env=env, cwd=ROOT, stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"airflow standalone exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/api/v2/monitor/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"airflow standalone did not answer within 240 s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)  # waiting for a real server to start; not a timed assertion
+        wait_until_up(proc, url, log, what="airflow standalone", timeout_s=240)
         pw_file = home / "simple_auth_manager_passwords.json.generated"
         password = json.loads(pw_file.read_text())["admin"]
         resp = httpx.post(f"{url}/auth/token", json={"username": "admin", "password": password}, timeout=30)

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from tests.integration.test_spool_crash import consume_keys
+from tests.kafka_broker import RefusingProducer
 from wildfire.config import CircuitBreakerConfig, KafkaConfig, SourceConfig, SpoolConfig
 from wildfire.priority import Priority
 from wildfire.publish import RETRIABLE, ProducerWrapper, SpoolPublisher, classify
@@ -27,43 +28,19 @@ from wildfire.streaming.breaker import CircuitBreaker, CircuitState
 pytestmark = pytest.mark.kafka
 
 
-class IsrShortProducer:
+class IsrShortProducer(RefusingProducer):
     """The real producer behind a cluster whose ISR is short while ``short`` is set: every record is answered
     with NOT_ENOUGH_REPLICAS (alternately ..._AFTER_APPEND: written to the leader, not replicated) at the next poll."""
 
     def __init__(self, conf, short: threading.Event) -> None:
-        from confluent_kafka import Producer
-
-        self._p = Producer(conf)
-        self.short = short
-        self._pending: list = []
-        self.refusals = 0
-
-    def produce(self, topic, value=None, key=None, headers=None, on_delivery=None):
-        if self.short.is_set():
-            self._pending.append(on_delivery)
-            return
-        self._p.produce(topic, value, key, headers=headers, on_delivery=on_delivery)
-
-    def _answer(self) -> int:
         from confluent_kafka import KafkaError
 
-        pending, self._pending = self._pending, []
-        for cb in pending:
-            self.refusals += 1
-            code = KafkaError.NOT_ENOUGH_REPLICAS if self.refusals % 2 else KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND
-            cb(KafkaError(code, "Broker: Not enough in-sync replicas"), None)
-        return len(pending)
+        def error(n: int) -> KafkaError:
+            code = KafkaError.NOT_ENOUGH_REPLICAS if n % 2 else KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND
+            return KafkaError(code, "Broker: Not enough in-sync replicas")
 
-    def poll(self, timeout=0.0):
-        return self._answer() + self._p.poll(timeout)
-
-    def flush(self, timeout=0.0):
-        self._answer()
-        return self._p.flush(timeout)
-
-    def __len__(self):
-        return len(self._p) + len(self._pending)
+        self.short = short
+        super().__init__(conf, refuses=lambda topic: short.is_set(), error=error)
 
 
 def test_not_enough_replicas_is_retriable():

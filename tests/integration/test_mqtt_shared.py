@@ -14,12 +14,8 @@ Also: what Mosquitto itself does with a dead member's in-flight messages (the re
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -32,6 +28,7 @@ import pytest
 import yaml
 
 from tests.integration.test_connectors_mqtt import ListSink, drop_session, publish, wait_until
+from tests.line_process import LineProcess
 from wildfire.config import SourceConfig, load_config
 from wildfire.connectors.mqtt import MqttConnector
 from wildfire.spool import BufferManager
@@ -50,33 +47,19 @@ def key(i: int) -> str:
     return f"s{i:04d}|2025-08-01T21:00:00.000000Z"
 
 
-class Worker:
-    def __init__(self, config: Path, client_id: str, spool: Path, delay_s: float) -> None:
-        self.client_id, self.spool = client_id, spool
-        self.proc = subprocess.Popen([sys.executable, str(WORKER), str(config), client_id, str(spool), str(delay_s)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT / "plugins")})
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+class Worker(LineProcess):
+    """One IoT worker process (``tests/integration/mqtt_iot_worker.py``) with its own spool."""
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.strip())
+    def __init__(self, config: Path, client_id: str, spool: Path, delay_s: float, *mode: str) -> None:
+        self.client_id, self.spool = client_id, spool
+        super().__init__([str(WORKER), str(config), client_id, str(spool), str(delay_s), *mode],
+                         stderr=subprocess.PIPE)
 
     def ready(self) -> bool:
-        return "READY" in self.lines
+        return self.said("READY")
 
     def stop(self) -> dict:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
-        time.sleep(0.2)
-        return json.loads(self.lines[-1])
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        return self.finish(30)
 
 
 def spool_keys(path: Path, cfg, *, live: bool = True) -> Counter[str]:
@@ -191,9 +174,8 @@ p = Properties(PacketTypes.CONNECT); p.SessionExpiryInterval = 0
 c.connect("{host}", {port}, clean_start=True, properties=p)
 c.loop_forever()
 """)
-    stall = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    got: list[str] = []
-    threading.Thread(target=lambda: got.extend(line.strip() for line in stall.stdout), daemon=True).start()
+    stall = LineProcess([str(script)])
+    got = stall.lines
     sink = ListSink()
     cfg = SourceConfig(source_type="iot_mqtt", topic="wildfire-iot",
                        options={"topic_filter": f"test/{uid}/#", "shared_group": f"g{uid}"})
@@ -206,7 +188,6 @@ c.loop_forever()
         stalled = sum(g.startswith("MSG") for g in got)
         assert stalled >= 5  # round robin: the stalled member holds about half, unacknowledged
         stall.kill()
-        stall.wait(10)
         time.sleep(3)
         assert len(sink.records) == 20 - stalled  # the broker did not redeliver the dead member's messages
     finally:

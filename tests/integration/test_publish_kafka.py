@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import create_topic, delete_topic
 from tests.integration.test_spool_crash import consume_keys
+from tests.kafka_broker import RefusingProducer
 from wildfire.clock import ManualClock
 from wildfire.config import CircuitBreakerConfig, KafkaConfig, SourceConfig, SpoolConfig
 from wildfire.priority import Priority
@@ -83,41 +84,17 @@ def test_classification_of_kafka_errors():
         assert classify(KafkaError(code)) == AUTHORIZATION
 
 
-class AclProducer:
+class AclProducer(RefusingProducer):
     """The real producer, behind a broker whose ACLs refuse ``refused`` topics: their records are answered
     with the delivery report such a broker gives (a real ``KafkaError(TOPIC_AUTHORIZATION_FAILED)``) at the
     next poll. A local broker with an authorizer is out of reach of this suite."""
 
     def __init__(self, conf, refused: set[str]) -> None:
-        from confluent_kafka import Producer
-
-        self._p = Producer(conf)
-        self.refused = refused
-        self._pending: list = []
-
-    def produce(self, topic, value=None, key=None, headers=None, on_delivery=None):
-        if topic in self.refused:
-            self._pending.append(on_delivery)
-            return
-        self._p.produce(topic, value, key, headers=headers, on_delivery=on_delivery)
-
-    def _answer(self) -> int:
         from confluent_kafka import KafkaError
 
-        pending, self._pending = self._pending, []
-        for cb in pending:
-            cb(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "Broker: Topic authorization failed"), None)
-        return len(pending)
-
-    def poll(self, timeout=0.0):
-        return self._answer() + self._p.poll(timeout)
-
-    def flush(self, timeout=0.0):
-        self._answer()
-        return self._p.flush(timeout)
-
-    def __len__(self):
-        return len(self._p) + len(self._pending)
+        self.refused = refused
+        super().__init__(conf, refuses=lambda topic: topic in refused, error=lambda n: KafkaError(
+            KafkaError.TOPIC_AUTHORIZATION_FAILED, "Broker: Topic authorization failed"))
 
 
 def test_topic_authorization_failure_keeps_records_in_the_spool_and_alarms(tmp_path, kafka_bootstrap, kafka_topic,

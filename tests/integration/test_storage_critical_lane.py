@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.conftest import create_database, create_topic, delete_topic, drop_database
+from tests.conftest import create_topic, delete_topic
 from tests.integration.test_storage_contract import fire, make_config, produce, produce_records, query
 from wildfire.config import build_config
 from wildfire.priority import Priority
@@ -27,15 +27,6 @@ from wildfire.storage.writer import PostgresWriter, WriteResult
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 MAX_POLLS = 200  # a bound on loops, not a timing assertion
 BACKLOG = 20_000
-
-
-@pytest.fixture
-def pg_db(pg_url) -> Iterator[str]:
-    name, url = create_database("wf_lane_test")
-    try:
-        yield url
-    finally:
-        drop_database(name)
 
 
 @pytest.fixture

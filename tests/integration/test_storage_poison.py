@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Iterator
 
 import orjson
 import psycopg
@@ -18,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import create_database, create_topic, delete_topic, drop_database
+from tests.conftest import create_topic, delete_topic
 from tests.integration.test_storage_contract import fire, make_config, query
 from tests.unit import test_storage_fuzz as fuzz
 from wildfire.storage.consumer import StorageConsumer
@@ -30,15 +29,6 @@ pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 MAX_POLLS = 200  # a bound on loops, not a timing assertion
 BIG = 3 * 1024 * 1024  # a value over the consumer's default 1 MiB limit
 TOPIC_MAX_BYTES = 8 * 1024 * 1024
-
-
-@pytest.fixture
-def pg_db(pg_url) -> Iterator[str]:
-    name, url = create_database("wf_poison_test")
-    try:
-        yield url
-    finally:
-        drop_database(name)
 
 
 @pytest.fixture(params=["postgres", "sqlite"])

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import signal
 import statistics
@@ -42,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tests.line_process import LineProcess  # noqa: E402 - the path set up just above
 
 MQTT = ("127.0.0.1", 1883)
 LOAD_10X = 10_000  # events/s: 10x the guide's 1x of 1,000 events/s (docs/loadtest/report.md)
@@ -139,18 +140,11 @@ def child_iot(config: str, client_id: str, spool_path: str) -> int:
 # ---------------------------------------------------------------- parent
 
 
-class Child:
-    def __init__(self, args: list[str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, __file__, "--child", *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT / "plugins")})
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+class Child(LineProcess):
+    """This file run again as ``--child storage|iot ...`` (stdin: the parent's GO)."""
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.strip())
+    def __init__(self, args: list[str]) -> None:
+        super().__init__([__file__, "--child", *args], stdin=subprocess.PIPE)
 
     def wait_for(self, word: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -175,12 +169,6 @@ class Child:
         assert self.proc.stdin is not None
         self.proc.stdin.write("GO\n")
         self.proc.stdin.flush()
-
-    def finish(self) -> dict[str, Any]:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(60)
-        time.sleep(0.05)
-        return json.loads(next(line for line in reversed(self.lines) if line.startswith("{")))
 
 
 def service_pids() -> dict[str, int]:
@@ -273,8 +261,7 @@ def run_storage(k: int, url: str, dbname: str, values: list[bytes], batch_size: 
         results = [c.finish() for c in kids]
     finally:
         for c in kids:
-            if c.proc.poll() is None:
-                c.proc.kill()
+            c.kill()
         delete_topic(KAFKA_BOOTSTRAP, topic)
     with psycopg.connect(url, autocommit=True) as conn:
         stored = conn.execute("SELECT count(*) FROM fire_detections").fetchone()[0]
@@ -326,8 +313,7 @@ def run_iot(k: int, tmp: Path, m: int) -> dict[str, Any]:
         pub.disconnect()
         pub.loop_stop()
         for c in kids:
-            if c.proc.poll() is None:
-                c.proc.kill()
+            c.kill()
         clear = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-clr-{uid}")
         clear.connect(*MQTT)
         clear.loop_start()

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +20,8 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
+from tests.airflow_stack import AIRFLOW_BIN, ROOT, airflow_base_env, free_port, wait_until_up
 from tests.conftest import create_database, drop_database
-
-ROOT = Path(__file__).resolve().parents[2]
-AIRFLOW_BIN = ROOT / ".venv" / "bin" / "airflow"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -92,9 +82,7 @@ class AirflowServer:
 
 def _airflow_env(home: Path, port: int, config_file: Path) -> dict[str, str]:
     # The same environment scripts/airflow.sh uses, then this test's own home, port, users and config.
-    out = subprocess.run(["bash", "-c", 'source scripts/airflow_env.sh && env -0'], cwd=ROOT, check=True,
-                         capture_output=True, env={**os.environ, "ROOT": str(ROOT)}).stdout
-    env = dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
+    env = airflow_base_env()
     env.update({
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__API__PORT": str(port),
@@ -118,7 +106,7 @@ def airflow_server(tmp_path_factory: pytest.TempPathFactory, ops_db: str, kafka_
     home = tmp_path_factory.mktemp("airflow-ops")
     config_file = write_ops_config(home / "stream_config.yaml", database_url=ops_db, bootstrap=kafka_bootstrap,
                                    spool_path=home / "spool.db")
-    port = _free_port()
+    port = free_port()
     env = _airflow_env(home, port, config_file)
     log = home / "api-server.log"
     migrate = subprocess.run([str(AIRFLOW_BIN), "db", "migrate"], env=env, cwd=ROOT, capture_output=True,
@@ -132,18 +120,7 @@ def airflow_server(tmp_path_factory: pytest.TempPathFactory, ops_db: str, kafka_
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"airflow api-server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/api/v2/monitor/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"airflow api-server did not answer within 120 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)  # waiting for a real server to start; not a timed assertion
+        wait_until_up(proc, url, log, what="airflow api-server", timeout_s=120, poll_s=0.5)
         passwords = json.loads((home / "simple_auth_manager_passwords.json.generated").read_text())
         yield AirflowServer(url=url, passwords=passwords, home=home)
     finally:

@@ -7,27 +7,25 @@ where ``WILDFIRE_SCREENSHOT`` says (``make screenshot`` refreshes ``docs/img/ops
 run leaves the working tree as it found it.
 
 Needs ``/usr/bin/chromium`` (``bash scripts/ensure_chromium.sh``); a missing browser fails the test.
-``playwright install`` is never used: it would download a browser build of its own.
+``playwright install`` is never used: it would download a browser build of its own. The ``browser`` fixture
+(module-scoped, see why there) is tests/conftest.py's.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
+from tests.conftest import sign_in
 from wildfire import ops_state
 
 pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
 
-CHROMIUM = os.environ.get("WILDFIRE_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOT_ENV = "WILDFIRE_SCREENSHOT"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 # Long enough for a 2 s poll on a busy 2-core machine; a wait for a condition, not a speed claim.
 UI_WAIT_MS = 30_000
 
@@ -52,20 +50,6 @@ def worker_state(published: int, *, queue: dict[str, int], spool: dict[str, int]
     }
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} not found: run `bash scripts/ensure_chromium.sh` (Debian package chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
-
-
 def metric(frame: Any, name: str) -> Any:
     return frame.locator(f'[data-metric="{name}"]').first
 
@@ -82,12 +66,7 @@ def test_ops_page_inside_airflow_ui_shows_live_numbers(browser: Any, airflow_ser
     page = browser.new_page(viewport={"width": 1440, "height": 1100})
     page.set_default_timeout(UI_WAIT_MS)
     # Sign in through the Airflow UI like a person: the session cookie then authenticates the plugin page.
-    page.goto(airflow_server.url + "/")
-    page.wait_for_url("**/auth/login**")
-    page.fill("input[name=username]", "admin")
-    page.fill("input[name=password]", airflow_server.passwords["admin"])
-    page.click("button[type=submit]")
-    page.wait_for_url(lambda url: "/auth/login" not in url)
+    sign_in(page, airflow_server.url, airflow_server.passwords["admin"])
 
     # The navigation link (external_views, destination nav, category browse) opens the page inside the UI.
     page.get_by_role("button", name="Browse").click()

@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.plugin.test_ops_page_browser import UI_WAIT_MS, browser  # noqa: F401 - the browser fixture
+from tests.conftest import sign_in
+from tests.plugin.test_ops_page_browser import UI_WAIT_MS
 from wildfire import coverage
 
 pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
 
 
-def test_ops_page_lists_coverage_gaps_with_state_and_backfill(browser: Any, airflow_server: Any,  # noqa: F811
+def test_ops_page_lists_coverage_gaps_with_state_and_backfill(browser: Any, airflow_server: Any,
                                                                clean_ops_tables: sa.Engine) -> None:
     from playwright.sync_api import expect
 
@@ -34,12 +35,7 @@ def test_ops_page_lists_coverage_gaps_with_state_and_backfill(browser: Any, airf
 
         page = browser.new_page(viewport={"width": 1440, "height": 1100})
         page.set_default_timeout(UI_WAIT_MS)
-        page.goto(airflow_server.url + "/")
-        page.wait_for_url("**/auth/login**")
-        page.fill("input[name=username]", "admin")
-        page.fill("input[name=password]", airflow_server.passwords["admin"])
-        page.click("button[type=submit]")
-        page.wait_for_url(lambda url: "/auth/login" not in url)
+        sign_in(page, airflow_server.url, airflow_server.passwords["admin"])
         page.goto(airflow_server.url + "/wildfire/ops")
         rows = page.locator("#coverage tr")
         expect(rows).to_have_count(3)  # header + one gap per source

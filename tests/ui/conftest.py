@@ -9,9 +9,9 @@ triggerer) in a temporary AIRFLOW_HOME on a free port, started the way ``scripts
   to use a given one; by default a private PostgreSQL database, dropped afterwards).
 - Storage: a private, migrated PostgreSQL database; Kafka: the real local broker with topics and a consumer
   group private to the session (created here, deleted afterwards), so nothing is shared with other runs.
-- Pools as ``scripts/airflow.sh`` seeds them (``python -m wildfire.airflow.pools write`` + ``airflow pools import``).
-- Connections: ``python -m wildfire.airflow.connections write`` + ``airflow connections import``, the source
-  Connections pointing at :func:`replay_seeded` (a replay of ``include/samples``, ``wildfire.demo.upstream``).
+- Metadata migrated, Connections and pools seeded by ``scripts/airflow.sh seed`` itself (what ``start`` runs
+  before Airflow starts), the source Connections pointing at :func:`replay_seeded` (a replay of
+  ``include/samples``, ``wildfire.demo.upstream``).
 - DAGs are paused at creation here (the product unpauses them): the continuous DAGs would otherwise start
   55-minute windows on a 2-core machine; a test unpauses what it triggers.
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -37,25 +36,14 @@ import httpx
 import pytest
 import yaml
 
+from tests.airflow_stack import AIRFLOW_BIN, ROOT, airflow_base_env, free_port, wait_until_up
 from tests.conftest import create_database, delete_topic, drop_database
 from wildfire.connectors.replay import Reply
 from wildfire.demo.upstream import UpstreamReplay
 
-ROOT = Path(__file__).resolve().parents[2]
-AIRFLOW_BIN = ROOT / ".venv" / "bin" / "airflow"
-PYTHON_BIN = ROOT / ".venv" / "bin" / "python"
 AIRFLOW_DB_ENV = "WILDFIRE_TEST_AIRFLOW_DB_URL"
 # Waits for a real server or scheduler to do its work on a shared 2-core machine: bounds, not speed claims.
 START_TIMEOUT_S = 240.0
-CHROMIUM = os.environ.get("WILDFIRE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RecordingReplay(UpstreamReplay):
@@ -182,9 +170,7 @@ def write_stack_config(path: Path, home: Path, *, storage_url: str, bootstrap: s
 
 def stack_env(home: Path, port: int, *, config_file: Path, metadata_url: str) -> dict[str, str]:
     """``scripts/airflow_env.sh`` (as scripts/airflow.sh sources it), then this stack's own values."""
-    out = subprocess.run(["bash", "-c", "source scripts/airflow_env.sh && env -0"], cwd=ROOT, check=True,
-                         capture_output=True, env={**os.environ, "ROOT": str(ROOT)}).stdout
-    env = dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
+    env = airflow_base_env()
     url = f"http://127.0.0.1:{port}"
     env.update({
         "AIRFLOW_HOME": str(home),
@@ -229,18 +215,15 @@ def airflow_stack(tmp_path_factory: pytest.TempPathFactory, airflow_metadata_url
     env = stack_env(home, port, config_file=config_file, metadata_url=airflow_metadata_url)
     proc: subprocess.Popen | None = None
     try:
-        _run([str(AIRFLOW_BIN), "db", "migrate"], env, "airflow db migrate")
-        # Seeded the way scripts/airflow.sh seed_connections does it; the sources at the first replay.
-        seed = home / "connections.seed.json"
-        seed_env = {**env, "WILDFIRE_FIRMS_URL": replay_seeded.url, "WILDFIRE_NWS_URL": replay_seeded.url,
+        # Seeded by scripts/airflow.sh itself (migrate, Connections, pools), into this stack's home and metadata
+        # database; the sources at the first replay, the wildfire_db Connection at this stack's storage database.
+        # A task in a pool that does not exist is never scheduled: the pools are part of the seed.
+        seed_env = {**env, "WILDFIRE_AIRFLOW_HOME": str(home), "WILDFIRE__STORAGE__DATABASE_URL": storage_url,
+                    "WILDFIRE_FIRMS_URL": replay_seeded.url, "WILDFIRE_NWS_URL": replay_seeded.url,
                     "WILDFIRE_PURPLEAIR_URL": replay_seeded.url, "WILDFIRE_FIRMS_MAP_KEY": "UI_TEST_MAP_KEY"}
-        _run([str(PYTHON_BIN), "-m", "wildfire.airflow.connections", "write", str(seed)], seed_env, "connections write")
-        _run([str(AIRFLOW_BIN), "connections", "import", str(seed)], env, "airflow connections import")
-        seed.unlink()
-        # And the pools, as seed_pools does: a task in a pool that does not exist is never scheduled.
-        pools = home / "pools.seed.json"
-        _run([str(PYTHON_BIN), "-m", "wildfire.airflow.pools", "write", str(pools)], env, "pools write")
-        _run([str(AIRFLOW_BIN), "pools", "import", str(pools)], env, "airflow pools import")
+        for key in ("WILDFIRE_CONN_UPSTREAM", "WILDFIRE_CONN_RESET"):
+            seed_env.pop(key, None)  # the seed values as written, not a developer's demo or reset
+        _run(["bash", str(ROOT / "scripts" / "airflow.sh"), "seed"], seed_env, "scripts/airflow.sh seed")
         log = home / "standalone.log"
         with log.open("wb") as out:
             # Own session = own process group: every component and task runner ends with it.
@@ -248,28 +231,27 @@ def airflow_stack(tmp_path_factory: pytest.TempPathFactory, airflow_metadata_url
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         pw_file = home / "simple_auth_manager_passwords.json.generated"
-        deadline = time.monotonic() + START_TIMEOUT_S
         stack: AirflowStack | None = None
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"airflow standalone exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"airflow standalone not ready within {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-            try:
-                if stack is None and pw_file.exists() and httpx.get(f"{url}/api/v2/monitor/health", timeout=3).status_code == 200:
-                    stack = AirflowStack(url=url, passwords=json.loads(pw_file.read_text()), home=home, env=env,
-                                         config=load_config(config_file, environ={}), storage_url=storage_url)
-                if stack is not None:
-                    health = stack.api("GET", "/api/v2/monitor/health").json()
-                    dags = stack.api("GET", "/api/v2/dags", params={"dag_id_pattern": "%", "limit": 100}).json()
-                    ids = {d["dag_id"] for d in dags.get("dags", [])}
-                    parts = ("scheduler", "triggerer", "dag_processor")
-                    if {"firms_batch", "wildfire_stream"} <= ids and all(
-                            (health.get(p) or {}).get("status") == "healthy" for p in parts):
-                        break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)  # waiting for real servers to start; not a timed assertion
+
+        def ready() -> bool:
+            """The api-server answers with the admin password written, every component is healthy and the DAGs
+            the tests trigger are parsed."""
+            nonlocal stack
+            if stack is None:
+                if not pw_file.exists():
+                    return False
+                stack = AirflowStack(url=url, passwords=json.loads(pw_file.read_text()), home=home, env=env,
+                                     config=load_config(config_file, environ={}), storage_url=storage_url)
+            health = stack.api("GET", "/api/v2/monitor/health").json()
+            dags = stack.api("GET", "/api/v2/dags", params={"dag_id_pattern": "%", "limit": 100}).json()
+            ids = {d["dag_id"] for d in dags.get("dags", [])}
+            parts = ("scheduler", "triggerer", "dag_processor")
+            return {"firms_batch", "wildfire_stream"} <= ids and all(
+                (health.get(p) or {}).get("status") == "healthy" for p in parts)
+
+        wait_until_up(proc, url, log, what="airflow standalone", timeout_s=START_TIMEOUT_S, http_timeout_s=3,
+                      ready=ready)
+        assert stack is not None
         yield stack
     finally:
         if proc is not None:
@@ -298,16 +280,3 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         pass
 
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} not found: run `bash scripts/ensure_chromium.sh` (Debian package chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()

@@ -27,6 +27,7 @@ from urllib.parse import quote
 import orjson
 import pytest
 
+from tests.conftest import sign_in
 from tests.ui.conftest import AirflowStack, RecordingReplay
 from wildfire.airflow.connections import CONNECTION_IDS
 
@@ -42,15 +43,6 @@ def screenshot_path(tmp_path: Path, name: str) -> Path:
     folder = Path(os.environ.get(SCREENSHOT_DIR_ENV) or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
     return folder / name
-
-
-def sign_in(page: Any, stack: AirflowStack) -> None:
-    page.goto(stack.url + "/")
-    page.wait_for_url("**/auth/login**")
-    page.fill("input[name=username]", "admin")
-    page.fill("input[name=password]", stack.passwords["admin"])
-    page.click("button[type=submit]")
-    page.wait_for_url(lambda url: "/auth/login" not in url)
 
 
 def connection_row(page: Any, conn_id: str) -> Any:
@@ -131,7 +123,7 @@ def test_connections_edited_in_the_ui_drive_the_dags(browser: Any, airflow_stack
     page = browser.new_page(viewport={"width": 1440, "height": 900})
     page.set_default_timeout(UI_WAIT_MS)
     expect.set_options(timeout=UI_WAIT_MS)
-    sign_in(page, stack)
+    sign_in(page, stack.url, stack.passwords["admin"])
 
     # 1. Admin -> Connections lists every Connection the project seeds (none of them an environment variable).
     page.get_by_role("button", name="Admin").click()
