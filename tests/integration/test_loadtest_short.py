@@ -99,7 +99,8 @@ def test_broker_outage_opens_the_breaker_holds_records_and_drains(tmp_path: Path
     res = lt.run_scenario(sc, tmp_path)
     assert_ledger(res)
     events = [w for _, w in res["events"]]
-    assert events[1:3] == ["broker stopping", "broker stopped"] and "broker up" in events
+    assert events[0].startswith("storage group stable:"), events  # load starts once the group holds its partitions
+    assert events[2:4] == ["broker stopping", "broker stopped"] and "broker up" in events
     # The worker's own breaker history, in order: opened by failures, probed, closed by a success.
     # /status keeps the last 20 transitions: a slow broker restart (probes failing every 5 s) can push the first
     # one out, then the 1 Hz samples must have seen the breaker open.

@@ -721,6 +721,39 @@ class LoadRun:
             time.sleep(0.2)
         raise HarnessError("worker not ready within 60 s")
 
+    def _wait_group_assigned(self, timeout: float = 90.0) -> None:
+        """Until the storage group is stable with every partition of its topics assigned to a member.
+
+        The figures are the pipeline's under load, not a consumer group's first join (process start, join,
+        the cooperative protocol's assignment rounds: seconds on this host), which a deployment pays once.
+        """
+        from confluent_kafka import ConsumerGroupState
+        from confluent_kafka.admin import AdminClient
+
+        from wildfire.storage.consumer import split_topics
+
+        bulk, lane = split_topics(self.config, "all")
+        want = {(t, p) for t in (*bulk, *lane) for p in range(self.topics[t])}
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        group = self.config.kafka.consumer_group
+        end = time.monotonic() + timeout
+        have: set[tuple[str, int]] = set()
+        while time.monotonic() < end:
+            for c in self.consumers:
+                if not c.alive():
+                    raise HarnessError(f"{c.name} exited at start; see {c.log_path}")
+            try:
+                desc = admin.describe_consumer_groups([group], request_timeout=5)[group].result()
+                have = {(tp.topic, tp.partition) for m in desc.members for tp in m.assignment.topic_partitions}
+                if desc.state == ConsumerGroupState.STABLE and want <= have:
+                    self._event(f"storage group stable: {len(desc.members)} members, {len(have)} partitions")
+                    return
+            except Exception:  # noqa: BLE001 - the group may not exist yet; asked again below
+                pass
+            time.sleep(0.2)
+        raise HarnessError(f"storage group {group} did not get all {len(want)} partitions within {timeout:.0f} s "
+                           f"(missing {sorted(want - have)[:5]})")
+
     # ------------------------------------------------------------ observing
 
     def _status(self) -> dict[str, Any] | None:
@@ -1175,6 +1208,7 @@ class LoadRun:
             c.start()
         self.worker.start()
         self._wait_worker_ready()
+        self._wait_group_assigned()
         sampler = threading.Thread(target=self._sampler, name="sampler", daemon=True)
         sampler.start()
         self._event(f"load start: {sc.multiplier:g}x for {sc.seconds:g} s")
