@@ -6,6 +6,12 @@ callback does. ``put``: every record is its own SQLite transaction (writers queu
 in one run, fresh spool file per round; priority NORMAL (``synchronous=NORMAL``, the MQTT default) and
 HIGH (fsynced before return). Results: ``docs/results/group_commit.json``.
 
+Where the time goes (``steps`` in the results): each step of a single-record put measured alone in one
+thread (CPU time per record: building the ``Record``, its JSON, the committer's own bookkeeping over a spool
+stub, the spool's ``put_batch`` at the mean group size the 16-writer round reached, and ``BufferManager.put``
+of one record for comparison), and the rest of the 16-writer round's CPU per record (thread wake-ups, GIL
+hand-offs, lock contention) as the difference.
+
     .venv/bin/python tests/performance/bench_group_commit.py            # ~1.5 min
     .venv/bin/python tests/performance/bench_group_commit.py --seconds 1 --rounds 1
 """
@@ -28,17 +34,26 @@ from tests.performance.results import machine, write_result  # noqa: E402
 from wildfire.config import SourceConfig, SpoolConfig  # noqa: E402
 from wildfire.group_commit import GroupCommitter  # noqa: E402
 from wildfire.priority import Priority  # noqa: E402
-from wildfire.records import Record  # noqa: E402
-from wildfire.spool import BufferManager  # noqa: E402
+from wildfire.records import EncodedBatch, Record  # noqa: E402
+from wildfire.spool import BufferManager, PutOutcome  # noqa: E402
 
 GOAL_PER_S = 50_000
 T0 = datetime(2025, 7, 1, tzinfo=UTC)
 
 
-def run(mode: str, writers: int, seconds: float, priority: Priority, tmp: Path, tag: str) -> dict:
-    path = tmp / f"{tag}.db"
-    spool = BufferManager(SpoolConfig(capacity_per_source=10_000_000), {
+def new_spool(path: Path) -> BufferManager:
+    return BufferManager(SpoolConfig(capacity_per_source=10_000_000), {
         "iot_mqtt": SourceConfig(source_type="iot_mqtt", topic="wildfire-iot", priority=6)}, path=path)
+
+
+def make_record(w: int, n: int, priority: Priority) -> Record:
+    # A record per put, built in the writer as an MQTT callback builds it.
+    return Record(source="iot_mqtt", kind="iot_reading", key=f"w{w}|{n}", event_time=T0, priority=priority,
+                  payload={"sensor_id": f"w{w}", "temperature_c": 30.0, "relative_humidity_pct": 20.0})
+
+
+def run(mode: str, writers: int, seconds: float, priority: Priority, tmp: Path, tag: str) -> dict:
+    spool = new_spool(tmp / f"{tag}.db")
     gc = GroupCommitter(spool) if mode == "group" else None
     put = gc.put if gc is not None else spool.put
     counts = [0] * writers
@@ -49,9 +64,7 @@ def run(mode: str, writers: int, seconds: float, priority: Priority, tmp: Path, 
         start_barrier.wait()
         n = 0
         while not stop.is_set():
-            # A record per put, built in the writer as an MQTT callback builds it.
-            put(Record(source="iot_mqtt", kind="iot_reading", key=f"w{w}|{n}", event_time=T0, priority=priority,
-                       payload={"sensor_id": f"w{w}", "temperature_c": 30.0, "relative_humidity_pct": 20.0}))
+            put(make_record(w, n, priority))
             n += 1
         counts[w] = n
 
@@ -73,10 +86,65 @@ def run(mode: str, writers: int, seconds: float, priority: Priority, tmp: Path, 
     stored = spool.depth()
     spool.close()
     assert stored == total, f"{mode}: {total} puts returned but {stored} rows stored"
-    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    user, system = cpu1.ru_utime - cpu0.ru_utime, cpu1.ru_stime - cpu0.ru_stime
+    per = (lambda x: round(x / total * 1e6, 1)) if total else (lambda x: None)
     return {"mode": mode, "writers": writers, "priority": priority.name, "records": total, "seconds": round(elapsed, 3),
-            "per_s": round(total / elapsed), "cpu_us_per_record": round(cpu / total * 1e6, 1) if total else None,
+            "per_s": round(total / elapsed), "cpu_us_per_record": per(user + system),
+            "cpu_user_us_per_record": per(user), "cpu_sys_us_per_record": per(system),
             "transactions": groups if groups is not None else total}
+
+
+class _AcceptAll:
+    """A spool stub that accepts every batch: what is left of a put is the committer's own bookkeeping."""
+
+    def put_batch(self, batch: EncodedBatch, *, topic: str | None = None) -> PutOutcome:
+        return PutOutcome(accepted=len(batch))
+
+    def overflow_strategy(self, source: str) -> str:
+        return "drop_oldest"
+
+
+def _cpu_us(fn, n: int) -> float:
+    t0 = time.process_time()
+    fn()
+    return (time.process_time() - t0) / n * 1e6
+
+
+def steps(tmp: Path, group: int, repeat: int = 3) -> dict[str, float]:
+    """CPU-us per record of each step of a single-record put, each measured alone in this thread; the least of
+    ``repeat`` runs per step (the host is shared: the least is the one least disturbed)."""
+    runs = [_steps_once(tmp / f"steps-{i}", group) for i in range(repeat)]
+    return {k: round(min(r[k] for r in runs), 2) for k in runs[0]}
+
+
+def _steps_once(tmp: Path, group: int, n: int = 20_000) -> dict[str, float]:
+    out: dict[str, float] = {}
+    records: list[Record] = []
+    out["record"] = _cpu_us(lambda: records.extend(make_record(0, i, Priority.NORMAL) for i in range(n)), n)
+    values: list[bytes] = []
+    out["to_json"] = _cpu_us(lambda: values.extend(r.to_json() for r in records), n)
+    gc = GroupCommitter(_AcceptAll())
+    put = gc.put
+    lone = _cpu_us(lambda: [put(r) for r in records], n)
+    gc.close()
+    # gc.put encodes in the caller (the to_json step); a lone writer's groups hold one record, so this is an
+    # upper bound of the bookkeeping per record in larger groups.
+    out["committer"] = lone - out["to_json"]
+    spool = new_spool(tmp / "steps.db")
+    keys = [r.key for r in records]
+    prios = [Priority.NORMAL] * group
+
+    def batches() -> None:
+        for i in range(0, n - group + 1, group):
+            spool.put_batch(EncodedBatch("iot_mqtt", keys[i:i + group], prios, values[i:i + group]))
+
+    out["spool_put_batch"] = _cpu_us(batches, n // group * group)
+    m = 5_000
+    single = new_spool(tmp / "steps-put.db")
+    out["spool_put_one_record"] = _cpu_us(lambda: [single.put(r) for r in records[:m]], m)
+    spool.close()
+    single.close()
+    return out
 
 
 def main() -> int:
@@ -100,6 +168,11 @@ def main() -> int:
                         print(f"round {r} {prio.name:6} {writers:2} writers {mode:5}: {res['per_s']:>8,}/s "
                               f"({res['transactions']:,} transactions, {res['cpu_us_per_record']} CPU-us/record)",
                               flush=True)
+        top = max(args.writers)
+        best_group = max((x for x in rounds if x["mode"] == "group" and x["writers"] == top
+                          and x["priority"] == "NORMAL"), key=lambda x: x["per_s"])
+        mean_group = max(1, round(best_group["records"] / best_group["transactions"]))
+        step = steps(tmp, mean_group)
     summary: dict = {}
     for prio in ("NORMAL", "HIGH"):
         for writers in args.writers:
@@ -107,20 +180,42 @@ def main() -> int:
                            and x["priority"] == prio) for m in ("put", "group")}
             summary[f"{prio}_{writers}w"] = {"put_per_s": best["put"], "group_per_s": best["group"],
                                              "ratio_group_to_put": round(best["group"] / best["put"], 2)}
-    top = max(args.writers)
+    measured = ("record", "to_json", "committer", "spool_put_batch")
+    rest = best_group["cpu_us_per_record"] - sum(step[k] for k in measured)
+    summary["steps"] = {
+        "writers": top, "priority": "NORMAL", "records_per_s": best_group["per_s"],
+        "mean_group": mean_group, "cpu_us_per_record": best_group["cpu_us_per_record"],
+        "cpu_sys_us_per_record": best_group["cpu_sys_us_per_record"],
+        "per_record_us": {**{k: step[k] for k in measured}, "rest_wakeups_gil_locks": round(rest, 1)},
+        "single_put_us": {"spool_put_one_record": step["spool_put_one_record"]},
+    }
     goals = [{"name": f"single-record durable puts, {top} writers, group commit (NORMAL)",
               "goal": f">= {GOAL_PER_S:,} records/s", "figure": summary[f"NORMAL_{top}w"]["group_per_s"],
               "met": summary[f"NORMAL_{top}w"]["group_per_s"] >= GOAL_PER_S},
              {"name": f"single-record durable puts, {top} writers, group commit (HIGH, fsynced)",
               "goal": f">= {GOAL_PER_S:,} records/s", "figure": summary[f"HIGH_{top}w"]["group_per_s"],
               "met": summary[f"HIGH_{top}w"]["group_per_s"] >= GOAL_PER_S}]
-    path = write_result("group_commit", command="python tests/performance/bench_group_commit.py "
-                        + " ".join(sys.argv[1:]), inputs=vars(args) | {"out": str(args.out)}, rounds=rounds,
+    argv = " ".join(sys.argv[1:])
+    path = write_result("group_commit", command=f"tests/performance/bench_group_commit.py {argv}".strip(),
+                        inputs=vars(args) | {"out": str(args.out)}, rounds=rounds,
                         summary=summary, goals=goals, machine_before=before, out=args.out)
     print(f"wrote {path}")
     for k, v in summary.items():
         print(f"{k}: {v}")
+    print(steps_table(summary["steps"]))
     return 0
+
+
+def steps_table(st: dict) -> str:
+    """Markdown: where the CPU of a record goes at the top writer count (docs/spool-and-publishing.md)."""
+    names = {"record": "build the `Record` (writer thread)", "to_json": "`Record.to_json` (caller thread)",
+             "committer": "committer bookkeeping (request, queue, role, outcome, wake-up call)",
+             "spool_put_batch": f"spool `put_batch` (groups of {st['mean_group']})",
+             "rest_wakeups_gil_locks": "the rest: thread wake-ups, GIL hand-offs, lock contention"}
+    lines = [f"| step ({st['writers']} writers, {st['priority']}) | CPU-µs per record |", "|---|---|"]
+    lines += [f"| {names[k]} | {v:.1f} |" for k, v in st["per_record_us"].items()]
+    lines.append(f"| total (the round: {st['records_per_s']:,} records/s) | {st['cpu_us_per_record']:.1f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
