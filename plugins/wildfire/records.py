@@ -46,9 +46,17 @@ def utcnow() -> datetime:
 
 
 def format_time(ts: datetime) -> str:
+    """``2025-07-01T01:02:03.450000Z`` (``...T01:02:03Z`` without microseconds), always UTC.
+
+    ``isoformat`` is about half the cost of ``strftime`` and, in UTC, ends in ``+00:00`` where the wire
+    format has ``Z``; years before 1000 keep ``strftime``'s unpadded year, so every output is unchanged.
+    """
     if ts.tzinfo is None:
         raise RecordError(f"naive datetime {ts!r}: times must be timezone-aware UTC")
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").replace(".000000Z", "Z")
+    u = ts.astimezone(UTC)
+    if u.year < 1000:
+        return u.strftime("%Y-%m-%dT%H:%M:%S.%fZ").replace(".000000Z", "Z")
+    return u.isoformat()[:-6] + "Z"
 
 
 def parse_time(value: str) -> datetime:

@@ -135,10 +135,17 @@ def group_commit_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def group_commit_steps(r: dict[str, Any]) -> str:
+    from bench_group_commit import steps_table
+
+    return steps_table(r["summary"]["steps"])
+
+
 # (document, section name, results file stem, renderer)
 SECTIONS: tuple[tuple[str, str, str, Any], ...] = (
     ("docs/scaling.md", "scaleout", "scaleout", scaleout_tables),
     ("docs/spool-and-publishing.md", "group_commit", "group_commit", group_commit_table),
+    ("docs/spool-and-publishing.md", "group_commit_steps", "group_commit", group_commit_steps),
 )
 
 
