@@ -236,8 +236,9 @@ class QueueConfig(_Model):
 
 
 class IngestionConfig(_Model):
+    # Batching is the spool's (spool.drain_batch_size) and the producer's (kafka.batch_size): a per-source
+    # buffer_size was never read, so it is an unknown key now rather than config that silently does nothing.
     polling_interval_seconds: float = Field(300, gt=0)
-    buffer_size: int = Field(100, ge=1)
 
 
 class CoverageConfig(_Model):

@@ -56,6 +56,8 @@ def test_shipped_config_is_valid_and_equals_code_defaults():
         ("worker:\n  sources: [nasa_firms, nowhere]\n", "worker.sources", "unknown sources ['nowhere']"),
         # A source-level mode was never read: it is an unknown key now, not silently ignored config.
         ("sources:\n  nasa_firms:\n    ingestion: {mode: batch}\n", "sources.nasa_firms.ingestion.mode", "Extra inputs"),
+        ("sources:\n  nasa_firms:\n    ingestion: {buffer_size: 100}\n", "sources.nasa_firms.ingestion.buffer_size",
+         "Extra inputs"),
     ],
 )
 def test_invalid_values_name_the_field_and_the_problem(tmp_path, yaml_text, field, fragment):
