@@ -101,6 +101,58 @@ def dead_letter_message(source: str, reason: str, error: str, raw: bytes) -> tup
     return f"{source}|{reason}|{digest}", value
 
 
+def _dead_letter(source: str, reason: str, raw: bytes, error: str) -> Any:
+    from wildfire.connectors.base import DeadLetter  # only on this rare path: the connectors' import is heavy
+
+    return DeadLetter(source, reason, raw, error)
+
+
+def _encode_records(source: str, records: Iterable[Record]) -> tuple[EncodedBatch, list[Any]]:
+    """Records -> an encoded batch; a record that does not serialize is a dead letter, not the batch's error."""
+    records = list(records)
+    try:
+        return EncodedBatch.from_records(source, records), []
+    except Exception:  # noqa: BLE001 - found one by one below
+        pass
+    keys, prios, values, invalid = [], [], [], []
+    for r in records:
+        try:
+            value = r.to_json()
+        except Exception as exc:  # noqa: BLE001 - any record that cannot be encoded is this record's problem
+            raw = repr(r)[:4096].encode("utf-8", "backslashreplace")
+            invalid.append(_dead_letter(source, "unencodable_record", raw, f"record does not serialize: {exc}"))
+            continue
+        keys.append(r.key)
+        prios.append(r.priority)
+        values.append(value)
+    return EncodedBatch(source, keys, prios, values), invalid
+
+
+def _screen_keys(batch: EncodedBatch) -> tuple[EncodedBatch, list[Any]]:
+    """The batch without records whose key cannot be stored (not text, or text that is not valid UTF-8).
+
+    A lone surrogate (``"\\ud800"``: Python text decoded with ``surrogateescape``, or built by code) cannot be
+    written to SQLite or Kafka; the spool would refuse the whole batch. ASCII keys (nearly all) cost one check.
+    """
+    bad: list[int] = []
+    for i, k in enumerate(batch.keys):
+        if k.__class__ is str and k.isascii():
+            continue
+        try:
+            k.encode("utf-8")
+        except (AttributeError, UnicodeEncodeError):
+            bad.append(i)
+    if not bad:
+        return batch, []
+    drop = set(bad)
+    invalid = [_dead_letter(batch.source, "invalid_key", batch.values[i] if isinstance(batch.values[i], bytes) else b"",
+                            f"record key {batch.keys[i]!r} is not valid UTF-8 text: it cannot be stored")
+               for i in bad]
+    keep = [i for i in range(len(batch)) if i not in drop]
+    return EncodedBatch(batch.source, [batch.keys[i] for i in keep], [batch.priorities[i] for i in keep],
+                        [batch.values[i] for i in keep]), invalid
+
+
 class Ingestor:
     """``Ingestor(spool, config).accept("nasa_firms", batch, dead_letters=result.dead_letters)``."""
 
@@ -145,9 +197,19 @@ class Ingestor:
                *, dead_letters: Iterable[Any] = ()) -> IngestReport:
         self.config.source(source)  # KeyError naming the configured sources
         report = IngestReport(source)
-        batch = records if isinstance(records, EncodedBatch) else EncodedBatch.from_records(source, list(records))
+        invalid: list[Any] = []
+        if isinstance(records, EncodedBatch):
+            batch = records
+        else:
+            batch, invalid = _encode_records(source, records)
         if batch.source != source:
             raise ValueError(f"batch is from source {batch.source!r}, not {source!r}")
+        batch, bad_keys = _screen_keys(batch)
+        invalid += bad_keys
+        if invalid:
+            # One record that cannot be stored never costs the others: it goes to the dead-letter topic.
+            report.dropped["invalid"] = len(invalid)
+            dead_letters = [*dead_letters, *invalid]
         manager = self._observe(source, report)
 
         # Group row indexes by priority so admission is one call per priority (bulk, not per record).
