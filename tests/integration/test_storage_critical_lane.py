@@ -8,6 +8,7 @@ released. Everything ends stored exactly once, and a restarted lane reads nothin
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections.abc import Iterator
@@ -196,3 +197,71 @@ def test_critical_topics_default_to_sources_that_emit_critical():
     assert split_topics(off, "all")[1] == [] and "wildfire-alerts" in split_topics(off, "all")[0]
     promoted = build_config({"sources": {"purpleair": {"record_priority": "CRITICAL"}}})
     assert critical_topics(promoted) == ["wildfire-air-quality"]  # a sources layer replaces the default map
+
+
+def test_a_bulk_member_stalled_past_its_session_then_back_takes_nothing_from_the_lane(
+        kafka_bootstrap, topics, pg_db, tmp_path):
+    """SIGSTOP of a ``--role bulk`` process until the broker drops it from the group, then SIGCONT: two
+    rebalances. The lane (same group, its own topic) keeps every partition through both, and an alert
+    produced in each phase is stored. The eager protocol revoked every member's partitions in a rebalance."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+    from confluent_kafka.admin import AdminClient
+
+    bulk_topic, alert_topic = topics
+    cfg = make_config(kafka_bootstrap, batch_size=500)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    group = cfg.kafka.consumer_group
+
+    def members() -> int:
+        try:
+            return len(admin.describe_consumer_groups([group], request_timeout=5)[group].result().members)
+        except Exception:  # noqa: BLE001 - the group may be between states: asked again
+            return -1
+
+    stop = threading.Event()
+    lane = LaneThread(StorageConsumer(cfg, topics=[alert_topic], url=pg_db, lane=True), stop)
+    lane.start()
+    produce_records(kafka_bootstrap, bulk_topic, [fire(i) for i in range(1000)])
+    # The broker's minimum session (group.min.session.timeout.ms, 6 s): the stall outlives it quickly.
+    bulk = subprocess.Popen(
+        [sys.executable, "-m", "wildfire.storage.consumer", "--config", str(config_path), "--url", pg_db,
+         "--topic", bulk_topic, "--consumer-option", "session.timeout.ms=6000",
+         "--consumer-option", "heartbeat.interval.ms=500", "--metrics-port", "-1"],
+        env={**os.environ, "PYTHONPATH": "plugins"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stored = 0
+
+    def alert_is_stored(phase: str) -> None:
+        nonlocal stored
+        produce_records(kafka_bootstrap, alert_topic, [alert(f"{phase}-{uuid.uuid4().hex[:6]}")])
+        stored += 1
+        wait_for(lambda: lane.consumer.stats.messages >= stored or lane.error is not None,
+                 f"the lane to store the alert produced {phase}")
+        assert lane.error is None
+
+    try:
+        wait_for(lambda: members() == 2 and query(pg_db, "SELECT count(*) FROM fire_detections")[0][0] == 1000,
+                 "the bulk member to join and store its backlog")
+        alert_is_stored("with both members")
+        os.kill(bulk.pid, signal.SIGSTOP)
+        wait_for(lambda: members() == 1, "the broker to drop the stalled member", limit=600)
+        alert_is_stored("after the stalled member was dropped")
+        os.kill(bulk.pid, signal.SIGCONT)
+        wait_for(lambda: members() == 2, "the member to rejoin", limit=600)
+        alert_is_stored("after it rejoined")
+        assert lane.consumer.stats.partitions_revoked == 0
+        assert {t for t, _ in lane.consumer.assignment} == {alert_topic}
+        assert query(pg_db, "SELECT count(*) FROM alerts")[0][0] == 3
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(bulk.pid, signal.SIGCONT)
+        bulk.terminate()
+        bulk.wait(30)
+        stop.set()
+        lane.join()

@@ -102,6 +102,10 @@ class ConsumerStats:
     """Offset commits that failed (retried on the next batch or at revoke)."""
     write_failures: int = 0
     """Batches the database refused as a whole (retried after rewinding)."""
+    partitions_revoked: int = 0
+    """Partitions taken from this member by rebalances (revoked or lost). With the cooperative-sticky assignment a
+    rebalance revokes only what moves: another member of the group leaving or joining takes nothing from the
+    CRITICAL lane, whose topics no other member reads."""
     stored_by_kind: dict[str, int] = field(default_factory=dict)
     """Records offered to the database per record kind (what downstream Asset events announce)."""
 
@@ -296,6 +300,7 @@ class StorageConsumer:
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         gone = {(p.topic, p.partition) for p in partitions}
+        self.stats.partitions_revoked += len(gone)
         self._land()  # the batch in the writer may hold offsets of the revoked partitions
         self._commit_pending(only=gone)
         for tp in gone:
@@ -306,6 +311,7 @@ class StorageConsumer:
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
         # Another member may already own them: committing now could move its offsets; replay is safe.
         gone = {(p.topic, p.partition) for p in partitions}
+        self.stats.partitions_revoked += len(gone)
         self._land()  # its rows may be stored; its offsets for lost partitions are dropped just below
         for tp in gone:
             self._pending.pop(tp, None)
