@@ -125,12 +125,17 @@ def scaleout_tables(r: dict[str, Any]) -> str:
 
 def group_commit_table(r: dict[str, Any]) -> str:
     s = r["summary"]
-    lines = ["| writers | NORMAL: put -> group (records/s) | HIGH (fsynced): put -> group (records/s) |", "|---|---|---|"]
+    submit = "submit_per_s" in s[f"NORMAL_{r['inputs']['writers'][0]}w"]
+    head = "put -> group threads" + (" / submit, one thread" if submit else "")
+    lines = [f"| writers | NORMAL: {head} (records/s) | HIGH (fsynced): {head} (records/s) |", "|---|---|---|"]
     for w in r["inputs"]["writers"]:
         cells = []
         for prio in ("NORMAL", "HIGH"):
             c = s[f"{prio}_{w}w"]
-            cells.append(f"{c['put_per_s']:,} -> {c['group_per_s']:,} ({c['ratio_group_to_put']:.2f}x)")
+            cell = f"{c['put_per_s']:,} -> {c['group_per_s']:,} ({c['ratio_group_to_put']:.2f}x)"
+            if submit:
+                cell += f" / {c['submit_per_s']:,} ({c['ratio_submit_to_put']:.2f}x)"
+            cells.append(cell)
         lines.append(f"| {w} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
