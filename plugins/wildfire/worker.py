@@ -308,8 +308,10 @@ class StreamWorker:
         """Admission in this process spooled records: wake the send loop (any thread may call this)."""
         if critical:
             self._critical_written = True
-        if not self._wake.is_set():  # set -> a poke follows (below), so a set event always has its wake-up
-            self._wake.set()
+        self._wake.set()
+        # Inside the bulk gather window a bulk write does not end the idle wait (which ends with the window
+        # anyway): no wake-up for it, so a trickle of writes costs one loop step per window, not one per write.
+        if critical or self.clock.monotonic() >= self._next_bulk_at:
             self.doorbell.poke()
 
     # ------------------------------------------------------------ lag
@@ -816,11 +818,8 @@ class StreamWorker:
         step = IDLE_CHECK_S if fast else IDLE_CHECK_SLOW_S
         look = False  # the version was just read: the first look is after the first step
         while not self._stop.is_set():
-            # The bell and the event first: this process's own write also moves the data version (admission
-            # writes on its own connection), and it must not count as another process's write.
-            rings, _ = self.doorbell.take()
-            if rings:
-                return  # a CRITICAL record committed (by another process): the CRITICAL lane looks at once
+            # The event first: this process's own write also moves the data version (admission writes on its
+            # own connection), and it must not count as another process's write.
             if self._wake.is_set():
                 self._wake.clear()
                 if not gathering or self._critical_written:
@@ -841,7 +840,9 @@ class StreamWorker:
             if left <= 0:
                 return
             self.idle_steps += 1
-            self.doorbell.wait(min(step, left))
+            rings, _ = self.doorbell.wait(min(step, left))  # a poke (own write) is handled by the event above
+            if rings:
+                return  # a CRITICAL record committed (by another process): the CRITICAL lane looks at once
             look = True
             if self.publisher.in_flight:
                 # Serves delivery callbacks (they only record the outcome); the loop applies them after the

@@ -93,8 +93,7 @@ class Doorbell:
     """The drainer side: a bound bell socket (when possible) and a self-pipe, waited on together.
 
     ``Doorbell(spool_path)`` binds at once; ``bound`` says whether other processes can ring it. ``wait(t)``
-    blocks up to ``t`` seconds and returns whether it was woken; ``take()`` empties both and returns
-    ``(rings, pokes)`` seen. ``close()`` removes the socket file if it is still the one this bell bound.
+    blocks up to ``t`` seconds and returns the ``(rings, pokes)`` it took; ``take()`` empties both at once. ``close()`` removes the socket file if it is still the one this bell bound.
     """
 
     def __init__(self, spool_path: str | os.PathLike[str]) -> None:
@@ -149,32 +148,40 @@ class Doorbell:
         with contextlib.suppress(OSError):
             os.write(self._wr, b"!")
 
-    def wait(self, timeout_s: float) -> bool:
-        """Block until a ring or a poke arrives or ``timeout_s`` passes; True when woken (nothing is consumed)."""
+    def wait(self, timeout_s: float) -> tuple[int, int]:
+        """Block until a ring or a poke is pending or ``timeout_s`` passes; take what is pending and return
+        ``(rings, pokes)`` taken ((0, 0): timed out). Pending wake-ups are level-triggered: a ring or poke that
+        arrived before the call returns at once. Nothing is read from a descriptor that is not ready (an idle
+        wait costs one ``select`` per call)."""
         try:
             ready, _, _ = select.select(self._fds, [], [], max(0.0, timeout_s))
         except (OSError, ValueError):  # closed under us (shutdown): behave like a timeout
-            return False
-        return bool(ready)
+            return 0, 0
+        if not ready:
+            return 0, 0
+        return self._take(self._sock is not None and self._sock.fileno() in ready, self._rd in ready)
 
     def take(self) -> tuple[int, int]:
-        """Empty the bell and the self-pipe; return how many (rings, pokes) were pending."""
+        """Empty the bell and the self-pipe without waiting; return how many (rings, pokes) were pending."""
+        return self._take(self._sock is not None, True)
+
+    def _take(self, bell: bool, pipe: bool) -> tuple[int, int]:
         rings = pokes = 0
-        if self._sock is not None:
+        if bell and self._sock is not None:
             while True:
                 try:
                     self._sock.recv_into(self._buf, 1)  # one datagram per call, whatever its length
                 except OSError:  # EAGAIN: empty
                     break
                 rings += 1
-        while True:
+        while pipe:
             try:
                 chunk = os.read(self._rd, _DRAIN_CHUNK)
             except OSError:  # EAGAIN: empty
                 break
-            if not chunk:
-                break
             pokes += len(chunk)
+            if len(chunk) < _DRAIN_CHUNK:  # drained (a short read: no need for the EAGAIN of another)
+                break
         self.rings += rings
         self.pokes += pokes
         return rings, pokes
