@@ -221,7 +221,7 @@ class StreamWorker:
         # Bound only now: the publisher holds the spool's drain lock, so no other worker drains (or binds) this
         # spool and a socket file already there is a killed worker's, safe to replace.
         self.doorbell = Doorbell(self.spool.path)
-        self.idle_steps = 0  # steps of the idle wait (each a select, perhaps a poll(0) and a data-version look)
+        self.idle_steps = 0  # steps of the idle wait (each a poll of the doorbell, perhaps a producer poll(0) and a data-version look)
         self.cursors = CursorStore.for_config(config)
         self._lag_source = lag_source
         self._lag: int | None = None
@@ -795,7 +795,7 @@ class StreamWorker:
     def _idle_wait(self, timeout_s: float) -> None:
         """Nothing to send: wait until a writer commits, a delivery report arrives, or ``timeout_s``.
 
-        The wait blocks in ``select`` on the spool's doorbell (``self.doorbell``): its socket, rung by any
+        The wait blocks in ``poll`` on the spool's doorbell (``self.doorbell``): its socket, rung by any
         process's admission after a committed write that accepted a CRITICAL record, and its self-pipe, poked by
         this process's own admission (``_on_write``, which also sets ``self._wake``) after every write. Both wake
         it the moment they land. Other processes' bulk writes ring nothing: they are seen by the store's data

@@ -20,17 +20,19 @@ A path longer than ``sun_path`` allows (:data:`SUN_PATH_MAX` bytes), a file of a
 path, or a directory the worker may not write gives no doorbell: one log line, and the worker keeps polling.
 
 :class:`Doorbell` also carries a self-pipe (:meth:`Doorbell.poke`) so this process's own writes, from any
-thread, wake the same ``select``.
+thread, wake the same ``poll``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import select
 import socket
 import stat
+import time
 import weakref
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,7 @@ class BellRinger:
 
 
 class Doorbell:
-    """The drainer side: a bound bell socket (when possible) and a self-pipe, waited on together.
+    """The drainer side: a bound bell socket (when possible) and a self-pipe, waited on together (``poll``).
 
     ``Doorbell(spool_path)`` binds at once; ``bound`` says whether other processes can ring it. ``wait(t)``
     blocks up to ``t`` seconds and returns the ``(rings, pokes)`` it took; ``take()`` empties both at once. ``close()`` removes the socket file if it is still the one this bell bound.
@@ -108,7 +110,14 @@ class Doorbell:
         self._close_pipe = weakref.finalize(self, _close_fds, self._rd, self._wr)
         self._buf = bytearray(1)
         self._bind()
-        self._fds: list[int] = [self._rd] + ([self._sock.fileno()] if self._sock is not None else [])
+        # poll(2), not select(2): a worker in a process with many open files (Airflow) may get descriptors above
+        # select's FD_SETSIZE (1024); and the registration is made once, not per wait.
+        self._poller = select.poll()
+        self._poller.register(self._rd, select.POLLIN)
+        self._sock_fd = -1
+        if self._sock is not None:
+            self._sock_fd = self._sock.fileno()
+            self._poller.register(self._sock_fd, select.POLLIN)
 
     @property
     def bound(self) -> bool:
@@ -152,14 +161,15 @@ class Doorbell:
         """Block until a ring or a poke is pending or ``timeout_s`` passes; take what is pending and return
         ``(rings, pokes)`` taken ((0, 0): timed out). Pending wake-ups are level-triggered: a ring or poke that
         arrived before the call returns at once. Nothing is read from a descriptor that is not ready (an idle
-        wait costs one ``select`` per call)."""
-        try:
-            ready, _, _ = select.select(self._fds, [], [], max(0.0, timeout_s))
-        except (OSError, ValueError):  # closed under us (shutdown): behave like a timeout
+        wait costs one ``poll`` per call)."""
+        if self._rd < 0:  # closed (shutdown): behave like a timeout, without spinning
+            time.sleep(max(0.0, timeout_s))
             return 0, 0
+        ready = self._poller.poll(max(0, math.ceil(timeout_s * 1000)))
         if not ready:
             return 0, 0
-        return self._take(self._sock is not None and self._sock.fileno() in ready, self._rd in ready)
+        fds = {fd for fd, _ in ready}
+        return self._take(self._sock_fd in fds, self._rd in fds)
 
     def take(self) -> tuple[int, int]:
         """Empty the bell and the self-pipe without waiting; return how many (rings, pokes) were pending."""
@@ -196,8 +206,7 @@ class Doorbell:
                     os.unlink(self.path)
             sock.close()
         self._close_pipe()
-        self._rd = self._wr = -1
-        self._fds = []
+        self._rd = self._wr = self._sock_fd = -1
 
 
 def _close_fds(*fds: int) -> None:

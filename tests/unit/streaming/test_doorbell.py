@@ -175,3 +175,28 @@ def test_close_leaves_a_socket_file_that_a_later_bell_bound(tmp_path: Path) -> N
     assert os.path.exists(bell_path(tmp_path / "spool.db")), "closing the replaced bell removed the live one's file"
     assert BellRinger(tmp_path / "spool.db").ring() and second.take() == (1, 0)
     second.close()
+
+
+def test_the_bell_works_with_descriptors_above_selects_limit(tmp_path: Path) -> None:
+    """A worker inside a process with many open files (Airflow) gets descriptors above FD_SETSIZE (1024), where
+    select(2) fails; the wait must still block and wake, never spin or raise."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(2048, hard), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        bell = Doorbell(tmp_path / "spool.db")
+        try:
+            assert bell.bound and bell._rd > 1024
+            assert bell.wait(0.01) == (0, 0)
+            assert BellRinger(tmp_path / "spool.db").ring()
+            bell.poke()
+            assert bell.wait(1.0) == (1, 1)
+        finally:
+            bell.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
