@@ -21,6 +21,12 @@ the record is durable (at once when it was shed); it fails with the spool's erro
 Backpressure is decided per source, from that source's own spool fill (each source has its own capacity);
 ``Ingestor.backpressure`` follows the fullest source for status and metrics.
 
+After a committed write that accepted a CRITICAL record (both paths end in :meth:`Ingestor._written`), admission
+rings the spool's doorbell (``wildfire.streaming.doorbell``: one non-blocking datagram to the draining worker's
+socket next to the spool file), so a worker in another process sends an evacuation alert at once instead of
+finding it on its next ``data_version`` look. The ring is a latency hint: every error on it (no worker, a stale
+socket, a full bell, a path too long) is ignored and never affects the write or its report.
+
 What is guaranteed: a record counted as accepted is in the spool (CRITICAL and HIGH fsynced). What is
 not: ordering across priorities, and the backpressure state is per process (a batch task starts from
 the current fill reading, not from the worker's history).
@@ -44,6 +50,7 @@ from wildfire.priority import Priority
 from wildfire.records import EncodedBatch, Record
 from wildfire.spool import BufferManager
 from wildfire.streaming.backpressure import BackpressureManager
+from wildfire.streaming.doorbell import BellRinger
 from wildfire.streaming.metrics import StreamMetrics
 
 SHED_REASON = "backpressure"
@@ -91,6 +98,14 @@ class IngestReport:
             "backpressure_state": self.backpressure_state, "retry_after_s": self.retry_after_s,
             "utilization": round(self.utilization, 4),
         }
+
+
+def report_has_critical(report: IngestReport) -> bool:
+    """Whether a write's report may hold an accepted CRITICAL record (``ALL``: the spool dropped some of the
+    batch for room and the split by priority is unknown; a batch that offered CRITICAL counts)."""
+    if report.accepted.get("CRITICAL"):
+        return True
+    return bool(report.accepted.get("ALL")) and bool(report.offered.get("CRITICAL"))
 
 
 def dead_letter_message(source: str, reason: str, error: str, raw: bytes) -> tuple[str, bytes]:
@@ -179,6 +194,10 @@ class Ingestor:
         self._fills: dict[str, float] = {}
         self.totals: dict[str, IngestReport] = {}
         self._totals_lock = threading.Lock()
+        # Rings the draining worker's doorbell after a committed CRITICAL write (see _written). A spool without a
+        # file path (a test double) gets no bell.
+        spool_path = getattr(spool, "path", None)
+        self.bell: BellRinger | None = BellRinger(spool_path) if spool_path is not None else None
 
     def fill(self, source: str) -> float:
         return self.spool.depth(source) / max(1, self.spool.capacity(source))
@@ -257,6 +276,8 @@ class Ingestor:
         report.dead_letters = self._spool_dead_letters(source, dead_letters)
         self._count_shed(report)
         self._add_totals(report)
+        if report.accepted_total or report.dead_letters:
+            self._written(report)
         return report
 
     def submit(self, source: str, record: Record, committer: RecordSubmitter) -> Future[IngestReport]:
@@ -297,10 +318,20 @@ class Ingestor:
             report.dropped = dict(outcome.dropped)
             report.accepted = {p.name: 1} if outcome.accepted == 1 else {"ALL": outcome.accepted}
             self._add_totals(report)
+            if report.accepted_total:
+                self._written(report)
             stored.set_result(report)
 
         committer.submit(record).add_done_callback(written)
         return stored
+
+    def _written(self, report: IngestReport) -> None:
+        """A write of this admission committed (``accept``: in the caller's thread; ``submit``: in the group
+        committer's thread, once durable). Rings the spool's doorbell when it accepted a CRITICAL record, so a
+        draining worker in another process wakes at once. Never raises: the bell is a hint, the write stands.
+        """
+        if self.bell is not None and report_has_critical(report):
+            self.bell.ring()
 
     def _observe(self, source: str, report: IngestReport) -> BackpressureManager:
         """Feed ``source``'s spool fill to its state machine (and the fullest to the shared one); note the state."""

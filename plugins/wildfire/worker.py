@@ -21,8 +21,10 @@ following run applies, see ``wildfire.stream_settings``):
 
 Guarantees: a record leaves the spool only when Kafka acknowledged it; CRITICAL records skip the
 throttle delay and the bulk gather window; an open breaker holds records in the spool. With little to do the
-send loop waits on events (its own admission's writes), looks for other processes' writes every 2 ms (20 ms
-after 10 s without one) and sends a trickle of bulk records at most every ``BULK_GATHER_S`` (see
+send loop waits on events: its own admission's writes, and the spool's doorbell, a unix socket beside the
+spool file that any process's admission rings after committing a CRITICAL record (``wildfire.streaming.doorbell``).
+Other processes' bulk writes are found by the spool's data version every 20 ms (without a doorbell: every 2 ms
+while they keep coming). It sends a trickle of bulk records at most every ``BULK_GATHER_S`` (see
 ``_idle_wait``). On stop (SIGTERM, ``on_kill``, the end of the
 run window) fetching stops first, then in-flight deliveries get up to ``worker.shutdown_flush_s`` to
 settle; whatever is not acknowledged stays in the spool for the next run.
@@ -86,6 +88,7 @@ from wildfire.sources import POLLING_SOURCE_TYPES, CursorStore, Endpoints, build
 from wildfire.spool import BufferManager, SpoolRow
 from wildfire.streaming.backpressure import BackpressureManager
 from wildfire.streaming.breaker import CircuitBreaker, CircuitState
+from wildfire.streaming.doorbell import Doorbell
 from wildfire.streaming.metrics import StreamMetrics
 from wildfire.streaming.queue import QueueManager
 from wildfire.streaming.throttling import ThrottlingManager
@@ -94,11 +97,13 @@ log = logging.getLogger(__name__)
 
 MODES = ("batch", "real_time", "continuous_streaming")
 IDLE_WAIT_S = 0.05  # longest idle pause of the send loop when the spool has nothing to send
-IDLE_CHECK_S = 0.002  # how often an idle loop looks for records committed by another process (PRAGMA data_version)
-# With no write by another process for FOREIGN_WRITE_HOLD_S, the look is every IDLE_CHECK_SLOW_S instead: a
-# worker whose records all come from its own sources (admission wakes the loop through an event) then wakes 50
-# times a second when idle, not 500. The first record another process writes after such a quiet spell is seen
-# within IDLE_CHECK_SLOW_S; from then on within IDLE_CHECK_S.
+# How often an idle loop looks for records committed by another process (PRAGMA data_version). With the spool's
+# doorbell bound (wildfire.streaming.doorbell) a CRITICAL record written by another process rings it and wakes
+# the loop at once, so the look is only for other processes' bulk records: every IDLE_CHECK_SLOW_S. Without a
+# doorbell (a spool path too long for a unix socket, a directory the worker may not bind in) the look falls back
+# to every IDLE_CHECK_S while another process keeps writing (so its CRITICAL records are seen within 2 ms) and
+# every IDLE_CHECK_SLOW_S after FOREIGN_WRITE_HOLD_S without such a write.
+IDLE_CHECK_S = 0.002
 IDLE_CHECK_SLOW_S = 0.02
 FOREIGN_WRITE_HOLD_S = 10.0
 # A trickle of bulk records (not CRITICAL) is sent at most once per BULK_GATHER_S: at 1x a write lands every few
@@ -114,8 +119,9 @@ class _WakingIngestor(Ingestor):
     """The worker's admission: after a batch is spooled, wake the send loop at once (no polling interval).
 
     ``on_start()`` is called before the spool write (so a data-version change it causes is known to be this
-    process's), ``on_write(critical)`` after it returns, with whether the batch held a CRITICAL record, so the
-    loop sends that record without waiting for the bulk gather window.
+    process's), ``on_write(critical)`` after it committed (``Ingestor._written``, every accept path), with
+    whether the batch held a CRITICAL record, so the loop sends that record without waiting for the bulk gather
+    window. It does not ring the spool's doorbell socket: the loop it would wake is in this process.
     """
 
     def __init__(self, *args: Any, on_write: Any, on_start: Any, **kwargs: Any) -> None:
@@ -125,23 +131,14 @@ class _WakingIngestor(Ingestor):
 
     def accept(self, source: str, records: Any, *, dead_letters: Any = ()) -> Any:
         self._on_start()  # before the commit: a data version moved by it is known to be this process's
-        report = super().accept(source, records, dead_letters=dead_letters)
-        if report.accepted or report.dead_letters:
-            self._on_write("CRITICAL" in report.accepted or "ALL" in report.accepted)
-        return report
+        return super().accept(source, records, dead_letters=dead_letters)
 
     def submit(self, source: str, record: Any, committer: Any) -> Any:
         self._on_start()  # the group's commit happens later, in the committer's thread: still this process's
+        return super().submit(source, record, committer)
 
-        def written(future: Any) -> None:
-            if future.exception() is None:
-                report = future.result()
-                if report.accepted_total:
-                    self._on_write("CRITICAL" in report.accepted)
-
-        future = super().submit(source, record, committer)
-        future.add_done_callback(written)
-        return future
+    def _written(self, report: Any) -> None:
+        self._on_write("CRITICAL" in report.accepted or "ALL" in report.accepted)
 
 
 @dataclass(slots=True)
@@ -209,8 +206,8 @@ class StreamWorker:
         self.throttle = ThrottlingManager(config.throttling, clock=clock, metrics=self.metrics)
         self.spool = BufferManager(config.spool, config.sources, path=spool_path, clock=clock,
                                    fire_season=self.backpressure.fire_season_active(), metrics=self.registry)
-        # Set by this process's own spool writes (admission); writes from other processes are seen through
-        # the store's data version. The send loop waits on it instead of polling the store.
+        # Set by this process's own spool writes (admission), which also poke the doorbell's self-pipe; the send
+        # loop blocks on the doorbell (see _idle_wait) instead of polling the store.
         self._wake = threading.Event()
         self._critical_written = False
         self.ingestor = _WakingIngestor(self.spool, config, backpressure=self.backpressure, clock=clock,
@@ -221,6 +218,10 @@ class StreamWorker:
         self.producer = ProducerWrapper(config.kafka, breaker=self.breaker, clock=clock,
                                         metrics=PublishMetrics(self.registry))
         self.publisher = SpoolPublisher(self.spool, self.producer, clock=clock, before_send=self._order)
+        # Bound only now: the publisher holds the spool's drain lock, so no other worker drains (or binds) this
+        # spool and a socket file already there is a killed worker's, safe to replace.
+        self.doorbell = Doorbell(self.spool.path)
+        self.idle_steps = 0  # steps of the idle wait (each a poll of the doorbell, perhaps a producer poll(0) and a data-version look)
         self.cursors = CursorStore.for_config(config)
         self._lag_source = lag_source
         self._lag: int | None = None
@@ -308,6 +309,10 @@ class StreamWorker:
         if critical:
             self._critical_written = True
         self._wake.set()
+        # Inside the bulk gather window a bulk write does not end the idle wait (which ends with the window
+        # anyway): no wake-up for it, so a trickle of writes costs one loop step per window, not one per write.
+        if critical or self.clock.monotonic() >= self._next_bulk_at:
+            self.doorbell.poke()
 
     # ------------------------------------------------------------ lag
 
@@ -790,22 +795,28 @@ class StreamWorker:
     def _idle_wait(self, timeout_s: float) -> None:
         """Nothing to send: wait until a writer commits, a delivery report arrives, or ``timeout_s``.
 
-        Writes by this process (admission) set ``self._wake``; the wait blocks on that event, so it
-        wakes the moment they land. Writes by another process (a batch task sharing the spool) are seen
-        by the store's data version, checked every IDLE_CHECK_S (a few microseconds per check) while such
-        writes keep coming and every IDLE_CHECK_SLOW_S after FOREIGN_WRITE_HOLD_S without one: waiting
-        in one long call would leave an evacuation alert written meanwhile unseen for up to ``timeout_s``.
-        Delivery reports are served by ``poll`` while records are in flight and applied after the wait; with
-        none in flight there is nothing for librdkafka to report and the wait is on the event alone. Inside
-        the bulk gather window (``_next_bulk_at``) a bulk write by this process does not end the wait: only
-        a CRITICAL one does.
+        The wait blocks in ``poll`` on the spool's doorbell (``self.doorbell``): its socket, rung by any
+        process's admission after a committed write that accepted a CRITICAL record, and its self-pipe, poked by
+        this process's own admission (``_on_write``, which also sets ``self._wake``) after every write. Both wake
+        it the moment they land. Other processes' bulk writes ring nothing: they are seen by the store's data
+        version, looked at every IDLE_CHECK_SLOW_S (a few microseconds per look). The data version is also the
+        fallback that makes delivery independent of the bell (a ring lost, sent before the worker bound it, or
+        no doorbell at all); without a doorbell the look is every IDLE_CHECK_S while another process keeps
+        writing, every IDLE_CHECK_SLOW_S after FOREIGN_WRITE_HOLD_S without such a write. Waiting in one long
+        call would leave an evacuation alert written meanwhile by a process that could not ring unseen for up to
+        ``timeout_s``. Delivery reports are served by ``poll(0)`` after each step while records are in flight and
+        applied after the wait: acks are not urgent, and a wake-up per report was a full drain step per report.
+        Inside the bulk gather window (``_next_bulk_at``) a bulk write by this process does not end the wait:
+        only a CRITICAL one, or a ring, does.
         """
         own, acks = self._own_writes, self.publisher.ack_commits  # read before the version: see below
         version = self.spool.data_version()
         now = self.clock.monotonic()
         deadline = now + timeout_s
         gathering = now < self._next_bulk_at
-        step = IDLE_CHECK_S if now - self._foreign_write_at < FOREIGN_WRITE_HOLD_S else IDLE_CHECK_SLOW_S
+        fast = not self.doorbell.bound and now - self._foreign_write_at < FOREIGN_WRITE_HOLD_S
+        step = IDLE_CHECK_S if fast else IDLE_CHECK_SLOW_S
+        look = False  # the version was just read: the first look is after the first step
         while not self._stop.is_set():
             # The event first: this process's own write also moves the data version (admission writes on its
             # own connection), and it must not count as another process's write.
@@ -816,24 +827,27 @@ class StreamWorker:
                 # A bulk write inside the gather window: take its data version as seen. A write by another
                 # process in the same instant waits for the end of the window (<= BULK_GATHER_S) instead.
                 version = self.spool.data_version()
-            elif self.spool.data_version() != version:
+            elif look and self.spool.data_version() != version:
                 # Another connection committed: another process's write (its priority unknown here, so the
                 # CRITICAL lane looks), or this process's acker deleting delivered rows or its admission
                 # writing. Both counters move before their commit, so an unchanged pair means another process
                 # (a write coinciding with our own is taken as ours: it is still looked at now, only the
-                # faster checking may not start).
+                # faster checking of a worker without a doorbell may not start).
                 if self._own_writes == own and self.publisher.ack_commits == acks:
                     self._foreign_write_at = self.clock.monotonic()
                 return
-            if self.clock.monotonic() >= deadline:
+            left = deadline - self.clock.monotonic()
+            if left <= 0:
                 return
+            self.idle_steps += 1
+            rings, _ = self.doorbell.wait(min(step, left))  # a poke (own write) is handled by the event above
+            if rings:
+                return  # a CRITICAL record committed (by another process): the CRITICAL lane looks at once
+            look = True
             if self.publisher.in_flight:
                 # Serves delivery callbacks (they only record the outcome); the loop applies them after the
-                # wait, at most ``timeout_s`` later: acks are not urgent, and a wake-up per report was a full
-                # drain step per report.
-                self.producer.poll(step)
-            else:
-                self._wake.wait(step)
+                # wait, at most ``timeout_s`` later.
+                self.producer.poll(0)
 
     def _shutdown(self, started: float) -> None:
         self._stop.set()
@@ -862,6 +876,7 @@ class StreamWorker:
             self.coverage.stop()
         if self._http is not None:
             self._http.stop()
+        self.doorbell.close()
         self.spool.close()
 
 
