@@ -282,3 +282,34 @@ def test_cli_dry_run_then_prune(db, tmp_path: Path, capsys, monkeypatch):
     assert main(["--config", str(config), "--url", db]) == 0
     assert "keep forever" in capsys.readouterr().out
     assert sorted(remaining(db)) == [3]
+
+
+def test_progress_is_logged_every_n_batches_and_the_url_never(db, caplog):
+    insert(db, {i: NOW - (100 - i) * DAY for i in range(10)})
+    with caplog.at_level("INFO", logger="wildfire.storage.retention"):
+        prune_dead_letters(db, 30, clock=clock(), batch_size=3, log_every=2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "wildfire.storage.retention"]
+    assert [m for m in lines if "so far" in m] == [
+        f"dead-letter retention: 6 rows deleted in 2 batches so far (older than {(NOW - 30 * DAY).isoformat()})",
+        f"dead-letter retention: 10 rows deleted in 4 batches so far (older than {(NOW - 30 * DAY).isoformat()})"]
+    assert any("10 rows older than" in m and "in 4 batches" in m for m in lines)
+    text = "\n".join(lines)
+    netloc = db.split("://", 1)[1].split("/", 1)[0]  # user:password@host:port (empty for SQLite)
+    assert not netloc or netloc not in text and "wildfire:wildfire" not in text
+
+
+def test_pg_a_row_locked_by_another_transaction_is_skipped_not_waited_for(_pg):
+    url = _pg
+    engine = sa.create_engine(sqlalchemy_url(url), poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:
+        conn.execute(sa.delete(dead_letters))
+    insert(url, {1: NOW - 50 * DAY, 2: NOW - 40 * DAY, 3: NOW})
+    with engine.connect() as holder:  # e.g. a second prune, or an operator's UPDATE, holding row 1
+        holder.execute(sa.select(dead_letters.c.id).where(dead_letters.c.offset == 1).with_for_update())
+        result = prune_dead_letters(url, 30, clock=clock(), lock_timeout_ms=60_000)
+        assert result.deleted == 1 and result.seconds < 30
+        holder.rollback()
+    engine.dispose()
+    assert sorted(remaining(url)) == [1, 3]
+    assert prune_dead_letters(url, 30, clock=clock()).deleted == 1  # the next run takes it
+    assert sorted(remaining(url)) == [3]
