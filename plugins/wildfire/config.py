@@ -317,6 +317,13 @@ class StorageConfig(_Model):
     idle_poll_s: float = Field(2.0, gt=0, le=30.0,
                                description="how long a storage consumer with nothing to read blocks on the broker "
                                            "before its loop turns (status heartbeat, stop check)")
+    # Retention of the dead_letters table (wildfire.storage.retention, run daily by the wildfire_maintenance DAG):
+    # rows whose created_at is older than this many days are deleted. The table is what dlq_replay replays from,
+    # so this is also how long a dead letter stays replayable. None keeps every row forever (the table then grows
+    # with every poison message). At most ~10 years: a larger number is a unit mistake, not a retention.
+    dead_letter_retention_days: float | None = Field(
+        30.0, gt=0, le=3650, description="dead letters older than this many days are pruned (and no longer "
+                                         "replayable); null keeps them forever")
 
 
 class HttpConfig(_Model):

@@ -172,6 +172,16 @@ def test_dlq_replay_dry_run_is_audited(pipeline):
     assert "dlq.replay" in actions
 
 
-def test_maintenance_creates_topics(pipeline):
+def test_maintenance_creates_topics_and_prunes_old_dead_letters(pipeline):
+    engine = sa.create_engine(pipeline["db_url"].replace("postgresql://", "postgresql+psycopg://"))
+    with engine.begin() as conn:
+        before = conn.execute(sa.text("select count(*) from dead_letters")).scalar_one()
+        conn.execute(sa.text("insert into dead_letters (topic, partition, \"offset\", reason, error, created_at) "
+                             "values ('aged', 0, 1, 'undecodable', 'e', '2001-01-01T00:00:00Z')"))
     _, states = run("wildfire_maintenance")
-    assert states == {"ensure_topics": "success"}
+    assert states == {"ensure_topics": "success", "prune_dead_letters": "success"}
+    with engine.connect() as conn:
+        after = conn.execute(sa.text("select count(*) from dead_letters")).scalar_one()
+        aged = conn.execute(sa.text("select count(*) from dead_letters where topic = 'aged'")).scalar_one()
+    engine.dispose()
+    assert (aged, after) == (0, before)  # the aged row went (default retention 30 days); the fresh ones stayed

@@ -154,12 +154,15 @@ def test_a_task_uses_the_kafka_connection_edited_in_the_metastore(tmp_path, seed
         "kafka": {"bootstrap_servers": dead, "enable_dlq": False},
         "topics": {topic: {"partitions": 1}},
         "sources": {"nws_alerts": {"topic": topic}},
+        # The seeded wildfire_db is the developer's storage database: the DAG's prune must not touch it here.
+        "storage": {"dead_letter_retention_days": None},
     }))
     try:
         out = airflow(home, "env", f"WILDFIRE_CONFIG={config}", sys.executable, "-c", DAG_TEST,
                       str(ROOT / "dags" / "wildfire_maintenance.py"))
         assert out.returncode == 0, out.stderr[-3000:]
-        assert json.loads(out.stdout.strip().splitlines()[-1]) == {"ensure_topics": "success"}, out.stdout[-2000:]
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == {"ensure_topics": "success",
+                                                                "prune_dead_letters": "success"}, out.stdout[-2000:]
         from confluent_kafka.admin import AdminClient
 
         assert topic in AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10).topics

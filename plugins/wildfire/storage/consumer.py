@@ -37,7 +37,8 @@ Guarantees:
   below ~5,000 messages/s every record waited up to 1 s before its batch was even decoded, then the
   batch's write (tens to hundreds of ms at 5,000 rows); offsets followed one poll later.
 - Not guaranteed: ordering across partitions; a database outage pauses consumption (the batch is
-  rewound and retried) rather than skipping data; the ``dead_letters`` table has no retention. ``poll_once()`` returns the result of the batch
+  rewound and retried) rather than skipping data; the ``dead_letters`` table keeps rows for
+  ``storage.dead_letter_retention_days`` only (:mod:`wildfire.storage.retention`, daily). ``poll_once()`` returns the result of the batch
   that *landed* (was committed) during the call, which is the batch handed over one call earlier;
   ``flush()`` (and ``close()``) lands the last one.
 
