@@ -314,6 +314,13 @@ class StorageConfig(_Model):
         None, description="topics of the CRITICAL lane; None: topics of enabled sources that emit CRITICAL records "
                           "(nws_alerts sources, and sources whose record_priority is CRITICAL)")
     critical_batch_size: int = Field(500, ge=1, le=100_000, description="most messages per lane transaction")
+    # A bulk consumer's fetch asks the broker to hold the answer until this much is there (or fetch_wait_max_ms
+    # passed): at 1x a trickle of small batches otherwise costs a fetch round trip per produced batch, and
+    # librdkafka's fetch thread was the largest CPU user of the bulk consumer. The lane never waits for bytes.
+    fetch_min_bytes: int = Field(65_536, ge=1, le=52_428_800,
+                                 description="bytes a bulk consumer's fetch waits for (librdkafka fetch.min.bytes)")
+    fetch_wait_max_ms: int = Field(500, ge=0, le=300_000,
+                                   description="longest a bulk consumer's fetch waits for them (fetch.wait.max.ms)")
     idle_poll_s: float = Field(2.0, gt=0, le=30.0,
                                description="how long a storage consumer with nothing to read blocks on the broker "
                                            "before its loop turns (status heartbeat, stop check)")

@@ -287,6 +287,10 @@ class StorageConsumer:
             "partition.assignment.strategy": "cooperative-sticky",
             "max.poll.interval.ms": 300_000,
         }
+        if not lane:
+            # Bulk only: the lane must see an alert the moment the broker has it (fetch.min.bytes 1).
+            conf["fetch.min.bytes"] = config.storage.fetch_min_bytes
+            conf["fetch.wait.max.ms"] = config.storage.fetch_wait_max_ms
         conf.update(consumer_overrides or {})
         self._consumer = Consumer(conf)
         self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
