@@ -179,9 +179,10 @@ class ChunkMixin:
         """
         masks: dict[int, int] = defaultdict(int)
         removed: Counts = defaultdict(lambda: [0, 0])
-        found = asked = 0
-        for lo, hi in id_runs(ids):
-            asked += hi - lo + 1
+        found = 0
+        runs = id_runs(ids)
+        asked = sum(hi - lo + 1 for lo, hi in runs)
+        for lo, hi in self._join_runs(conn, runs):
             edge = [conn.execute("SELECT id, n FROM chunks WHERE id < ? ORDER BY id DESC LIMIT 1", (lo,)).fetchone(),
                     conn.execute("SELECT id, n FROM chunks WHERE id >= ? AND id <= ? ORDER BY id DESC LIMIT 1",
                                  (lo, hi)).fetchone()]
@@ -214,6 +215,27 @@ class ChunkMixin:
         if masks:
             found += self._remove(conn, masks)[0]
         return found, asked
+
+    @staticmethod
+    def _join_runs(conn: sqlite3.Connection, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """``runs`` with neighbours joined where no record lies between them.
+
+        Ids are (level << 40 | a sequence shared by all levels), so the records one level gets from successive
+        small writes are not consecutive: an ack at 1x (a few records per source every few ms) came as one run
+        per chunk, five queries each. Chunks are disjoint and ordered, so the last chunk starting before a
+        run's first id is the only one that can hold an id of the gap before it: one query per gap.
+        """
+        if len(runs) < 2:
+            return runs
+        out = [runs[0]]
+        for lo, hi in runs[1:]:
+            prev_lo, prev_hi = out[-1]
+            last = conn.execute("SELECT id, n FROM chunks WHERE id < ? ORDER BY id DESC LIMIT 1", (lo,)).fetchone()
+            if last is None or last[0] + last[1] - 1 <= prev_hi:
+                out[-1] = (prev_lo, hi)  # nothing stored between the two runs
+            else:
+                out.append((lo, hi))
+        return out
 
     def _remove(self, conn: sqlite3.Connection, masks: Mapping[int, int], *, detail: bool = False,
                 values: bool = False) -> tuple[int, list[Removed]]:
