@@ -319,7 +319,7 @@ class StorageConfig(_Model):
     # librdkafka's fetch thread was the largest CPU user of the bulk consumer. The lane never waits for bytes.
     fetch_min_bytes: int = Field(65_536, ge=1, le=52_428_800,
                                  description="bytes a bulk consumer's fetch waits for (librdkafka fetch.min.bytes)")
-    fetch_wait_max_ms: int = Field(500, ge=0, le=300_000,
+    fetch_wait_max_ms: int = Field(100, ge=0, le=300_000,
                                    description="longest a bulk consumer's fetch waits for them (fetch.wait.max.ms)")
     idle_poll_s: float = Field(2.0, gt=0, le=30.0,
                                description="how long a storage consumer with nothing to read blocks on the broker "
