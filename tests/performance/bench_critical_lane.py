@@ -304,8 +304,7 @@ def main() -> int:
     if paused:
         goals.append({"name": "CRITICAL p99 while the bulk consumer is paused (SIGSTOP), lane", "goal": "< 250 ms",
                       "figure": paused["p99_ms"], "met": paused["p99_ms"] is not None and paused["p99_ms"] < 250})
-    path = write_result("critical_lane", command="python tests/performance/bench_critical_lane.py "
-                        + " ".join(sys.argv[1:]), inputs=vars(args) | {"out": str(args.out), "one_x": ONE_X},
+    path = write_result("critical_lane", command=" ".join(["tests/performance/bench_critical_lane.py", *sys.argv[1:]]), inputs=vars(args) | {"out": str(args.out), "one_x": ONE_X},
                         rounds=rounds, summary=summary, goals=goals, machine_before=before, out=args.out)
     print(f"wrote {path}")
     print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
