@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import create_topic, delete_topic
+from tests.integration.test_worker_idle import NoLag, count_calls, wait_until
 from wildfire.config import StreamConfig, build_config
 from wildfire.ingest import Ingestor
 from wildfire.priority import Priority
@@ -32,11 +33,6 @@ SOURCE = "nws_alerts"
 ROOT = Path(__file__).resolve().parents[2]
 PEER = ROOT / "tests" / "integration" / "spool_peer.py"
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'plugins'}:{ROOT}"}
-
-
-class NoLag:
-    def total_lag(self) -> int:
-        return 0
 
 
 @pytest.fixture
@@ -76,26 +72,6 @@ class Running:
     def stop(self) -> None:
         self.worker.stop()
         self.thread.join(30)
-
-
-def count_calls(obj: object, name: str) -> list[int]:
-    """Wrap ``obj.name`` (the real method) with a call counter."""
-    real, calls = getattr(obj, name), [0]
-
-    def counted(*a, **k):
-        calls[0] += 1
-        return real(*a, **k)
-
-    setattr(obj, name, counted)
-    return calls
-
-
-def wait_until(pred, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def test_another_process_critical_record_rings_the_worker_and_its_bulk_is_looked_for_every_20_ms(
