@@ -45,15 +45,25 @@ def _sqlite(tmp_path_factory: pytest.TempPathFactory) -> str:
     return url
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def db(request: pytest.FixtureRequest) -> Iterator[str]:
-    """URL of a migrated database of either kind with an empty ``dead_letters`` table."""
-    url = request.getfixturevalue("_pg" if request.param == "postgresql" else "_sqlite")
+def _emptied(url: str) -> str:
+    """``url`` after its ``dead_letters`` table was emptied (the databases are shared by a module's tests)."""
     engine = sa.create_engine(sqlalchemy_url(url), poolclass=sa.pool.NullPool)
     with engine.begin() as conn:
         conn.execute(sa.delete(dead_letters))
     engine.dispose()
-    yield url
+    return url
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db(request: pytest.FixtureRequest) -> str:
+    """URL of a migrated database of either kind with an empty ``dead_letters`` table."""
+    return _emptied(request.getfixturevalue("_pg" if request.param == "postgresql" else "_sqlite"))
+
+
+@pytest.fixture
+def pg(_pg: str) -> str:
+    """URL of the module's PostgreSQL database with an empty ``dead_letters`` table."""
+    return _emptied(_pg)
 
 
 def _sqlite_text(ts: datetime) -> str:
@@ -166,12 +176,8 @@ def test_bad_arguments_are_refused_before_anything_is_read(db):
     assert sorted(remaining(db)) == [1]
 
 
-def test_pg_connection_killed_between_batches_keeps_committed_batches_and_the_next_run_finishes(_pg):
-    url = _pg
-    engine = sa.create_engine(sqlalchemy_url(url), poolclass=sa.pool.NullPool)
-    with engine.begin() as conn:
-        conn.execute(sa.delete(dead_letters))
-    engine.dispose()
+def test_pg_connection_killed_between_batches_keeps_committed_batches_and_the_next_run_finishes(pg):
+    url = pg
     insert(url, {i: NOW - (100 - i) * DAY for i in range(10)} | {50: NOW})
     dbname = url.rsplit("/", 1)[1]
 
@@ -195,11 +201,9 @@ def test_pg_connection_killed_between_batches_keeps_committed_batches_and_the_ne
     assert sorted(remaining(url)) == [50]
 
 
-def test_pg_lock_timeout_fails_retriable_without_deleting_the_locked_batch(_pg):
-    url = _pg
+def test_pg_lock_timeout_fails_retriable_without_deleting_the_locked_batch(pg):
+    url = pg
     engine = sa.create_engine(sqlalchemy_url(url), poolclass=sa.pool.NullPool)
-    with engine.begin() as conn:
-        conn.execute(sa.delete(dead_letters))
     insert(url, {1: NOW - 40 * DAY, 2: NOW})
     # A migration-like ACCESS EXCLUSIVE lock held elsewhere: the prune gives up after lock_timeout_ms.
     with engine.connect() as holder:
@@ -298,11 +302,9 @@ def test_progress_is_logged_every_n_batches_and_the_url_never(db, caplog):
     assert not netloc or netloc not in text and "wildfire:wildfire" not in text
 
 
-def test_pg_a_row_locked_by_another_transaction_is_skipped_not_waited_for(_pg):
-    url = _pg
+def test_pg_a_row_locked_by_another_transaction_is_skipped_not_waited_for(pg):
+    url = pg
     engine = sa.create_engine(sqlalchemy_url(url), poolclass=sa.pool.NullPool)
-    with engine.begin() as conn:
-        conn.execute(sa.delete(dead_letters))
     insert(url, {1: NOW - 50 * DAY, 2: NOW - 40 * DAY, 3: NOW})
     with engine.connect() as holder:  # e.g. a second prune, or an operator's UPDATE, holding row 1
         holder.execute(sa.select(dead_letters.c.id).where(dead_letters.c.offset == 1).with_for_update())
