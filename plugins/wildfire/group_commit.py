@@ -192,13 +192,7 @@ class GroupCommitter:
         Raises ``RecordError`` (bad record), :class:`GroupCommitBusy` (queue full) or :class:`GroupCommitClosed`.
         """
         future: Future[PutOutcome] = Future()
-        req = self._request(record, topic, future, None)
-        with self._mu:
-            self._admit(req)
-            wake = not self._writing
-            if wake:
-                self._writing = True
-        if wake:
+        if self._enqueue(self._request(record, topic, future, None), lead=False):
             self._bg_wake.release()
         return future
 
@@ -210,13 +204,7 @@ class GroupCommitter:
         lock = _thread.allocate_lock()
         lock.acquire()
         req = self._request(record, topic, None, lock)
-        with self._mu:
-            self._admit(req)
-            lead = not self._writing
-            if lead:
-                self._writing = True
-                req.lead = True
-        if not lead:
+        if not self._enqueue(req, lead=True):
             if not lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
                 with self._mu:
                     if not (req.done or req.lead):
@@ -229,6 +217,17 @@ class GroupCommitter:
         if req.error is not None:
             raise req.error
         return req.outcome  # type: ignore[return-value]
+
+    def _enqueue(self, req: _Request, *, lead: bool) -> bool:
+        """Queue ``req``; True when no group is being written and this call took the writer role (``lead``: the
+        calling thread writes it, a ``put``; else the background thread does, a ``submit``)."""
+        with self._mu:
+            self._admit(req)
+            if self._writing:
+                return False
+            self._writing = True
+            req.lead = lead
+            return True
 
     def close(self) -> None:
         """Write what is queued, then stop the background thread."""
