@@ -3,6 +3,7 @@ builds one from the config outside Airflow (``python -m wildfire.topics``)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -27,7 +28,15 @@ def test_an_injected_admin_client_is_used_even_when_idle(kafka_bootstrap: str) -
     try:
         report = ensure_topics(cfg, admin=admin, timeout=10)
         assert report.created == (name,)
-        assert len(admin.list_topics(timeout=10).topics[name].partitions) == 2
+        # The create is acknowledged by the controller; the broker answering metadata may learn of it a moment
+        # later (a bound on tries, not a timing assertion).
+        for _ in range(100):
+            topic = admin.list_topics(timeout=10).topics.get(name)
+            if topic is not None and topic.partitions:
+                break
+            time.sleep(0.1)
+        assert topic is not None, f"{name} not in the broker's metadata after creation"
+        assert len(topic.partitions) == 2
     finally:
         delete_topic(kafka_bootstrap, name)
 
